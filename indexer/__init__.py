@@ -1,0 +1,1 @@
+"""Middle floor of safe-retrieval: vector stores, index generations, the indexing pipeline, search."""

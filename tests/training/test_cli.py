@@ -1,0 +1,64 @@
+"""The `model` and `embed` commands through the real console script."""
+
+import json
+
+import torch
+
+from training import architectures, artifact
+from training.encoder import SafetyEncoder
+
+
+def test_init_info_and_embed_on_a_fresh_tiny_model(cli, tmp_path):
+    out = tmp_path / "tiny"
+    cli("model", "init", "--arch", "tiny", "--geometry", "lorentz", "--out", out)
+    info = json.loads(cli("model", "info", out).stdout)
+    assert info["geometry"] == "lorentz" and info["architecture"]["name"] == "tiny"
+    assert info["fingerprint"].startswith("sha256:") and info["bounds"] == {}
+    emb = json.loads(cli("embed", "--model", out, "--text", "a red ball").stdout)
+    assert emb["geometry"] == "lorentz" and len(emb["vector"]) == 128
+    assert emb["distance_to_origin"] > 0 and emb["unsafe"] is None  # no calibrated threshold yet
+    # the printed vector is what the library computes
+    art = artifact.load(out, device="cpu")
+    assert torch.allclose(torch.tensor(emb["vector"]), art.encoder.encode_text(["a red ball"])[0], atol=1e-6)
+
+
+def test_embed_image_with_traversal_on_a_calibrated_model(cli, tmp_path):
+    from PIL import Image
+
+    enc = SafetyEncoder(architectures.resolve("tiny"), "lorentz")
+    bounds = {c: {"mean": 0.002, "p05": 0.001, "p50": 0.002, "p95": 0.003} for c in "SVUG"}
+    art = artifact.Artifact(enc, bounds=bounds, safety={"unsafe_threshold": {"text": 0.005, "image": 0.005}})
+    path = artifact.save(art, tmp_path / "cal")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "red").save(img)
+    emb = json.loads(cli("embed", "--model", path, "--image", img, "--traverse").stdout)
+    assert emb["modality"] == "image" and emb["unsafe"] is True
+    trav = emb["traversal"]
+    assert trav["triggered"] and abs(trav["distance_to_origin_after"] - 0.002) < 1e-5
+    assert trav["distance_to_origin"] == emb["distance_to_origin"]
+
+
+def test_errors_are_printed_without_traceback(cli, tmp_path):
+    cases = [
+        (["model", "init", "--arch", "ViT-Q-99", "--out", tmp_path / "m"], "Valid names"),
+        (["embed", "--model", tmp_path / "missing", "--text", "x"], "not found"),
+    ]
+    (tmp_path / "w.pth").write_bytes(b"not really")
+    cases.append((["embed", "--model", tmp_path / "w.pth", "--text", "x"], "model convert"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    cli("model", "init", "--out", tmp_path / "ok")
+    cases.append((["embed", "--model", tmp_path / "ok", "--image", bad], str(bad)))
+    cases.append((["embed", "--model", tmp_path / "ok", "--text", " "], "empty"))
+    cases.append((["embed", "--model", tmp_path / "ok"], "exactly one"))
+    for args, message in cases:
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_every_command_has_help(cli):
+    for args in (["--help"], ["model", "--help"], ["model", "convert", "--help"], ["data", "synth", "--help"],
+                 ["embed", "--help"], ["model", "init", "--help"], ["model", "info", "--help"]):
+        assert "Usage" in cli(*args).stdout

@@ -1,0 +1,1 @@
+"""Ground floor of safe-retrieval: geometry, encoders, artifacts, data, objectives, trainer, evaluator."""

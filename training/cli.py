@@ -1,0 +1,195 @@
+"""Commands of the ground floor: ``data``, ``model`` and ``embed`` (mounted by ``service.cli``)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from training.errors import InputError
+
+data_app = typer.Typer(help="Datasets: generate the synthetic ViSU-style benchmark.", no_args_is_help=True)
+model_app = typer.Typer(help="Artifacts: create, convert and inspect encoders.", no_args_is_help=True)
+
+
+class GeometryOpt(str, Enum):
+    lorentz = "lorentz"
+    euclidean = "euclidean"
+
+
+class FormatOpt(str, Enum):
+    hysac = "hysac"
+    openclip = "openclip"
+    hf_clip = "hf-clip"
+
+
+def echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Directory to write the dataset to (ViSU layout)."),
+    n: int = typer.Option(2000, help="Number of quadruplets in total, over all splits."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
+    image_size: int = typer.Option(64, help="Side of the square images in pixels."),
+) -> None:
+    """Generate a deterministic synthetic ViSU-style dataset (safe/unsafe caption and image quadruplets)."""
+    from training.data import synthetic
+
+    summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size)
+    echo_json(summary)
+
+
+@model_app.command("init")
+def model_init(
+    out: Path = typer.Option(..., help="Artifact directory to create."),
+    arch: str = typer.Option("tiny", help="Preset or open_clip architecture name, or a model-config JSON file."),
+    geometry: GeometryOpt = typer.Option(GeometryOpt.lorentz, help="lorentz (HySAC) or euclidean (Safe-CLIP)."),
+    seed: int = typer.Option(0, help="Seed of the random initialisation."),
+) -> None:
+    """Create a freshly (randomly) initialised artifact."""
+    import torch
+
+    from training import artifact, architectures
+    from training.encoder import SafetyEncoder
+
+    torch.manual_seed(seed)
+    enc = SafetyEncoder(architectures.resolve(arch), geometry.value)
+    art = artifact.Artifact(enc, provenance=artifact.provenance("init", arch=arch, seed=seed))
+    artifact.save(art, out)
+    typer.echo(f"wrote {out} ({art.fingerprint})")
+
+
+@model_app.command("convert")
+def model_convert(
+    weights: str = typer.Option(..., help="Checkpoint path, hf-hub:ORG/REPO/FILE, or an open_clip pretrained tag (openclip)."),
+    out: Path = typer.Option(..., help="Artifact directory to create."),
+    format: FormatOpt = typer.Option(FormatOpt.hysac, "--format", help="Layout of the weights."),
+    bounds: Optional[str] = typer.Option(None, help="HySAC bounds JSON (hysac_bounds.json), path or hf-hub id."),
+    arch: str = typer.Option("ViT-L-14-quickgelu", help="open_clip architecture name or model-config JSON file."),
+    geometry: Optional[GeometryOpt] = typer.Option(None, help="Default: lorentz for hysac, euclidean otherwise."),
+) -> None:
+    """Convert released weights (HySAC, Safe-CLIP, plain CLIP) into an artifact."""
+    from training import convert
+
+    art = convert.convert(
+        format.value, weights, out, bounds=bounds, arch=arch, geometry=geometry.value if geometry else None
+    )
+    typer.echo(f"wrote {out} ({art.fingerprint})")
+
+
+@model_app.command("info")
+def model_info(model: Path = typer.Argument(..., help="Artifact directory.")) -> None:
+    """Print an artifact's config, fingerprint and bounds (without loading the weights)."""
+    from training import artifact
+
+    cfg = artifact.read_config(model)
+    bounds_path = model / artifact.BOUNDS
+    cfg["bounds"] = json.loads(bounds_path.read_text()) if bounds_path.is_file() else {}
+    cfg["architecture"] = {"name": cfg["architecture"]["name"], "embed_dim": cfg.get("embed_dim")}
+    echo_json(cfg)
+
+
+def embed(
+    model: Path = typer.Option(..., help="Artifact directory."),
+    text: Optional[str] = typer.Option(None, help="Text to embed."),
+    image: Optional[Path] = typer.Option(None, help="Image file to embed."),
+    traverse: bool = typer.Option(False, help="Apply safety traversal (lorentz models with bounds)."),
+    target: str = typer.Option("image", help="Modality a traversed query will search: image or text."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Embed one text or image and print JSON: geometry, curvature, vector, distance_to_origin, unsafe, traversal."""
+    from training import artifact
+    from training.embedding import embed_one
+
+    if (text is None) == (image is None):
+        raise InputError("give exactly one of --text or --image")
+    art = artifact.load(model, device=device)
+    echo_json(embed_one(art, text=text, image=image, traverse=traverse, target=target))
+
+
+class TraversalOpt(str, Enum):
+    off = "off"
+    hysac = "hysac"
+    geodesic = "geodesic"
+
+
+def evaluate(
+    data: Path = typer.Option(..., help="Dataset directory in the ViSU layout (real or synthetic)."),
+    out: Path = typer.Option(..., help="Report directory: report.json, report.md and PNG plots."),
+    model: Optional[Path] = typer.Option(None, help="Artifact directory to evaluate."),
+    compare: bool = typer.Option(False, "--compare", help="Evaluate every ARTIFACT argument into one table: --compare A B C."),
+    artifacts: Optional[list[Path]] = typer.Argument(None, help="Artifacts to compare (with --compare).", show_default=False),
+    split: str = typer.Option("test", help="Split to evaluate: test, heldout, validation."),
+    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic, help="Traversal for the extra rows of lorentz models; off for none."),
+    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N quadruplets (quick looks)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report."""
+    from training import evaluate as evaluation
+
+    if artifacts and not compare:
+        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; to evaluate several artifacts use --compare A B C")
+    if compare and not artifacts:
+        raise InputError("--compare needs the artifacts to compare after it: --compare A B C")
+    models = ([model] if model else []) + list(artifacts or [])
+    report = evaluation.run(
+        models, data, out, split=split, method=traversal.value, device=device, batch_size=batch_size, limit=limit
+    )
+    typer.echo(evaluation.markdown(report))
+    typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+
+
+class MethodOpt(str, Enum):
+    hysac = "hysac"
+    safeclip = "safeclip"
+    clip = "clip"
+
+
+class PrecisionOpt(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def train(
+    method: MethodOpt = typer.Option(MethodOpt.hysac, help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline)."),
+    data: Path = typer.Option(..., help="ViSU-layout dataset directory (with --preset demo: created if missing)."),
+    out: Path = typer.Option(..., help="Artifact directory to create (must not exist)."),
+    model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name or a model-config JSON. Default tiny."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file for an open_clip --model."),
+    preset: Optional[str] = typer.Option(None, help="demo: tiny model, full fine-tune, sized for 2 CPU cores."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 50; demo 8)."),
+    batch_size: Optional[int] = typer.Option(None, help="Quadruplets per process and step (hysac/clip 32, safeclip 16)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (hysac/clip 1e-4, safeclip 1e-3)."),
+    lora_rank: int = typer.Option(16, help="LoRA rank (alpha stays 1, as in the reference)."),
+    full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora", help="Train all weights instead of LoRA adapters."),
+    eta: float = typer.Option(1.0, help="hysac: weight of the entailment terms."),
+    precision: Optional[PrecisionOpt] = typer.Option(None, help="fp32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute transformer activations in backward to save memory."),
+    resume: Optional[Path] = typer.Option(None, help="Run directory (OUT.run) or checkpoint directory to resume from."),
+    seed: int = typer.Option(42, help="Seed of initialisation and data order."),
+    gather_negatives: bool = typer.Option(False, help="Use every process's batch as negatives (multi-GPU)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better validation recall sum."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader worker processes per training process."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda (under torchrun each rank takes cuda:LOCAL_RANK)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Checkpoints and metrics.jsonl (default: OUT.run next to OUT)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps in total."),
+) -> None:
+    """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
+    from training import trainer
+
+    cfg = trainer.TrainConfig(
+        method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
+        batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta,
+        precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
+        seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
+        run_dir=run_dir, max_steps=max_steps,
+    )
+    result = trainer.train(cfg)
+    if result.artifact is not None:
+        echo_json(result.summary())
