@@ -99,10 +99,18 @@ def traverse(
         thr = ub
     else:
         thr = threshold if threshold is not None else hysac_threshold(_bound(bounds, safe, "p95"), curvature)
-        goal = min(_bound(bounds, safe, target_stat), thr)
+        goal = min(_landing(bounds, safe, target_stat), thr)
         trig = d0 > thr
         moved = torch.where(trig.unsqueeze(-1), lorentz.move_to_dist0(x, goal, curvature), x)
     return Traversal(moved, d0, lorentz.dist0(moved, curvature), trig, float(thr))
+
+
+def _landing(bounds: dict, cls: str, stat: str) -> float:
+    """Where triggered rows land; released HySAC bounds have no p50, so their mean stands in for it."""
+    row = bounds.get(cls) if isinstance(bounds.get(cls), dict) else {}
+    if stat == "p50" and "p50" not in row and "mean" in row:
+        stat = "mean"
+    return _bound(bounds, cls, stat)
 
 
 def class_bounds(d0: np.ndarray | Tensor) -> dict[str, float]:
