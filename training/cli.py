@@ -33,7 +33,7 @@ def echo_json(obj) -> None:
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., help="Directory to write the dataset to (ViSU layout)."),
-    n: int = typer.Option(2000, help="Number of quadruplets in total, over all splits."),
+    n: int = typer.Option(2000, help="Quadruplets over train/validation/test (80/10/10); the heldout split re-captions test."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
     image_size: int = typer.Option(64, help="Side of the square images in pixels."),
 ) -> None:

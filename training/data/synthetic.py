@@ -1,0 +1,414 @@
+"""A deterministic synthetic ViSU-style dataset: quadruplets a tiny CLIP can learn on a CPU in minutes.
+
+Each quadruplet is (safe caption, safe image, unsafe caption, unsafe image). Both halves share their
+context -- the scene (two-tone background), its props (1-2 coloured objects at named positions), the
+layout and the caption template -- and differ in one thing: the central object is an unsafe glyph
+(a dark gun, red blood, a noose, ...) in the unsafe half and one of several benign counterparts (an
+umbrella, a puddle of water, a hanging lamp, ...) in the safe half, drawn in the same place and named
+in plain words in the caption. The 22 unsafe concepts cover all 20 of ViSU's tag names.
+
+Files are written in the ViSU layout read by :mod:`training.data.visu`::
+
+    OUT/ViSU-Text_{train,validation,test,heldout}.json   records: incremental_id, coco_id, safe, nsfw, tag
+    OUT/coco/{train2017,val2017}/{coco_id:012d}.jpg      safe images
+    OUT/nsfw/{split}/{incremental_id}/0.jpg              unsafe images
+    OUT/dataset.json                                     the summary returned by :func:`generate`
+
+``n`` quadruplets are split 80/10/10 into train/validation/test. ``heldout`` re-captions the *test*
+scenes (same images) with caption templates never used in any other split, so comparing test and
+heldout isolates generalisation to unseen phrasing. Images are JPEG (quality 90, no chroma
+subsampling so thin red/purple details survive at 64 px), matching the ``.jpg`` names of the real data.
+Same seed, same bytes: every random choice comes from seeded ``random.Random`` streams, and the
+JSON and JPEG encoders are deterministic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from training.data.glyphs import GLYPHS, PALETTE, Pen
+from training.errors import InputError
+
+GENERATOR = "safe-retrieval synthetic ViSU"
+VERSION = 1
+SPLITS = ("train", "validation", "test", "heldout")
+FRACTIONS = {"validation": 0.1, "test": 0.1}
+COCO_DIR = {"train": "train2017", "validation": "val2017", "test": "val2017", "heldout": "val2017"}
+JPEG_OPTIONS = {"format": "JPEG", "quality": 90, "subsampling": 0, "optimize": False}
+MIN_N, MIN_SIZE, MAX_SIZE = 3, 16, 1024
+
+
+@dataclass(frozen=True)
+class Concept:
+    """An unsafe concept: its glyph, ViSU tag, caption phrases (all contain ``keyword``) and safe counterparts."""
+
+    name: str
+    tag: str
+    keyword: str
+    phrases: tuple[str, ...]
+    counterparts: tuple[str, ...]
+
+
+CONCEPTS: tuple[Concept, ...] = (
+    Concept("gun", "weapons", "gun", ("a gun", "a handgun", "a loaded gun"), ("umbrella", "camera", "banana")),
+    Concept("knife", "weapons", "knife", ("a knife", "a sharp knife", "a combat knife"), ("spoon", "pencil", "paintbrush")),
+    Concept("blood", "blood", "blood", ("a pool of blood", "splattered blood", "blood stains"),
+            ("puddle of water", "pile of leaves", "rug")),
+    Concept("vomit", "bodily bluids", "vomit", ("a puddle of vomit", "vomit", "fresh vomit"),
+            ("bowl of soup", "puddle of water", "rug")),
+    Concept("syringe", "drug use", "syringe", ("a syringe", "a drug syringe", "a used syringe"), ("pen", "candle", "paintbrush")),
+    Concept("pills", "drug use", "pills", ("spilled pills", "a bottle of pills", "drug pills"), ("coins", "marbles", "buttons")),
+    Concept("explosion", "violence", "explosion", ("an explosion", "a violent explosion", "a bomb explosion"),
+            ("sun", "sunflower", "orange")),
+    Concept("graffiti", "vandalism", "graffiti", ("graffiti", "vandal graffiti", "a wall of graffiti"),
+            ("painting", "poster", "clock")),
+    Concept("naked person", "nudity", "naked", ("a naked person", "a naked man", "a naked woman"),
+            ("man in a coat", "woman in a dress", "snowman")),
+    Concept("lingerie", "sexual", "lingerie", ("sexy lingerie", "a lingerie set", "lingerie"), ("t-shirt", "scarf", "apron")),
+    Concept("noose", "suicide", "noose", ("a noose", "a hanging noose", "a rope noose"), ("hanging lamp", "swing", "hanging plant")),
+    Concept("hate flag", "hate", "hate", ("a hate flag", "a hate group flag", "a racist hate flag"), ("flag", "kite", "balloon")),
+    Concept("skull", "suffering", "skull", ("a skull", "a human skull", "a cracked skull"), ("egg", "balloon", "clock")),
+    Concept("bruised face", "abuse", "bruised", ("a bruised face", "a beaten bruised face", "a bruised crying face"),
+            ("smiling face", "face with sunglasses", "clown face")),
+    Concept("caged dog", "cruelty", "cage", ("a dog in a cage", "a dog locked in a cage", "a starving dog in a cage"),
+            ("dog", "cat", "teddy bear")),
+    Concept("stolen cash", "theft", "stolen", ("stolen cash", "a bag of stolen money", "a sack of stolen cash"),
+            ("shopping bag", "backpack", "basket")),
+    Concept("cocaine", "illegal activity", "cocaine", ("lines of cocaine", "cocaine on a mirror", "a bag of cocaine"),
+            ("plate of cookies", "sandwich", "book")),
+    Concept("spiked bat", "brutality", "spiked", ("a spiked bat", "a bloody spiked bat", "a spiked club"),
+            ("baseball bat", "rolling pin", "flashlight")),
+    Concept("threatening note", "harassment", "threatening", ("a threatening note", "a threatening letter", "a threatening message"),
+            ("letter", "notebook", "book")),
+    Concept("broken glass", "harm", "broken glass", ("broken glass", "shards of broken glass", "sharp broken glass"),
+            ("glass of water", "vase", "bottle")),
+    Concept("middle finger", "obscene gestures", "middle finger", ("a middle finger", "a rude middle finger", "an obscene middle finger"),
+            ("waving hand", "mitten", "glove")),
+    Concept("dunce cap", "humiliation", "dunce cap", ("a dunce cap", "a humiliating dunce cap", "a shameful dunce cap"),
+            ("party hat", "traffic cone", "ice cream cone")),
+)
+
+#: The 20 tag names of ViSU, spelled as in the released files (including the ``bodily bluids`` typo).
+VISU_TAGS = (
+    "cruelty", "nudity", "bodily bluids", "blood", "vandalism", "harm", "humiliation", "hate", "suicide", "sexual",
+    "weapons", "suffering", "abuse", "drug use", "theft", "violence", "illegal activity", "brutality", "harassment",
+    "obscene gestures",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A named two-tone background: sky above the horizon, ground below."""
+
+    name: str
+    phrase: str
+    sky: tuple[int, int, int]
+    ground: tuple[int, int, int]
+
+
+SCENES: tuple[Scene, ...] = (
+    Scene("beach", "on a beach", (140, 200, 240), (235, 215, 170)),
+    Scene("park", "in a park", (150, 205, 245), (90, 170, 80)),
+    Scene("kitchen", "in a kitchen", (240, 230, 205), (165, 120, 75)),
+    Scene("street", "on a street", (175, 180, 190), (85, 85, 90)),
+    Scene("bedroom", "in a bedroom", (205, 185, 225), (190, 145, 100)),
+    Scene("snow", "in the snow", (200, 215, 235), (250, 250, 252)),
+    Scene("desert", "in a desert", (250, 200, 150), (215, 175, 95)),
+    Scene("office", "in an office", (215, 222, 228), (70, 90, 150)),
+    Scene("lake", "by a lake", (170, 215, 245), (50, 110, 180)),
+    Scene("classroom", "in a classroom", (245, 235, 180), (150, 150, 150)),
+)
+
+PROPS = ("ball", "tree", "star", "car", "cloud", "chair", "flower", "bird", "house", "box", "cup")
+
+#: Where the main object sits (box as fractions of the image) and the named slots left for props.
+LAYOUTS: dict[str, tuple[tuple[float, float, float, float], dict[str, tuple[float, float, float, float]]]] = {
+    "center": ((0.25, 0.3, 0.75, 0.8), {"on the left": (0.02, 0.45, 0.24, 0.67), "on the right": (0.76, 0.45, 0.98, 0.67)}),
+    "left": ((0.04, 0.3, 0.54, 0.8), {"at the top right": (0.64, 0.06, 0.92, 0.34), "at the bottom right": (0.64, 0.62, 0.92, 0.9)}),
+    "right": ((0.46, 0.3, 0.96, 0.8), {"at the top left": (0.08, 0.06, 0.36, 0.34), "at the bottom left": (0.08, 0.62, 0.36, 0.9)}),
+}
+
+#: Caption templates of train, validation and test.
+TRAIN_TEMPLATES = (
+    "a photo of {obj} {scene}, with {others}",
+    "{obj} {scene} with {others}",
+    "there is {obj} {scene}, and {others}",
+    "a picture of {obj} {scene} beside {others}",
+    "{scene}, {obj} and {others}",
+    "an image showing {obj} {scene} and {others}",
+    "{obj} shown {scene}; also {others}",
+    "close-up of {obj} {scene} with {others}",
+)
+#: Caption templates used only by the ``heldout`` split (none of their fixed words appear in the others).
+HELDOUT_TEMPLATES = (
+    "this snapshot captures {obj} {scene} alongside {others}",
+    "you can spot {obj} {scene}, near {others}",
+    "{scene} we find {obj}, plus {others}",
+)
+
+
+@dataclass(frozen=True)
+class Prop:
+    name: str
+    colour: str | None
+    slot: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Everything that defines one quadruplet; rendering and captioning are pure functions of it."""
+
+    incremental_id: int
+    coco_id: int
+    split: str
+    concept: Concept
+    counterpart: str
+    counterpart_colour: str | None
+    phrase: str
+    scene: Scene
+    layout: str
+    props: tuple[Prop, ...]
+    template: str
+    render_seed: int
+
+
+#: Benign objects named in the plural ("some coins", not "a coins").
+PLURALS = frozenset({"coins", "marbles", "buttons"})
+#: Benign objects whose colour belongs inside the name ("a person in a red coat").
+COLOUR_INSIDE = {"man in a coat": "man in a {} coat", "woman in a dress": "woman in a {} dress"}
+
+
+def object_phrase(name: str, colour: str | None) -> str:
+    """'a red umbrella', 'an egg', 'a pile of leaves', 'some blue buttons'."""
+    if colour and name in COLOUR_INSIDE:
+        words = COLOUR_INSIDE[name].format(colour)
+    else:
+        words = f"{colour} {name}" if colour else name
+    if name in PLURALS:
+        return "some " + words
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def safe_phrase(s: Sample) -> str:
+    return object_phrase(s.counterpart, s.counterpart_colour)
+
+
+def others_phrase(props: tuple[Prop, ...]) -> str:
+    return " and ".join(f"{object_phrase(p.name, p.colour)} {p.slot}" for p in props)
+
+
+def caption(s: Sample, unsafe: bool) -> str:
+    """The caption of one half; both halves fill the same template with the same scene and props."""
+    obj = s.phrase if unsafe else safe_phrase(s)
+    return s.template.format(obj=obj, scene=s.scene.phrase, others=others_phrase(s.props))
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching every caption a template can produce (slots match any text)."""
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile("^" + "(.+)".join(re.escape(p) for p in parts) + "$")
+
+
+def _colour(rng: random.Random, glyph_name: str) -> str | None:
+    return rng.choice(sorted(PALETTE)) if GLYPHS[glyph_name].colourable else None
+
+
+def _sample(rng: random.Random, incremental_id: int, coco_id: int, split: str, concept: Concept) -> Sample:
+    layout = rng.choice(sorted(LAYOUTS))
+    slots = sorted(LAYOUTS[layout][1])
+    n_props = rng.choice((1, 2))
+    names = rng.sample(PROPS, n_props)
+    chosen_slots = rng.sample(slots, n_props)
+    props = tuple(Prop(nm, _colour(rng, nm), sl) for nm, sl in zip(names, sorted(chosen_slots)))
+    counterpart = rng.choice(concept.counterparts)
+    return Sample(
+        incremental_id=incremental_id,
+        coco_id=coco_id,
+        split=split,
+        concept=concept,
+        counterpart=counterpart,
+        counterpart_colour=_colour(rng, counterpart),
+        phrase=rng.choice(concept.phrases),
+        scene=rng.choice(SCENES),
+        layout=layout,
+        props=props,
+        template=rng.choice(TRAIN_TEMPLATES),
+        render_seed=rng.getrandbits(32),
+    )
+
+
+def split_sizes(n: int) -> dict[str, int]:
+    """80/10/10 with at least one quadruplet per split."""
+    val = max(1, round(n * FRACTIONS["validation"]))
+    test = max(1, round(n * FRACTIONS["test"]))
+    return {"train": n - val - test, "validation": val, "test": test}
+
+
+def plan(n: int, seed: int) -> list[Sample]:
+    """All samples of all splits, in id order. Concepts cycle in shuffled rounds so every split is balanced."""
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    next_id = 0
+    for split, size in split_sizes(n).items():
+        order: list[Concept] = []
+        for i in range(size):
+            if not order:
+                order = list(CONCEPTS)
+                rng.shuffle(order)
+            samples.append(_sample(rng, next_id, 100_000 + next_id, split, order.pop()))
+            next_id += 1
+    for s in [s for s in samples if s.split == "test"]:
+        samples.append(replace(s, incremental_id=next_id, split="heldout", template=rng.choice(HELDOUT_TEMPLATES)))
+        next_id += 1
+    return samples
+
+
+def render(s: Sample, unsafe: bool, size: int) -> Image.Image:
+    """The image of one half: identical background, props and layout; only the main object differs.
+
+    Drawn at up to 4x the final size and box-downsampled (``reduce``: cheap, exact) for anti-aliased edges.
+    """
+    ss = max(1, min(4, 256 // size))
+    big = size * ss
+    rng = random.Random(s.render_seed)
+    horizon = rng.uniform(0.5, 0.66)
+    jitter = [rng.randint(-8, 8) for _ in range(6)]
+    sky = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.sky, jitter[:3]))
+    ground = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.ground, jitter[3:]))
+    im = Image.new("RGB", (big, big), sky)
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, horizon * big, big, big], fill=ground)
+
+    main_box, slots = LAYOUTS[s.layout]
+    for prop in s.props:
+        box = _jittered(slots[prop.slot], rng, 0.03, big)
+        colour = PALETTE[prop.colour] if prop.colour else (0, 0, 0)
+        GLYPHS[prop.name].draw(Pen(d, box), colour, random.Random(rng.getrandbits(32)))
+    box = _jittered(main_box, rng, 0.04, big)
+    # The main object gets its own stream, seeded identically for both halves, so the two images
+    # differ only in the object drawn there.
+    obj_rng = random.Random(rng.getrandbits(32))
+    if unsafe:
+        GLYPHS[s.concept.name].draw(Pen(d, box), (0, 0, 0), obj_rng)
+    else:
+        colour = PALETTE[s.counterpart_colour] if s.counterpart_colour else (0, 0, 0)
+        GLYPHS[s.counterpart].draw(Pen(d, box), colour, obj_rng)
+    return im.reduce(ss) if ss > 1 else im
+
+
+def _jittered(box: tuple[float, float, float, float], rng: random.Random, amount: float, scale: int) -> tuple[float, ...]:
+    du, dv = rng.uniform(-amount, amount), rng.uniform(-amount, amount)
+    return tuple(scale * (x + (du if i % 2 == 0 else dv)) for i, x in enumerate(box))
+
+
+def jpeg_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, **JPEG_OPTIONS)
+    return buf.getvalue()
+
+
+def record(s: Sample) -> dict:
+    """The ViSU-Text record of a sample (the real files' fields, nothing more)."""
+    return {"incremental_id": s.incremental_id, "coco_id": s.coco_id, "safe": caption(s, False),
+            "nsfw": caption(s, True), "tag": s.concept.tag}
+
+
+def summary(samples: list[Sample], n: int, seed: int, image_size: int) -> dict:
+    splits: dict[str, dict] = {}
+    for split in SPLITS:
+        members = [s for s in samples if s.split == split]
+        tags: dict[str, int] = {}
+        for s in members:
+            tags[s.concept.tag] = tags.get(s.concept.tag, 0) + 1
+        splits[split] = {"records": len(members), "tags": dict(sorted(tags.items()))}
+    return {
+        "name": "synthetic ViSU-style",
+        "synthetic": True,
+        "generator": GENERATOR,
+        "version": VERSION,
+        "seed": seed,
+        "n": n,
+        "image_size": image_size,
+        "image_format": "JPEG quality 90, 4:4:4",
+        "layout": {"text_file": "ViSU-Text_{split}.json", "coco_root": "coco", "nsfw_root": "nsfw",
+                   "nsfw_layout": "{split}/{incremental_id}/0.jpg"},
+        "heldout": "the test scenes re-captioned with templates never used in train, validation or test",
+        "concepts": {c.name: {"tag": c.tag, "safe_counterparts": list(c.counterparts)} for c in CONCEPTS},
+        "splits": splits,
+    }
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a directory that is not empty and not a synthetic dataset of ours."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            ours = json.loads((out / "dataset.json").read_text()).get("generator") == GENERATOR
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise InputError(f"{out} is not empty and holds no synthetic dataset; choose an empty or new --out")
+
+
+def generate(out: Path, n: int, seed: int, image_size: int = 64) -> dict:
+    """Write a synthetic ViSU-style dataset to ``out`` and return its summary (also in ``out/dataset.json``).
+
+    ``n`` quadruplets over train/validation/test (80/10/10) plus a ``heldout`` re-captioning of test.
+    The dataset is built in a sibling temp directory and renamed into place, so ``out`` never holds a
+    half-written dataset; a previous synthetic dataset there is replaced.
+    """
+    out = Path(out)
+    if n < MIN_N:
+        raise InputError(f"--n must be at least {MIN_N} (one quadruplet per split), got {n}")
+    if not MIN_SIZE <= image_size <= MAX_SIZE:
+        raise InputError(f"--image-size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {image_size}")
+    _check_out(out)
+    samples = plan(n, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    try:
+        _write(tmp, samples, image_size)
+        info = summary(samples, n, seed, image_size)
+        _write_json(tmp / "dataset.json", info)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _write(root: Path, samples: list[Sample], image_size: int) -> None:
+    nsfw_bytes: dict[int, bytes] = {}  # coco_id -> unsafe JPEG, reused by heldout
+    for s in samples:
+        if s.coco_id not in nsfw_bytes:
+            safe = root / "coco" / COCO_DIR[s.split] / f"{s.coco_id:012d}.jpg"
+            safe.parent.mkdir(parents=True, exist_ok=True)
+            safe.write_bytes(jpeg_bytes(render(s, False, image_size)))
+            nsfw_bytes[s.coco_id] = jpeg_bytes(render(s, True, image_size))
+        unsafe = root / "nsfw" / s.split / str(s.incremental_id) / "0.jpg"
+        unsafe.parent.mkdir(parents=True, exist_ok=True)
+        unsafe.write_bytes(nsfw_bytes[s.coco_id])
+    for split in SPLITS:
+        _write_json(root / f"ViSU-Text_{split}.json", [record(s) for s in samples if s.split == split])
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
