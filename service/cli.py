@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from indexer.cli import index_app, search
 from training import cli as training_cli
 from training.errors import SafeRetrievalError
 
@@ -19,6 +20,8 @@ app = typer.Typer(
 app.add_typer(training_cli.data_app, name="data")
 app.add_typer(training_cli.model_app, name="model")
 app.command("embed")(training_cli.embed)
+app.add_typer(index_app, name="index")
+app.command("search")(search)
 
 
 @app.command("demo")

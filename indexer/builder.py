@@ -1,0 +1,316 @@
+"""Whole indexing jobs: ``build`` a new generation, ``add`` to or ``delete`` from the current one.
+
+Every job holds the index's build lock from start to end (a second job fails at once), writes only
+into a generation that is not being served, and switches ``NAME`` only when that generation is
+complete and optimized (invariant 5):
+
+- ``build`` resumes a partial generation left by an interrupted build of the same model and the
+  same inputs, or starts a new one; then pipeline -> ``optimize()`` -> record -> switch -> prune.
+- ``add``/``delete`` on the embedded backend copy the current generation's shard into a new
+  generation, change the copy and switch (Edge allows one handle per directory and the service holds
+  the current one). On a Qdrant server they change the current collection in place, as Qdrant is
+  built for concurrent readers and writers.
+- Scale-out (server only): under ``torchrun`` each rank (``RANK``/``WORLD_SIZE``) indexes a disjoint
+  shard of the items into the same collection; rank 0 takes the lock, picks the generation and, after
+  a barrier, optimizes, records and switches once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from indexer.errors import ModelMismatchError
+from indexer.generations import Generations, LocalGenerations, ServerGenerations, now_iso
+from indexer.sources import Item, shard
+from indexer.store import Match, Schema, VectorStore
+from training.errors import InputError
+
+if TYPE_CHECKING:  # torch and open_clip load only once a job has its lock: a busy index fails fast
+    from indexer.pipeline import Summary
+    from training.artifact import Artifact
+
+DEFAULT_BATCH = 64
+
+INDEX_FORMAT = "safe-retrieval-index"
+INDEX_FORMAT_VERSION = 1
+DEFAULT_ROOT = Path("runs/indexes")
+ROOT_ENV = "SAFE_RETRIEVAL_INDEX_ROOT"
+
+
+def default_root() -> Path:
+    """Where embedded indexes live: ``$SAFE_RETRIEVAL_INDEX_ROOT`` or ``runs/indexes``."""
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def generations_for(name: str, *, root: Path | None = None, url: str | None = None, api_key: str | None = None,
+                    client=None, **edge_config) -> Generations:
+    """The generations of index ``name``: on a Qdrant server (``url`` or an injected ``client``), else embedded under ``root``."""
+    root = Path(root) if root is not None else default_root()
+    if client is None and url:
+        from indexer.server_store import connect
+
+        client = connect(url, api_key)
+    if client is not None:
+        return ServerGenerations(name, client, root)
+    return LocalGenerations(name, root, **edge_config)
+
+
+def schema_for(art: "Artifact") -> Schema:
+    return Schema(art.geometry, art.encoder.arch.embed_dim, art.curvature if art.geometry == "lorentz" else 0.0)
+
+
+def schema_of(meta: dict[str, Any]) -> Schema:
+    return Schema(meta["geometry"], int(meta["dim"]), float(meta.get("curvature") or 0.0))
+
+
+def sources_signature(spec: dict[str, Any]) -> str:
+    """A hash of a job's input options: a partial generation is resumed only by the same inputs."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def index_record(art: "Artifact", *, name: str, generation: str, sources: str, extra: dict | None = None) -> dict[str, Any]:
+    """The record a generation carries: what built it, so search can refuse another model."""
+    return {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "name": name,
+        "generation": generation,
+        "state": "building",
+        "fingerprint": art.fingerprint,
+        "model_path": str(art.path) if art.path else None,
+        "geometry": art.geometry,
+        "curvature": art.curvature if art.geometry == "lorentz" else None,
+        "dim": art.encoder.arch.embed_dim,
+        "bounds": art.bounds,
+        "thresholds": {m: art.unsafe_threshold(m) for m in ("text", "image")},
+        "sources": sources,
+        "created_at": now_iso(),
+        "completed_at": None,
+        "points": 0,
+        **(extra or {}),
+    }
+
+
+def check_fingerprint(meta: dict[str, Any], art: "Artifact") -> None:
+    """Refuse to mix models in one index."""
+    if meta.get("fingerprint") != art.fingerprint:
+        raise ModelMismatchError(
+            f"index {meta.get('name')} (generation {meta.get('generation')}) was built with model {meta.get('fingerprint')}, "
+            f"not {art.fingerprint}; reindex with this model ('safe-retrieval index build --name {meta.get('name')} --model ...')"
+        )
+
+
+@dataclass
+class JobResult:
+    """What a job produced: the generation it wrote, its counters, what it pruned."""
+
+    name: str
+    generation: str
+    summary: "Summary"
+    points: int
+    resumed: bool = False
+    pruned: list[str] = field(default_factory=list)
+    removed: int = 0
+    failures: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "generation": self.generation, "points": self.points, "resumed": self.resumed,
+                "pruned": self.pruned, "removed": self.removed, "failures": self.failures, **self.summary.to_dict()}
+
+
+def dist_env() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun's environment; ``(0, 1)`` outside it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class _Dist:
+    """The few collective steps a scale-out build needs (gloo: CPU tensors, objects)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            self.dist = dist
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+
+def _finish(gens: Generations, store: VectorStore, gen: str, meta: dict[str, Any], summary: "Summary") -> int:
+    """Optimize, count, record complete; the caller switches."""
+    store.optimize()
+    points = store.count()
+    store.close()
+    meta.update(state="complete", completed_at=now_iso(), points=points,
+                last_job={k: v for k, v in summary.to_dict().items()})
+    gens.write_meta(gen, meta)
+    return points
+
+
+def _resumable(gens: Generations, art: "Artifact", sources: str) -> str | None:
+    for g in reversed(gens.generations()):
+        try:
+            m = gens.read_meta(g)
+        except Exception:
+            continue
+        if m.get("state") == "building" and m.get("fingerprint") == art.fingerprint and m.get("sources") == sources \
+                and not m.get("parent"):
+            return g
+    return None
+
+
+def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, sources: str = "",
+          media_root: Path | None = None, batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2,
+          progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None) -> JobResult:
+    """Index ``items`` into a new (or resumed) generation of ``gens.name`` and switch to it.
+
+    ``model`` is an artifact or its directory (loaded only once the lock is held, so a busy index
+    fails before any model is loaded).
+    """
+    rank, world = dist_env()
+    if world > 1 and not isinstance(gens, ServerGenerations):
+        raise InputError("a torchrun build needs a Qdrant server (--qdrant-url): Qdrant Edge allows one writer per directory")
+    d = _Dist(rank, world)
+    with ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(gens.lock(break_lock=break_lock))
+        from indexer.pipeline import Job
+
+        art = _load(model, device)
+        schema = schema_for(art)
+        resumed = False
+        if rank == 0:
+            gen = _resumable(gens, art, sources)
+            resumed = gen is not None
+            if gen is None:
+                gen = gens.new_name()
+                gens.create_store(gen, schema, index_record(art, name=gens.name, generation=gen, sources=sources)).close()
+        gen = d.broadcast(gen if rank == 0 else None)
+        store = gens.open_store(gen, schema)
+        suffix = "" if world == 1 else f".rank{rank}"
+        failures = gens.failures_path(gen, suffix)
+        job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
+                  progress_path=gens.progress_path(gen, suffix), progress=progress,
+                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), **_pixels(max_pixels))
+        try:
+            summary = job.run(shard(items, rank, world) if world > 1 else items)
+        except BaseException:
+            store.close()  # flush what was written: a re-run resumes from it
+            raise
+        total = _sum(d.gather(summary))
+        if rank != 0:
+            store.close()
+            d.gather(None)  # wait for rank 0 to switch
+            return JobResult(gens.name, gen, summary, points=-1, resumed=resumed, failures=str(failures))
+        meta = gens.read_meta(gen)
+        points = _finish(gens, store, gen, meta, total)
+        gens.switch(gen)
+        pruned = gens.prune(keep, protect={gen})
+        d.gather(None)
+        return JobResult(gens.name, gen, total, points, resumed=resumed, pruned=pruned, failures=str(failures))
+
+
+def _pixels(max_pixels: int | None) -> dict[str, int]:
+    return {} if max_pixels is None else {"max_pixels": max_pixels}
+
+
+def _sum(parts: list["Summary"]) -> "Summary":
+    from indexer.pipeline import Summary
+
+    return Summary(indexed=sum(p.indexed for p in parts), skipped=sum(p.skipped for p in parts),
+                   failed=sum(p.failed for p in parts), elapsed_s=max(p.elapsed_s for p in parts))
+
+
+def _load(model: "Artifact | Path | str", device: str) -> "Artifact":
+    """``model`` itself, or the artifact in that directory."""
+    if not isinstance(model, (str, Path)):
+        return model
+    from training import artifact
+
+    return artifact.load(model, device=device)
+
+
+def _writable_copy(gens: Generations, cur: str, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The generation an incremental job writes to: a fresh copy (embedded) or the current one (server)."""
+    if not isinstance(gens, LocalGenerations):
+        return cur, meta
+    new = gens.new_name()
+    gens.copy_generation(cur, new)
+    meta = {**meta, "generation": new, "state": "building", "parent": cur, "created_at": now_iso(), "completed_at": None}
+    gens.write_meta(new, meta)
+    return new, meta
+
+
+def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, media_root: Path | None = None,
+        batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2, progress: bool = True,
+        break_lock: bool = False, device: str = "auto", max_pixels: int | None = None) -> JobResult:
+    """Add ``items`` to the current generation (same model only); stored items are skipped."""
+    with gens.lock(break_lock=break_lock):
+        cur = gens.require_current()
+        meta = gens.read_meta(cur)
+        art = _load(model, device)
+        check_fingerprint(meta, art)
+        from indexer.pipeline import Job
+
+        gen, meta = _writable_copy(gens, cur, meta)
+        store = gens.open_store(gen, schema_of(meta))
+        failures = gens.failures_path(gen)
+        job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
+                  progress_path=gens.progress_path(gen), progress=progress, desc=f"add to {gen}",
+                  **_pixels(max_pixels))
+        try:
+            summary = job.run(items)
+        except BaseException:
+            store.close()
+            raise
+        points = _finish(gens, store, gen, meta, summary)
+        if gen != cur:
+            gens.switch(gen)
+        pruned = gens.prune(keep, protect={gen})
+        return JobResult(gens.name, gen, summary, points, pruned=pruned, failures=str(failures))
+
+
+def delete(gens: Generations, *, ids: Sequence[str] = (), uris: Sequence[str] = (), keep: int = 2,
+           break_lock: bool = False) -> JobResult:
+    """Delete points by id and/or by ``uri`` payload from the current generation."""
+    if not ids and not uris:
+        raise InputError("nothing to delete: give --id and/or --uri")
+    with gens.lock(break_lock=break_lock):
+        cur = gens.require_current()
+        meta = gens.read_meta(cur)
+        gen, meta = _writable_copy(gens, cur, meta)
+        store = gens.open_store(gen, schema_of(meta))
+        from indexer.pipeline import Summary
+
+        t0 = _dt.datetime.now()
+        before = store.count()
+        store.delete(list(ids))
+        if uris:
+            store.delete_where(Match(uris=tuple(uris)))
+        summary = Summary(elapsed_s=(_dt.datetime.now() - t0).total_seconds())
+        points = _finish(gens, store, gen, meta, summary)
+        if gen != cur:
+            gens.switch(gen)
+        pruned = gens.prune(keep, protect={gen})
+        return JobResult(gens.name, gen, summary, points, pruned=pruned, removed=before - points)

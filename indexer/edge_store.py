@@ -1,0 +1,184 @@
+"""Qdrant Edge backend (the embedded default): one ``EdgeShard`` in one directory per index generation.
+
+Edge is the Qdrant engine in-process (segments, WAL, HNSW, payload indexes), pinned at
+``qdrant-edge-py==0.9.0``; its API is beta, so every call to it lives in this module. Three things
+shape the code:
+
+- Edge has no background optimizer. HNSW graphs are built only by ``optimize()``, which the
+  indexing job calls once at the end; until then search is an exact brute-force scan.
+- One open handle per directory: a second ``EdgeShard.load`` fails on the WAL lock. We turn that
+  into ``IndexBusyError`` naming the directory.
+- In 0.9.0 ``MatchValue(value=True)`` is extracted as the integer 1 (``bool`` subclasses ``int``),
+  so it never matches a bool payload field. ``numpy.bool_`` is not an ``int`` and reaches the bool
+  branch, so filters on ``unsafe`` pass ``np.bool_`` (tested in tests/indexer/test_store.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import qdrant_edge as qe
+
+from indexer.errors import IndexBusyError, StoreUnavailableError
+from indexer.store import HNSW_EF_CONSTRUCT, HNSW_M, PAYLOAD_INDEXES, Match, Schema, Scored, StoredPoint, VectorQuery, VectorStore
+
+_DISTANCE = {"euclid": qe.Distance.Euclid, "dot": qe.Distance.Dot, "cosine": qe.Distance.Cosine}
+_SCHEMA_TYPE = {
+    "keyword": qe.PayloadSchemaType.Keyword,
+    "bool": qe.PayloadSchemaType.Bool,
+    "float": qe.PayloadSchemaType.Float,
+}
+FULL_SCAN_KB = 10_000  # Qdrant's default: below this many KB of matching vectors, scan instead of the graph
+
+
+def edge_config(schema: Schema, *, indexing_threshold_kb: int | None = None, hnsw_m: int = HNSW_M,
+                ef_construct: int = HNSW_EF_CONSTRUCT) -> qe.EdgeConfig:
+    """The shard config for ``schema``: HNSW on ``space``/``vector``, a graphless ``lorentz``.
+
+    ``indexing_threshold_kb`` is the segment size above which ``optimize()`` builds a graph
+    (Qdrant's default, 10 MB, when None); below it a segment stays a brute-force scan.
+    """
+    vectors = {}
+    for name, (size, distance, graph) in schema.vectors.items():
+        if graph:
+            vectors[name] = qe.EdgeVectorParams(size=size, distance=_DISTANCE[distance])
+        else:
+            # m=0: no graph; the vector is only read for candidates (rescoring) or scanned (exact)
+            # so it can live on disk.
+            vectors[name] = qe.EdgeVectorParams(
+                size=size, distance=_DISTANCE[distance], memory=qe.Memory.Cold,
+                hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=HNSW_EF_CONSTRUCT, full_scan_threshold=FULL_SCAN_KB),
+            )
+    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb) if indexing_threshold_kb else None
+    return qe.EdgeConfig(
+        vectors=vectors,
+        hnsw_config=qe.HnswIndexConfig(m=hnsw_m, ef_construct=ef_construct, full_scan_threshold=FULL_SCAN_KB),
+        optimizers=optimizers,
+    )
+
+
+def _busy_or_raise(e: Exception, path: Path) -> None:
+    msg = str(e)
+    if "WouldBlock" in msg:
+        raise IndexBusyError(
+            f"{path} is open in another process (a running build or the service); Qdrant Edge allows one "
+            f"handle per directory. Stop that process, or use a Qdrant server (--qdrant-url) for shared access"
+        ) from e
+    raise StoreUnavailableError(f"Qdrant Edge could not open {path}: {msg}") from e
+
+
+class EdgeStore(VectorStore):
+    """One Qdrant Edge shard directory holding one index generation."""
+
+    def __init__(self, shard: qe.EdgeShard, schema: Schema, path: Path):
+        self.shard = shard
+        self.schema = schema
+        self.path = path
+
+    @classmethod
+    def create(cls, path: str | Path, schema: Schema, **config) -> "EdgeStore":
+        """Create a shard in ``path`` (must hold no segments) with the schema's vectors and payload indexes."""
+        path = Path(path)
+        try:
+            shard = qe.EdgeShard.create(str(path), edge_config(schema, **config))
+        except Exception as e:  # the binding raises plain Exception
+            _busy_or_raise(e, path)
+        for name, kind in PAYLOAD_INDEXES.items():
+            shard.update(qe.UpdateOperation.create_field_index(name, _SCHEMA_TYPE[kind]))
+        return cls(shard, schema, path)
+
+    @classmethod
+    def open(cls, path: str | Path, schema: Schema) -> "EdgeStore":
+        """Open an existing shard (replaying its WAL, so points upserted before a kill -9 are kept)."""
+        path = Path(path)
+        try:
+            shard = qe.EdgeShard.load(str(path))
+        except Exception as e:
+            _busy_or_raise(e, path)
+        return cls(shard, schema, path)
+
+    # ------------------------------------------------------------------ writes
+    def upsert(self, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:
+        if not len(ids):
+            return
+        lists = {name: np.asarray(v, dtype=np.float32).tolist() for name, v in vectors.items()}
+        points = [
+            qe.Point(id=pid, vector={name: rows[i] for name, rows in lists.items()}, payload=payloads[i])
+            for i, pid in enumerate(ids)
+        ]
+        self.shard.update(qe.UpdateOperation.upsert_points(points))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if ids:
+            self.shard.update(qe.UpdateOperation.delete_points(list(ids)))
+
+    def delete_where(self, match: Match) -> None:
+        self.shard.update(qe.UpdateOperation.delete_points_by_filter(_filter(match)))
+
+    def optimize(self) -> None:
+        self.shard.optimize()
+        self.shard.flush()
+
+    def close(self) -> None:
+        if self.shard is not None:
+            self.shard.flush()
+            self.shard.close()
+            self.shard = None
+
+    # ------------------------------------------------------------------- reads
+    def retrieve(self, ids: Sequence[str], *, with_vectors: bool = False,
+                 fields: Sequence[str] | None = None) -> list[StoredPoint]:
+        if not ids:
+            return []
+        recs = self.shard.retrieve(point_ids=list(ids), with_payload=list(fields) if fields else True,
+                                   with_vector=with_vectors)
+        return [StoredPoint(str(r.id), dict(r.payload or {}), _vectors(r.vector) if with_vectors else None) for r in recs]
+
+    def query(self, q: VectorQuery) -> list[Scored]:
+        flt = None if q.match.empty else _filter(q.match)
+        params = qe.SearchParams(hnsw_ef=q.hnsw_ef, exact=q.exact)
+        prefetches = None
+        if q.prefetch is not None:
+            # the filter goes on the prefetch too, so candidates are already safe and k results come back
+            prefetches = [qe.Prefetch(limit=q.prefetch_limit, filter=flt, params=params,
+                                      query=qe.Query.Nearest(q.prefetch.tolist(), using=q.prefetch_using))]
+        req = qe.QueryRequest(limit=q.limit, offset=q.offset or None, prefetches=prefetches, filter=flt,
+                              query=qe.Query.Nearest(q.vector.tolist(), using=q.using), with_payload=True,
+                              params=params if prefetches is None else None)
+        return [Scored(str(p.id), float(p.score), dict(p.payload or {})) for p in self.shard.query(req)]
+
+    def count(self, match: Match | None = None) -> int:
+        flt = None if match is None or match.empty else _filter(match)
+        return int(self.shard.count(qe.CountRequest(exact=True, filter=flt)))
+
+    def iter_ids(self, batch: int = 1000) -> Iterator[str]:
+        offset = None
+        while True:
+            recs, offset = self.shard.scroll(qe.ScrollRequest(offset=offset, limit=batch, with_payload=False))
+            yield from (str(r.id) for r in recs)
+            if offset is None:
+                return
+
+    def indexed_vectors(self) -> int:
+        """Vectors covered by an HNSW graph (0 until ``optimize()`` has built one)."""
+        return int(self.shard.info().indexed_vectors_count)
+
+
+def _vectors(v) -> dict[str, list[float]]:
+    return {name: list(vals) for name, vals in (v or {}).items()}
+
+
+def _filter(match: Match) -> qe.Filter:
+    must, must_not = [], []
+    if match.kinds:
+        must.append(qe.FieldCondition(key="kind", match=qe.MatchAny(any=list(match.kinds))))
+    if match.tags_any:
+        must.append(qe.FieldCondition(key="tags", match=qe.MatchAny(any=list(match.tags_any))))
+    if match.uris:
+        must.append(qe.FieldCondition(key="uri", match=qe.MatchAny(any=list(match.uris))))
+    if match.exclude_unsafe:
+        must_not.append(qe.FieldCondition(key="unsafe", match=qe.MatchValue(value=np.bool_(True))))
+    return qe.Filter(must=must or None, must_not=must_not or None)
+

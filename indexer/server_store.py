@@ -1,0 +1,239 @@
+"""Qdrant server backend: ``qdrant-client`` against a Qdrant server or cluster (``--qdrant-url``).
+
+This is how users scale out (sharding, replication, several service workers on one collection).
+No Qdrant server binary can be installed on our machines, so the tests run this module against
+qdrant-client's local mode, ``QdrantClient(":memory:")``, which speaks the same API (collections,
+named vectors, prefetch + rescoring, filters, aliases, collection metadata) with a brute-force
+engine. What local mode cannot show (HNSW, gRPC, retries against a dead server) is exercised by
+``connect`` only through its error path.
+
+Each generation is one collection ``NAME@<timestamp>``; the alias ``NAME`` points at the current
+one. The index record (fingerprint, geometry, curvature, bounds, thresholds, ...) lives in the
+collection's own ``metadata`` (Qdrant >= 1.16), so it travels with the data and needs no reserved
+point.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+
+from indexer.errors import StoreUnavailableError
+from indexer.store import HNSW_EF_CONSTRUCT, HNSW_M, PAYLOAD_INDEXES, Match, Schema, Scored, StoredPoint, VectorQuery, VectorStore
+
+T = TypeVar("T")
+_DISTANCE = {"euclid": qm.Distance.EUCLID, "dot": qm.Distance.DOT, "cosine": qm.Distance.COSINE}
+_SCHEMA_TYPE = {"keyword": qm.PayloadSchemaType.KEYWORD, "bool": qm.PayloadSchemaType.BOOL, "float": qm.PayloadSchemaType.FLOAT}
+RETRIES = 4
+BACKOFF_S = 0.5
+
+
+def _transient(e: Exception) -> bool:
+    """Connection-level failures worth retrying (the request may not have reached the server)."""
+    import httpx
+    from qdrant_client.http.exceptions import ResponseHandlingException
+
+    if isinstance(e, (ResponseHandlingException, httpx.TransportError, ConnectionError, TimeoutError)):
+        return True
+    try:
+        import grpc
+
+        if isinstance(e, grpc.RpcError):
+            return e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    except ImportError:  # pragma: no cover - grpcio ships with qdrant-client
+        pass
+    return False
+
+
+def retry(fn: Callable[[], T], *, what: str, retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> T:
+    """Call ``fn``; on connection-level failures retry with exponential backoff, then raise
+    ``StoreUnavailableError`` naming ``what`` (the server URL). Point ids are content hashes, so
+    repeating an upsert is harmless."""
+    last: Exception | None = None
+    for attempt in range(retries):
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e):
+                raise
+            last = e
+            if attempt < retries - 1:
+                time.sleep(backoff_s * 2**attempt)
+    raise StoreUnavailableError(
+        f"Qdrant server at {what} did not answer after {retries} attempts ({last.__class__.__name__}: {last}); "
+        f"check --qdrant-url, that the server is running and reachable, and the API key"
+    )
+
+
+def connect(url: str, api_key: str | None = None, *, prefer_grpc: bool = True, timeout_s: int = 10,
+            retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> QdrantClient:
+    """A client for the server at ``url`` (gRPC preferred: faster uploads), checked with bounded retries.
+
+    ``:memory:`` gives a local-mode client (tests and demos only: brute force, one process).
+    """
+    if url == ":memory:":
+        return QdrantClient(":memory:")
+    client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=timeout_s, check_compatibility=False)
+    retry(client.get_collections, what=url, retries=retries, backoff_s=backoff_s)
+    return client
+
+
+def client_url(client: QdrantClient) -> str:
+    """The URL a client talks to, for error messages ("local mode" for ``:memory:``/``path=`` clients)."""
+    opts = client.init_options
+    return opts.get("url") or opts.get("host") or "local mode"
+
+
+# -------------------------------------------------------------- collections
+def collection_names(client: QdrantClient) -> list[str]:
+    return [c.name for c in retry(client.get_collections, what=client_url(client)).collections]
+
+
+def aliases(client: QdrantClient) -> dict[str, str]:
+    """alias -> collection."""
+    res = retry(client.get_aliases, what=client_url(client))
+    return {a.alias_name: a.collection_name for a in res.aliases}
+
+
+def switch_alias(client: QdrantClient, alias: str, collection: str) -> None:
+    """Point ``alias`` at ``collection`` in one atomic request (delete + create in one action list)."""
+    ops: list[Any] = []
+    if alias in aliases(client):
+        ops.append(qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias)))
+    ops.append(qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=collection, alias_name=alias)))
+    retry(lambda: client.update_collection_aliases(change_aliases_operations=ops), what=client_url(client))
+
+
+def delete_alias(client: QdrantClient, alias: str) -> None:
+    if alias in aliases(client):
+        op = qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias))
+        retry(lambda: client.update_collection_aliases(change_aliases_operations=[op]), what=client_url(client))
+
+
+def drop_collection(client: QdrantClient, name: str) -> None:
+    retry(lambda: client.delete_collection(name), what=client_url(client))
+
+
+def read_metadata(client: QdrantClient, collection: str) -> dict[str, Any]:
+    info = retry(lambda: client.get_collection(collection), what=client_url(client))
+    return dict(info.config.metadata or {})
+
+
+def write_metadata(client: QdrantClient, collection: str, meta: dict[str, Any]) -> None:
+    retry(lambda: client.update_collection(collection, metadata=meta), what=client_url(client))
+
+
+class ServerStore(VectorStore):
+    """One collection on a Qdrant server (or in a local-mode client)."""
+
+    def __init__(self, client: QdrantClient, collection: str, schema: Schema):
+        self.client = client
+        self.collection = collection
+        self.schema = schema
+        self.url = client_url(client)
+
+    @classmethod
+    def create(cls, client: QdrantClient, collection: str, schema: Schema, *, metadata: dict | None = None,
+               shard_number: int | None = None, replication_factor: int | None = None) -> "ServerStore":
+        """Create the collection with the schema's vectors (``lorentz`` without a graph) and payload indexes."""
+        graph_cfg = qm.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT)
+        vectors = {
+            name: qm.VectorParams(size=size, distance=_DISTANCE[dist], on_disk=None if graph else True,
+                                  hnsw_config=graph_cfg if graph else qm.HnswConfigDiff(m=0))
+            for name, (size, dist, graph) in schema.vectors.items()
+        }
+        url = client_url(client)
+        retry(lambda: client.create_collection(collection, vectors_config=vectors, metadata=metadata or {},
+                                               shard_number=shard_number, replication_factor=replication_factor), what=url)
+        store = cls(client, collection, schema)
+        for name, kind in PAYLOAD_INDEXES.items():
+            store._call(lambda n=name, k=kind: client.create_payload_index(collection, n, field_schema=_SCHEMA_TYPE[k]))
+        return store
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        import warnings
+
+        with warnings.catch_warnings():  # local mode warns that payload indexes are no-ops there
+            warnings.simplefilter("ignore", UserWarning)
+            return retry(fn, what=self.url)
+
+    # ------------------------------------------------------------------ writes
+    def upsert(self, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:
+        if not len(ids):
+            return
+        batch = qm.Batch(ids=list(ids), vectors={n: np.asarray(v, dtype=np.float32).tolist() for n, v in vectors.items()},
+                         payloads=list(payloads))
+        self._call(lambda: self.client.upsert(self.collection, points=batch, wait=True))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if ids:
+            sel = qm.PointIdsList(points=list(ids))
+            self._call(lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
+
+    def delete_where(self, match: Match) -> None:
+        sel = qm.FilterSelector(filter=_filter(match))
+        self._call(lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
+
+    def optimize(self, timeout_s: float = 3600.0) -> None:
+        """The server optimizes in the background; wait (bounded) until the collection is green."""
+        deadline = time.monotonic() + timeout_s
+        while self._call(lambda: self.client.get_collection(self.collection)).status != qm.CollectionStatus.GREEN:
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(
+                    f"collection {self.collection} at {self.url} was not optimized within {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+    def close(self) -> None:
+        """The client is shared (generations, metadata); its owner closes it."""
+
+    # ------------------------------------------------------------------- reads
+    def retrieve(self, ids: Sequence[str], *, with_vectors: bool = False,
+                 fields: Sequence[str] | None = None) -> list[StoredPoint]:
+        if not ids:
+            return []
+        recs = self._call(lambda: self.client.retrieve(self.collection, ids=list(ids), with_vectors=with_vectors,
+                                                       with_payload=list(fields) if fields else True))
+        return [StoredPoint(str(r.id), dict(r.payload or {}), dict(r.vector) if with_vectors else None) for r in recs]
+
+    def query(self, q: VectorQuery) -> list[Scored]:
+        flt = None if q.match.empty else _filter(q.match)
+        params = qm.SearchParams(hnsw_ef=q.hnsw_ef, exact=q.exact)
+        prefetch = None
+        if q.prefetch is not None:
+            prefetch = [qm.Prefetch(query=q.prefetch.tolist(), using=q.prefetch_using, limit=q.prefetch_limit,
+                                    filter=flt, params=params)]
+        res = self._call(lambda: self.client.query_points(
+            self.collection, query=q.vector.tolist(), using=q.using, prefetch=prefetch, query_filter=flt,
+            limit=q.limit, offset=q.offset or None, with_payload=True, search_params=None if prefetch else params))
+        return [Scored(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
+
+    def count(self, match: Match | None = None) -> int:
+        flt = None if match is None or match.empty else _filter(match)
+        return int(self._call(lambda: self.client.count(self.collection, count_filter=flt, exact=True)).count)
+
+    def iter_ids(self, batch: int = 1000) -> Iterator[str]:
+        offset = None
+        while True:
+            recs, offset = self._call(lambda o=offset: self.client.scroll(self.collection, limit=batch, offset=o,
+                                                                          with_payload=False, with_vectors=False))
+            yield from (str(r.id) for r in recs)
+            if offset is None:
+                return
+
+
+def _filter(match: Match) -> qm.Filter:
+    must: list[Any] = []
+    must_not: list[Any] = []
+    if match.kinds:
+        must.append(qm.FieldCondition(key="kind", match=qm.MatchAny(any=list(match.kinds))))
+    if match.tags_any:
+        must.append(qm.FieldCondition(key="tags", match=qm.MatchAny(any=list(match.tags_any))))
+    if match.uris:
+        must.append(qm.FieldCondition(key="uri", match=qm.MatchAny(any=list(match.uris))))
+    if match.exclude_unsafe:
+        must_not.append(qm.FieldCondition(key="unsafe", match=qm.MatchValue(value=True)))
+    return qm.Filter(must=must or None, must_not=must_not or None)

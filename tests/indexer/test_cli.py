@@ -1,0 +1,107 @@
+"""The `index` and `search` commands end to end: a build killed with -9, its resume, search, info, errors.
+
+The killed build, `info`, `list` and the error cases run the real console script in a subprocess;
+the resumed build and the search run the same typer app in-process (CliRunner), which saves two
+interpreter starts with torch and open_clip (the suite's time budget is tight on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from indexer.errors import IndexNotFoundError
+from indexer.generations import GEN_RE, LocalGenerations
+from indexer.search import open_index
+from indexer.store import content_id
+from service.cli import app
+from tests.conftest import CLI
+from tests.indexer.conftest import write_images
+
+
+def progress_of(root):
+    """Counters of the build in progress (progress.json of the partial generation), or None."""
+    d = root / "col"
+    for g in (sorted(d.iterdir()) if d.is_dir() else []):
+        p = g / "progress.json"
+        if GEN_RE.match(g.name) and p.is_file():
+            try:
+                return json.loads(p.read_text())
+            except json.JSONDecodeError:  # replaced while we read; try again
+                return None
+    return None
+
+
+def test_killed_build_resumes_to_the_same_points_then_search(tmp_path, art, cli):
+    folder, root = tmp_path / "imgs", tmp_path / "idx"
+    files = write_images(folder, 40)
+    args = ["index", "build", "--model", str(art.path), "--name", "col", "--images", str(folder), "--root", str(root),
+            "--batch-size", "2", "--workers", "1", "--no-progress"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([CLI, *args], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline, at_kill = time.monotonic() + 240, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            p = progress_of(root)
+            if p and p["indexed"] >= 6:
+                os.killpg(proc.pid, signal.SIGKILL)  # the build and its DataLoader worker
+                at_kill = p
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=30)
+    assert at_kill is not None and not at_kill["done"], (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(IndexNotFoundError):  # nothing half-built is ever served
+        open_index("col", root=root)
+
+    # the same command again, in-process through the real CLI code
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
+    assert res["resumed"] and res["skipped"] >= at_kill["indexed"] and res["failed"] == 0
+    assert res["indexed"] + res["skipped"] == 40 and res["points"] == 40
+    with open_index("col", root=root) as idx:
+        ids = list(idx.store.iter_ids())
+    assert len(ids) == len(set(ids)) == 40 and set(ids) == {content_id(f.read_bytes()) for f in files}
+
+    out = CliRunner().invoke(app, ["search", "--index", "col", "--root", str(root), "--model", str(art.path),
+                                   "--image", str(files[5]), "--k", "3", "--safety", "off", "--json"])
+    assert out.exit_code == 0, out.output
+    found = json.loads(out.stdout)
+    assert found["index"]["generation"] == res["generation"] and len(found["hits"]) == 3
+    top = found["hits"][0]
+    assert top["uri"] == files[5].relative_to(folder).as_posix() and top["distance"] < 1e-2
+    assert found["query"]["distance_to_origin"] > 0 and found["query"]["threshold"] == 1.5
+
+    info = json.loads(cli("index", "info", "col", "--root", root).stdout)
+    assert info["current"] == res["generation"] and info["points"] == 40 and info["fingerprint"] == art.fingerprint
+    assert info["thresholds"] == {"text": 1.5, "image": 1.5} and info["geometry"] == "lorentz"
+    listed = json.loads(cli("index", "list", "--root", root, "--json").stdout)
+    assert [(r["name"], r["points"]) for r in listed] == [("col", 40)]
+    assert "dropped col" in cli("index", "drop", "col", "--root", root, "--yes").stdout
+    assert json.loads(cli("index", "list", "--root", root, "--json").stdout) == []
+
+
+def test_busy_index_and_bad_input_fail_fast_with_clear_messages(tmp_path, art, cli):
+    folder, root = tmp_path / "imgs", tmp_path / "idx"
+    write_images(folder, 2)
+    build = ["index", "build", "--model", art.path, "--name", "col", "--root", root, "--no-progress"]
+    with LocalGenerations("col", root).lock():
+        busy = cli(*build, "--images", folder, check=False)
+    assert busy.returncode == 2 and "is being built by another job" in busy.stderr and "Traceback" not in busy.stderr
+    assert not LocalGenerations("col", root).generations()
+    cases = [
+        ([*build, "--images", tmp_path / "nope"], "image folder not found"),
+        ([*build, "--manifest", tmp_path / "nope.csv"], "manifest not found"),
+        (["index", "build", "--model", art.path, "--name", "a/b", "--images", folder, "--root", root], "invalid index name"),
+        (["search", "--index", "col", "--model", art.path, "--text", "x", "--root", root], "does not exist"),
+        (["index", "info", "col", "--root", root], "no index named col"),
+    ]
+    for args, message in cases:
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -1,0 +1,133 @@
+"""Generations: atomic switch, readers of an old generation, pruning, the build lock, both homes.
+
+The server home runs against qdrant-client's local mode (``QdrantClient(":memory:")``), which has
+collections, aliases and collection metadata like a Qdrant server; no server binary is available here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from qdrant_client import QdrantClient
+
+from indexer import builder, sources
+from indexer.errors import IndexBusyError, IndexNotFoundError, ModelMismatchError
+from indexer.generations import GEN_RE, LocalGenerations, ServerGenerations, check_name
+from indexer.search import open_index, search
+from tests.indexer.conftest import write_images
+from training.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("few")
+    write_images(folder, 4)
+    return folder
+
+
+def test_switch_is_atomic_old_readers_keep_working_and_prune_keeps_n(tmp_path, art, few):
+    gens = LocalGenerations("col", tmp_path)
+    items = sources.folder_items(few)
+    opts = {"workers": 0, "progress": False, "keep": 2, "media_root": few}
+    first = builder.build(gens, art, items, **opts)
+    q = art.encoder.encode_text(["query"])[0]
+    reader = open_index("col", root=tmp_path)  # holds the first generation, as the service would
+    before = [h.id for h in search(reader, art, q, query_modality="text", k=3, safety="off").hits]
+
+    seen: list[tuple[str | None, str | None]] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # a reader of the pointer must only ever see a complete generation
+        while not stop.is_set():
+            cur = gens.current()
+            seen.append((cur, gens.read_meta(cur)["state"] if cur else None))
+            time.sleep(0.002)  # leave the build some CPU
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        second = builder.build(gens, art, items, **opts)
+    finally:
+        stop.set()
+        t.join()
+    assert seen and set(seen) <= {(first.generation, "complete"), (second.generation, "complete")}
+    assert gens.current() == second.generation
+    # the old generation still answers, with the same results
+    assert [h.id for h in search(reader, art, q, query_modality="text", k=3, safety="off").hits] == before
+    reader.close()
+
+    third = builder.build(gens, art, items, **opts)
+    assert third.pruned == [first.generation]
+    assert gens.generations() == [second.generation, third.generation] and gens.current() == third.generation
+    assert (tmp_path / "col" / "CURRENT").read_text().strip() == third.generation
+    assert all(GEN_RE.match(g) for g in gens.generations())
+
+
+def test_second_job_fails_fast_and_the_first_is_unharmed(tmp_path, art, few):
+    gens = LocalGenerations("col", tmp_path)
+    with gens.lock():
+        t0 = time.monotonic()
+        with pytest.raises(IndexBusyError, match=r"col is being built by another job \(pid \d+"):
+            builder.build(LocalGenerations("col", tmp_path), art, sources.folder_items(few), workers=0, progress=False)
+        assert time.monotonic() - t0 < 5
+        assert gens.generations() == []  # the refused job wrote nothing
+    res = builder.build(gens, art, sources.folder_items(few), workers=0, progress=False)  # lock released
+    assert res.points == 4
+
+
+def test_a_killed_build_is_resumed_not_served(tmp_path, art, few):
+    """A partial generation (a build that died) is never current; the same build resumes into it."""
+    gens = LocalGenerations("col", tmp_path)
+    items = sources.folder_items(few)
+    gen = gens.new_name()
+    meta = builder.index_record(art, name="col", generation=gen, sources="sig")
+    store = gens.create_store(gen, builder.schema_for(art), meta)
+    from indexer.pipeline import Job
+
+    Job(art, store, workers=0, progress=False, media_root=few).run(items[:2])  # then "killed"
+    store.close()
+    with pytest.raises(IndexNotFoundError, match="no complete generation"):
+        open_index("col", root=tmp_path)
+    res = builder.build(gens, art, items, sources="sig", workers=0, progress=False, media_root=few)
+    assert res.resumed and res.generation == gen
+    assert (res.summary.skipped, res.summary.indexed, res.points) == (2, 2, 4)
+    other = builder.build(gens, art, items, sources="other inputs", workers=0, progress=False, media_root=few)
+    assert not other.resumed and other.generation != gen
+
+
+def test_model_mismatch_is_refused_for_add(tmp_path, art, other_art, few):
+    gens = LocalGenerations("col", tmp_path)
+    builder.build(gens, art, sources.folder_items(few), workers=0, progress=False)
+    with pytest.raises(ModelMismatchError, match="reindex with this model"):
+        builder.add(gens, other_art, sources.folder_items(few), workers=0, progress=False)
+
+
+def test_server_generations_alias_metadata_lock_prune_and_drop(tmp_path, art, few):
+    client = QdrantClient(":memory:")
+    gens = ServerGenerations("col", client, tmp_path)
+    items = sources.folder_items(few)
+    r1 = builder.build(gens, art, items, workers=0, progress=False, keep=1)
+    r2 = builder.build(gens, art, items, workers=0, progress=False, keep=1)
+    assert {a.alias_name: a.collection_name for a in client.get_aliases().aliases} == {"col": r2.generation}
+    assert r2.pruned == [r1.generation] and gens.generations() == [r2.generation]
+    meta = gens.read_meta(r2.generation)
+    assert meta["state"] == "complete" and meta["points"] == 4 and meta["geometry"] == "lorentz"
+    with gens.lock():
+        with pytest.raises(IndexBusyError, match="--break-lock"):
+            with ServerGenerations("col", client, tmp_path).lock():
+                pass
+    with gens.lock(), ServerGenerations("col", client, tmp_path).lock(break_lock=True):
+        pass  # a lock left behind can be broken on purpose
+    assert "col@lock" not in [c.name for c in client.get_collections().collections]
+    with gens.lock():
+        assert gens.drop() == [r2.generation]
+    assert gens.current() is None and gens.generations() == []
+
+
+def test_names_are_checked():
+    for bad in ("", "a/b", "x@y", "../up", "-x"):
+        with pytest.raises(InputError, match="invalid index name"):
+            check_name(bad)
+    assert check_name("gallery-v2.1_a") == "gallery-v2.1_a"
