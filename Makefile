@@ -6,9 +6,13 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test demo clean
+.PHONY: venv browser test demo clean
 
 venv: $(STAMP)
+
+# The web page is tested in a real browser: Debian's chromium, driven by playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 # torch comes from this machine's local wheels through pip (uv/poetry would download GBs).
 $(STAMP): pyproject.toml
@@ -18,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
