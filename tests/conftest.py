@@ -24,3 +24,38 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+# ------------------------------------------------------------------------- training (issue 3, trainer)
+SYNTHETIC_N = 600  # 480 train / 60 validation / 60 test / 60 heldout quadruplets
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """The one synthetic ViSU-style dataset the demo models are trained and gated on (seed 0)."""
+    from training.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "visu"
+    synthetic.generate(root, n=SYNTHETIC_N, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_models(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """method -> artifact: the ``--preset demo`` recipe for clip, hysac and safeclip, trained once per run.
+
+    Safe-CLIP fine-tunes a trained CLIP against a frozen copy of it, so it starts from the clip
+    model, as the papers' Safe-CLIP starts from OpenAI CLIP.
+    """
+    from training import trainer
+
+    root = tmp_path_factory.mktemp("demo-models")
+
+    def train(method: str, **kw) -> Path:
+        cfg = trainer.TrainConfig(method=method, preset="demo", data=synthetic_data, out=root / method, progress=False, **kw)
+        return trainer.train(cfg).artifact
+
+    models = {"clip": train("clip")}
+    models["hysac"] = train("hysac")
+    models["safeclip"] = train("safeclip", model=str(models["clip"]))
+    return models

@@ -131,13 +131,15 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report."""
-    from training import evaluate as evaluation
-
     if artifacts and not compare:
         raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; to evaluate several artifacts use --compare A B C")
     if compare and not artifacts:
         raise InputError("--compare needs the artifacts to compare after it: --compare A B C")
     models = ([model] if model else []) + list(artifacts or [])
+    if not models:
+        raise InputError("give an artifact with --model, or several with --compare A B C")
+    from training import evaluate as evaluation
+
     report = evaluation.run(
         models, data, out, split=split, method=traversal.value, device=device, batch_size=batch_size, limit=limit
     )
@@ -169,6 +171,7 @@ def train(
     lora_rank: int = typer.Option(16, help="LoRA rank (alpha stays 1, as in the reference)."),
     full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora", help="Train all weights instead of LoRA adapters."),
     eta: float = typer.Option(1.0, help="hysac: weight of the entailment terms."),
+    clip_pairs: str = typer.Option("safe", help="clip: 'safe' pairs only (the baseline) or 'all' (also unsafe pairs: a base model)."),
     precision: Optional[PrecisionOpt] = typer.Option(None, help="fp32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute transformer activations in backward to save memory."),
     resume: Optional[Path] = typer.Option(None, help="Run directory (OUT.run) or checkpoint directory to resume from."),
@@ -185,7 +188,7 @@ def train(
 
     cfg = trainer.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
-        batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta,
+        batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta, clip_pairs=clip_pairs,
         precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
         seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
         run_dir=run_dir, max_steps=max_steps,

@@ -1,0 +1,112 @@
+"""Train the three demo models on synthetic ViSU-style data and evaluate them into one table.
+
+SYNTHETIC data (``safe-retrieval data synth``), the ``tiny`` architecture: the figures check that the
+methods behave as the papers say, they are not comparable with the papers' ViSU numbers.
+
+    .venv/bin/python benchmarks/train_eval.py [--workdir runs/train_eval] [--n N] [--seed 0] [--traversal geodesic]
+
+Runs the real commands in order (``data synth``, ``train --preset demo`` for hysac, safeclip and clip,
+``eval --compare``), prints the headline table and writes ``benchmarks/results/train_eval.json`` with
+the timings and the numbers that ``benchmarks/RESULTS.md`` records (the full report stays in WORKDIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("hysac", "safeclip", "clip")
+HEADLINE = ("T->V", "V->T", "T*->V∪V*", "V*->T∪T*", "T*->V*", "V*->T*")
+CLI = str(Path(sys.executable).parent / "safe-retrieval")
+OUT = Path(__file__).parent / "results" / "train_eval.json"
+
+
+def sh(*args) -> float:
+    """Run one CLI command, echo it, fail loudly; returns its wall time in seconds."""
+    cmd = [CLI, *map(str, args)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("runs/train_eval"))
+    ap.add_argument("--n", type=int, default=None, help="synthetic quadruplets over all splits (default: the demo preset's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (training uses the preset's seed)")
+    ap.add_argument("--traversal", default="geodesic", choices=("hysac", "geodesic"))
+    ap.add_argument("--keep", action="store_true", help="reuse data and models already in WORKDIR")
+    args = ap.parse_args()
+    if args.n is None:
+        from training.trainer import PRESETS
+
+        args.n = PRESETS["demo"]["synthetic_n"]
+
+    work: Path = args.workdir
+    if work.exists() and not args.keep:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    data, report = work / "data", work / "report"
+    timings: dict[str, float] = {}
+    if not data.exists():
+        timings["data synth"] = sh("data", "synth", "--out", data, "--n", args.n, "--seed", args.seed)
+    # clip first: Safe-CLIP fine-tunes the trained CLIP against a frozen copy of it, as the papers'
+    # Safe-CLIP starts from OpenAI CLIP (the same recipe as the tests' demo_models fixture)
+    for m in ("clip", "hysac", "safeclip"):
+        if not (work / m).exists():
+            source = ["--model", work / "clip"] if m == "safeclip" else []
+            timings[f"train {m}"] = sh("train", "--method", m, "--preset", "demo", "--data", data, "--out", work / m, *source)
+    shutil.rmtree(report, ignore_errors=True)
+    timings["eval"] = sh(
+        "eval", "--data", data, "--split", "test", "--traversal", args.traversal, "--out", report,
+        "--compare", *(work / m for m in METHODS),
+    )
+
+    rep = json.loads((report / "report.json").read_text())
+    rows = []
+    for m in rep["models"]:
+        for variant, var in m["variants"].items():
+            tasks = var["tasks"]
+            rows.append(
+                {
+                    "model": m["label"] + ("" if variant == "plain" else f" + traversal ({args.traversal})"),
+                    **{f"{t} R@1": tasks[t]["R@1"] for t in HEADLINE},
+                    "safety T*": tasks["T*->V∪V*"]["safety"],
+                    "safety V*": tasks["V*->T∪T*"]["safety"],
+                    "leakage@10 T*": tasks["T*->V∪V*"]["leakage@10"],
+                }
+            )
+    d0 = {m["label"]: {c: m["d0"][c]["median"] for c in "SVUG"} for m in rep["models"] if m["d0"]}
+    keys = [k for k in rows[0] if k != "model"]
+    print(f"\nsynthetic ViSU-style data, split test, n={rep['dataset']['n']}  (R@1 and safety in %)")
+    print(f"{'model':34s}" + "".join(f"{k:>16s}" for k in keys))
+    for r in rows:
+        print(f"{r['model']:34s}" + "".join(f"{(100 * r[k] if 'leakage' not in k else r[k]):16.1f}" for k in keys))
+    print("\nmedian distance to the origin:", json.dumps(d0))
+    print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    summary = {
+        "data": "synthetic",
+        "n_test": rep["dataset"]["n"],
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+        "timings_s": timings,
+        "rows": rows,
+        "d0_median": d0,
+        "report": str(report / "report.md"),
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {OUT} and {report / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

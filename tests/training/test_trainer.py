@@ -1,0 +1,270 @@
+"""The trainer end to end on a tiny synthetic dataset: artifacts, checkpoints, resume, signals, DDP, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import architectures, artifact, objectives, trainer
+from training.encoder import SafetyEncoder
+from training.errors import ArtifactError, CheckpointError, DataError
+from training.trainer import TrainConfig
+
+CLI = str(Path(sys.executable).parent / "safe-retrieval")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """60 quadruplets: 48 train (6 steps of 8), 6 validation, 6 test."""
+    from training.data import synthetic
+
+    root = tmp_path_factory.mktemp("trainer-data") / "visu"
+    synthetic.generate(root, n=60, seed=3)
+    return root
+
+
+def _config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(method="hysac", data=data, out=out, model="tiny", full_finetune=True, epochs=1, batch_size=BATCH,
+                lr=1e-3, workers=0, progress=False, device="cpu", seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / trainer.METRICS).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def hysac_run(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hysac-run") / "model"
+    result = trainer.train(_config(small_data, out, epochs=2))
+    return result, out
+
+
+# ----------------------------------------------------------------------------------------- learning
+def _fixed_batch(enc: SafetyEncoder, data: Path):
+    from training.data import visu
+
+    records = visu.load_split(data, "train").records[:BATCH]
+    items = [visu.QuadDataset(records, enc.transform)[i] for i in range(len(records))]
+    b = trainer.Collate(enc.tokenizer)(items)
+    return b.safe_tokens, b.nsfw_tokens, b.safe_pixels, b.nsfw_pixels
+
+
+@pytest.mark.parametrize("method", ["hysac", "safeclip", "clip"])
+def test_a_few_real_steps_reduce_the_loss(method, small_data):
+    torch.manual_seed(0)
+    cls = objectives.objective_class(method)
+    enc = SafetyEncoder(architectures.resolve("tiny"), cls.geometry)
+    cfg = trainer.resolve_config(_config(small_data, small_data / "unused", method=method))
+    reference = SafetyEncoder(architectures.resolve("tiny"), cls.geometry) if method == "safeclip" else None
+    trainer.prepare_encoder(enc, cls, cfg)
+    step = trainer.TrainStep(enc, objectives.build(method, reference=reference))
+    opt = trainer.build_optimizer(enc, method, cfg)
+    batch = _fixed_batch(enc, small_data)
+    with torch.no_grad():
+        before = float(step(*batch)[0])
+    for _ in range(6):
+        loss = step(*batch)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        enc.clamp_scalars()
+    with torch.no_grad():
+        after = float(step(*batch)[0])
+    assert after < before, (before, after)
+
+
+def test_optimizers_follow_the_references(small_data):
+    torch.manual_seed(0)
+    enc = SafetyEncoder(architectures.resolve("tiny"))
+    cfg = trainer.resolve_config(_config(small_data, small_data / "unused"))
+    trainer.prepare_encoder(enc, objectives.HySACObjective, cfg)
+    opt = trainer.build_optimizer(enc, "hysac", cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.98)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.2 for p in g["params"]}
+    for name in ("curv", "visual_alpha", "textual_alpha", "logit_scale", "clip.ln_final.weight", "clip.transformer.resblocks.0.mlp.c_fc.bias"):
+        assert id(enc.get_parameter(name)) not in decayed, name
+    assert id(enc.clip.transformer.resblocks[0].mlp.c_fc.weight) in decayed
+    euclid = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
+    sc_cfg = trainer.resolve_config(_config(small_data, small_data / "unused", method="safeclip", full_finetune=False, lr=None))
+    trainer.prepare_encoder(euclid, objectives.SafeClipObjective, sc_cfg)
+    sc_opt = trainer.build_optimizer(euclid, "safeclip", sc_cfg)
+    assert type(sc_opt) is torch.optim.Adam and sc_opt.param_groups[0]["lr"] == 1e-3
+    assert not euclid.logit_scale.requires_grad  # Safe-CLIP's scale is fixed
+
+
+# ---------------------------------------------------------------------------------------- artifacts
+def test_training_writes_a_calibrated_artifact_and_a_pickle_free_run_dir(hysac_run):
+    result, out = hysac_run
+    assert result.artifact == out and result.epochs_completed == 2 and result.steps == 2 * (48 // BATCH)
+    art = artifact.load(out, device="cpu")  # a plain SafetyEncoder, fingerprint verified
+    assert art.geometry == "lorentz" and art.provenance["method"] == "hysac"
+    assert set(art.bounds) == {"S", "V", "U", "G"}
+    assert set(art.safety["unsafe_threshold"]) == {"text", "image"}
+    run_files = sorted(p.relative_to(result.run_dir).as_posix() for p in result.run_dir.rglob("*") if p.is_file())
+    assert run_files == ["best.safetensors", "checkpoint/model.safetensors", "checkpoint/optimizer.safetensors",
+                         "checkpoint/rng.safetensors", "checkpoint/state.json", "metrics.jsonl"]
+    events = _events(result.run_dir)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "artifact" and kinds.count("epoch") == 2
+    epoch = next(e for e in events if e["event"] == "epoch")
+    assert set(epoch["validation"]) == {"S->V", "V->S", "S->G", "G->S", "U->V", "V->U", "sum"}
+    assert all("samples_per_s" in e and "loss" in e for e in events if e["event"] == "step")
+    assert not list(out.parent.glob(".*.tmp")), "a temporary directory was left behind"
+
+
+def test_lora_training_merges_adapters_and_never_moves_the_query_projection(small_data, tmp_path):
+    torch.manual_seed(7)
+    source = tmp_path / "source"
+    artifact.save(artifact.Artifact(SafetyEncoder(architectures.resolve("tiny"), "euclidean")), source)
+    out = tmp_path / "clip-lora"
+    result = trainer.train(_config(small_data, out, method="clip", model=str(source), full_finetune=False,
+                                   lora_rank=4, lr=1e-2, max_steps=3))
+    assert result.steps == 3
+    before = load_file(str(source / artifact.WEIGHTS))
+    after = load_file(str(out / artifact.WEIGHTS))
+    assert set(after) == set(before), "the artifact must hold plain (merged) weights"
+    key = "clip.visual.transformer.resblocks.0.attn.in_proj_weight"
+    w = before[key].shape[1]
+    assert torch.equal(after[key][:w], before[key][:w]), "q rows changed"
+    assert not torch.equal(after[key][w:], before[key][w:]), "k/v rows did not train"
+    assert torch.equal(after["clip.ln_final.weight"], before["clip.ln_final.weight"]), "a frozen weight changed"
+    artifact.load(out, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- resume
+def test_resume_continues_at_the_next_epoch(hysac_run, small_data, tmp_path):
+    result, _ = hysac_run
+    out = tmp_path / "resumed"
+    again = trainer.train(_config(small_data, out, epochs=3, resume=result.run_dir))
+    assert again.epochs_completed == 3 and again.steps == 3 * (48 // BATCH)
+    events = _events(again.run_dir)
+    assert events[0]["event"] == "start" and events[0]["resumed_at_epoch"] == 2
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [3]
+    assert artifact.load(out, device="cpu").provenance["epochs"] == 3
+
+
+def test_resume_with_another_method_is_refused_with_a_clear_error(hysac_run, small_data, tmp_path):
+    result, _ = hysac_run
+    with pytest.raises(CheckpointError, match="--method hysac"):
+        trainer.train(_config(small_data, tmp_path / "x", method="clip", epochs=3, resume=result.run_dir))
+    with pytest.raises(CheckpointError, match="adapters"):
+        trainer.train(_config(small_data, tmp_path / "y", full_finetune=False, epochs=3, resume=result.run_dir))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resume_from_a_missing_checkpoint_says_where_it_looked(small_data, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        trainer.train(_config(small_data, tmp_path / "x", resume=tmp_path))
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_an_existing_output_is_refused_before_any_work(small_data, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ArtifactError, match="already exists"):
+        trainer.train(_config(small_data, tmp_path / "taken"))
+    assert not (tmp_path / "taken.run").exists()
+
+
+def test_an_empty_split_is_a_data_error(small_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "ViSU-Text_validation.json").write_text("[]")
+    with pytest.raises(DataError, match="validation"):
+        trainer.train(_config(data, tmp_path / "out"))
+
+
+def test_a_batch_larger_than_the_split_is_a_data_error(small_data, tmp_path):
+    with pytest.raises(DataError, match="--batch-size"):
+        trainer.train(_config(small_data, tmp_path / "out", batch_size=64))
+
+
+def test_safeclip_demo_needs_a_trained_reference(small_data, tmp_path):
+    from training.errors import InputError
+
+    with pytest.raises(InputError, match="--model"):
+        trainer.train(TrainConfig(method="safeclip", preset="demo", data=small_data, out=tmp_path / "o", progress=False))
+
+
+# ------------------------------------------------------------------------------ signals, DDP and CLI
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training exited early ({proc.returncode}):\n{out}\n{err}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("training did not get going in time")
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--method", "hysac", "--data", str(data), "--out", str(out), "--model", "tiny", "--full-finetune",
+            "--batch-size", str(BATCH), "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--seed", "0", *extra]
+
+
+def test_sigterm_saves_a_checkpoint_leaves_no_artifact_and_the_cli_resumes(small_data, tmp_path):
+    out = tmp_path / "model"
+    run_dir = tmp_path / "model.run"
+    proc = subprocess.Popen([CLI, *_train_args(small_data, out, "--epochs", "500")], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoint = run_dir / "checkpoint" / "state.json"
+    _wait_for(checkpoint.is_file, proc)  # the first epoch is done: we are inside the second one
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "checkpoint saved" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not out.exists(), "a partial artifact was left where the final one goes"
+    assert not list(tmp_path.glob(".*.tmp"))
+    state = json.loads(checkpoint.read_text())
+    done = state["progress"]["epoch"]
+    assert done >= 1 and state["method"] == "hysac"
+    assert _events(run_dir)[-1]["event"] == "interrupted"
+
+    resumed = subprocess.run([CLI, *_train_args(small_data, out, "--epochs", str(done + 1), "--resume", str(run_dir))],
+                             text=True, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["artifact"] == str(out) and summary["epochs_completed"] == done + 1
+    assert "resumed from" in resumed.stderr
+    assert artifact.load(out, device="cpu").provenance["epochs"] == done + 1
+
+
+def test_cli_reports_bad_input_without_a_traceback(small_data, tmp_path):
+    proc = subprocess.run([CLI, *_train_args(small_data, tmp_path / "o", "--method", "clip", "--resume", str(tmp_path))],
+                          text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_process_ddp_on_cpu_trains_and_only_rank_zero_writes(small_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc-per-node", "2", CLI,
+         *_train_args(small_data, out, "--epochs", "2", "--gather-negatives")],
+        text=True, capture_output=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)  # only rank 0 prints it
+    per_rank_steps = (48 // 2) // BATCH
+    assert summary["steps"] == 2 * per_rank_steps
+    start = _events(tmp_path / "ddp.run")[0]
+    assert start["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "ddp.run"]
+    art = artifact.load(out, device="cpu")
+    assert art.provenance["world_size"] == 2 and art.provenance["gather_negatives"] is True
