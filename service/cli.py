@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -24,6 +25,25 @@ app.add_typer(index_app, name="index")
 app.command("search")(search)
 app.command("eval")(training_cli.evaluate)
 app.command("train")(training_cli.train)
+
+
+@app.command("serve")
+def serve(
+    model: Optional[Path] = typer.Option(None, help="Artifact directory to serve. [env SAFE_RETRIEVAL_MODEL]"),
+    index: Optional[str] = typer.Option(None, help="Index name to search (default gallery). [env SAFE_RETRIEVAL_INDEX]"),
+    qdrant_url: Optional[str] = typer.Option(None, help="Qdrant server URL; embedded store when unset. [env SAFE_RETRIEVAL_QDRANT_URL]"),
+    index_root: Optional[Path] = typer.Option(None, help="Embedded store directory. [env SAFE_RETRIEVAL_INDEX_ROOT]"),
+    media_root: Optional[Path] = typer.Option(None, help="Root of the indexed images. [env SAFE_RETRIEVAL_MEDIA_ROOT]"),
+    host: Optional[str] = typer.Option(None, help="Interface to listen on (default 127.0.0.1). [env SAFE_RETRIEVAL_HOST]"),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000). [env SAFE_RETRIEVAL_PORT]"),
+) -> None:
+    """Serve the HTTP API and the web page (uvicorn); every other option comes from SAFE_RETRIEVAL_* variables."""
+    from service.app import serve as run_server
+    from service.settings import Settings
+
+    given = {"model": model, "index": index, "qdrant_url": qdrant_url, "index_root": index_root,
+             "media_root": media_root, "host": host, "port": port}
+    run_server(Settings(**{k: v for k, v in given.items() if v is not None}))
 
 
 @app.command("demo")

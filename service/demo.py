@@ -1,0 +1,111 @@
+"""``safe-retrieval demo``: data, model, index and server on the embedded defaults, each step cached.
+
+```
+WORKDIR/
+  data/       the synthetic ViSU-style dataset (training.data.synthetic)
+  model/      the demo HySAC artifact (``train --preset demo``)
+  indexes/    the embedded Qdrant Edge store with index ``demo``: the test split's images and captions
+  service/    job records, retrained models, the served-pair record
+```
+A step is skipped when its output exists (and, for the index, was built with this model), so only
+the first run trains; later runs start serving in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from service.settings import Settings
+
+INDEX = "demo"
+SPLIT = "test"
+SEED = 0
+
+log = logging.getLogger("safe_retrieval.demo")
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def prepare_data(data: Path) -> None:
+    """Generate the synthetic dataset unless it is already there."""
+    from training.data import synthetic
+    from training.trainer import PRESETS
+
+    if (data / "dataset.json").is_file():
+        _say(f"dataset: {data} (cached)")
+        return
+    n = PRESETS["demo"]["synthetic_n"]
+    _say(f"dataset: generating {n} synthetic quadruplets in {data}")
+    synthetic.generate(data, n=n, seed=SEED)
+
+
+def prepare_model(data: Path, model: Path) -> None:
+    """Train the demo HySAC model (``--preset demo``) unless its artifact exists."""
+    from training import trainer
+
+    if (model / "config.json").is_file():
+        _say(f"model: {model} (cached)")
+        return
+    _say(f"model: training the demo HySAC model into {model} (a few minutes on 2 CPU cores, once)")
+    trainer.train(trainer.TrainConfig(method="hysac", preset="demo", data=data, out=model, seed=SEED))
+
+
+def source(data: Path) -> dict:
+    """The demo gallery: the test split's images with their captions indexed as text points too."""
+    return {"visu": str(data.resolve()), "split": SPLIT, "captions": True, "media_root": str(data.resolve())}
+
+
+def prepare_index(data: Path, model: Path, root: Path) -> None:
+    """Index the test gallery with the model unless the current generation was built with it."""
+    from indexer import builder, sources
+    from training import artifact
+
+    gens = builder.generations_for(INDEX, root=root)
+    current = gens.current()
+    fingerprint = artifact.read_config(model).get("fingerprint")
+    if current is not None and gens.read_meta(current).get("fingerprint") == fingerprint:
+        _say(f"index: {INDEX} generation {current} (cached)")
+        return
+    _say(f"index: indexing the {SPLIT} split's images and captions into {root / INDEX}")
+    spec = source(data)
+    items = sources.collect(visu=data, split=SPLIT, captions_as_text=True)
+    result = builder.build(gens, model, items, sources=builder.sources_signature(spec), media_root=data,
+                           workers=0, progress=True, device="cpu")
+    _say(f"index: {result.points} points in generation {result.generation}")
+
+
+def demo_settings(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
+    """Settings of the demo server; tokens and other options still come from SAFE_RETRIEVAL_* variables."""
+    workdir = Path(workdir)
+    return Settings(
+        model=workdir / "model", index=INDEX, index_root=workdir / "indexes", media_root=workdir / "data",
+        state_dir=workdir / "service", data_roots=[workdir.resolve()], host=host, port=port,
+    )
+
+
+def prepare(workdir: Path) -> Settings:
+    """Every step but serving; returns the settings to serve with."""
+    from service.jobs import write_source
+
+    workdir = Path(workdir)
+    data, model = workdir / "data", workdir / "model"
+    prepare_data(data)
+    prepare_model(data, model)
+    prepare_index(data, model, workdir / "indexes")
+    settings = demo_settings(workdir)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    write_source(settings.state_dir, source(data))  # a retrain from the admin API reindexes the same gallery
+    return settings
+
+
+def run_demo(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Prepare (cached) and serve the demo at http://HOST:PORT until Ctrl-C."""
+    from service.app import serve
+
+    settings = prepare(workdir)
+    settings = settings.model_copy(update={"host": host, "port": port})
+    _say(f"serving http://{host}:{port}/  (API docs at /docs, Ctrl-C to stop)")
+    serve(settings)

@@ -1,0 +1,440 @@
+"""Admin jobs: the trainer's and indexer's CLI commands run as child processes, one job at a time.
+
+A job is a list of steps (command lines of ``safe-retrieval``) run in order in a fresh process
+group, with output going to a log file. Its record (status, progress, timestamps, error, result) is
+a JSON file in ``STATE_DIR/jobs/ID/``, so ``GET /v1/admin/jobs`` still answers after a restart; a
+job that was running when the service stopped is ended and marked failed when it starts again.
+Cancelling ends the whole process group (SIGTERM, then SIGKILL after a grace period).
+
+Nothing a job makes is served until every step has succeeded: then ``on_success`` (the app's swap)
+loads the new pair, checks that index and model belong together and swaps them in. A failed or
+cancelled job therefore changes nothing that is served; its unfinished artifact is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from service.errors import ConflictError, ForbiddenError, NotFoundError
+from service.schemas import IndexSource, ReindexRequest, RetrainRequest
+from training.errors import InputError, SafeRetrievalError
+
+log = logging.getLogger("safe_retrieval.jobs")
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+LOG_TAIL_LINES = 20
+_PERCENT = re.compile(rb"(\d{1,3})%\|")
+#: run ``safe-retrieval ARGS`` with this interpreter, whether or not the console script is on PATH
+CLI = [sys.executable, "-c", "import sys; from service.cli import main; main(sys.argv[1:])"]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class JobRecord:
+    """A job as persisted: the public fields of ``schemas.Job`` plus how to run and find it."""
+
+    id: str
+    kind: str
+    status: str = "queued"
+    progress: float = 0.0
+    step: str | None = None
+    error: str | None = None
+    created_at: str = field(default_factory=_now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    steps: list[list[str]] = field(default_factory=list)  # argv after ``safe-retrieval``
+    plan: dict[str, Any] = field(default_factory=dict)  # what on_success needs: model, index, swap
+    pid: int | None = None
+    pid_started: str | None = None  # /proc start time, so a recycled pid is never killed
+
+    def public(self, log_tail: list[str]) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "status": self.status, "progress": round(self.progress, 4),
+            "step": self.step, "log_tail": log_tail, "error": self.error, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at, "request": self.request,
+            "result": self.result,
+        }
+
+
+# ------------------------------------------------------------------ paths in requests
+def resolve_under_roots(text: str, roots: list[Path], *, what: str = "path") -> Path:
+    """A path from a request, refused unless it lies under one of ``roots`` (no ``..``, no symlink escape).
+
+    Relative paths are taken relative to the first root under which they exist (else the first root).
+    """
+    if not roots:
+        raise ForbiddenError("no data roots are configured; set SAFE_RETRIEVAL_DATA_ROOTS to allow job paths")
+    if "\x00" in text:
+        raise InputError(f"{what} contains a NUL byte")
+    raw = Path(text)
+    if ".." in raw.parts:
+        raise InputError(f"{what} {text!r} contains '..'; give a path under the data roots")
+    resolved_roots = [r.resolve() for r in roots]
+    if raw.is_absolute():
+        candidates = [raw.resolve()]
+    else:
+        candidates = [(root / raw).resolve() for root in resolved_roots]
+        existing = [c for c in candidates if c.exists()]
+        candidates = existing[:1] or candidates[:1]
+    path = candidates[0]
+    if not any(path == root or path.is_relative_to(root) for root in resolved_roots):
+        allowed = ", ".join(str(r) for r in resolved_roots)
+        raise InputError(f"{what} {text!r} is outside the data roots ({allowed})")
+    if not path.exists():
+        raise InputError(f"{what} {text!r} does not exist under the data roots")
+    return path
+
+
+# ------------------------------------------------------------------ processes
+def _proc_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+
+
+def _alive(pid: int | None, started: str | None) -> bool:
+    return pid is not None and started is not None and _proc_start(pid) == started
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)  # the child leads its own session, so its pgid is its pid
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES, size: int = 16384, since: int = 0) -> tuple[list[str], float | None]:
+    """Last ``lines`` lines of a log (progress bars' carriage returns split lines) and the last percentage,
+    reading nothing before byte ``since`` (where the current step's output starts)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - size, since, 0))
+            data = f.read()
+    except OSError:
+        return [], None
+    pct = _PERCENT.findall(data)
+    text = data.decode("utf-8", "replace").replace("\r", "\n")
+    out = [line.rstrip() for line in text.split("\n") if line.strip()]
+    return out[-lines:], (min(int(pct[-1]), 100) / 100 if pct else None)
+
+
+def _error_line(lines: list[str]) -> str | None:
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    return None
+
+
+# ------------------------------------------------------------------ the manager
+class JobManager:
+    """Starts, tracks, cancels and persists admin jobs; at most one runs at a time."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        on_success: Callable[[JobRecord], dict[str, Any]],
+        on_change: Callable[[dict[str, int]], None] | None = None,
+        cancel_grace_s: float = 10.0,
+        env: dict[str, str] | None = None,
+    ):
+        self.dir = Path(state_dir) / "jobs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.models_dir = Path(state_dir) / "models"
+        self.on_success = on_success
+        self.on_change = on_change
+        self.cancel_grace_s = cancel_grace_s
+        self.env = env
+        self._lock = threading.RLock()
+        self._jobs: dict[str, JobRecord] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._load()
+
+    # -------------------------------------------------------------- persistence
+    def _load(self) -> None:
+        for path in sorted(self.dir.glob("*/job.json")):
+            try:
+                job = JobRecord(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("ignoring unreadable job record %s: %s", path, e)
+                continue
+            if job.status in ACTIVE:  # the service stopped while it ran: end it
+                if _alive(job.pid, job.pid_started):
+                    _kill_group(job.pid, signal.SIGKILL)
+                # its artifact (if complete) is kept: the index may already have switched to it
+                job.status, job.finished_at = "failed", _now()
+                job.error = "the service restarted while this job ran; nothing was changed, submit it again"
+                self._save(job)
+            self._jobs[job.id] = job
+        self._changed()
+
+    def _save(self, job: JobRecord) -> None:
+        folder = self.dir / job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".job.json.tmp"
+        tmp.write_text(json.dumps(asdict(job), indent=2) + "\n")
+        os.replace(tmp, folder / "job.json")
+
+    def log_path(self, job_id: str) -> Path:
+        return self.dir / job_id / "log.txt"
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            counts = {s: 0 for s in ACTIVE + FINAL}
+            for job in self._jobs.values():
+                counts[job.status] = counts.get(job.status, 0) + 1
+            self.on_change(counts)
+
+    # -------------------------------------------------------------- queries
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.id, reverse=True)
+        return [self._public(j) for j in jobs]
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id!r}; GET /v1/admin/jobs lists them")
+        return self._public(job)
+
+    def _public(self, job: JobRecord) -> dict[str, Any]:
+        tail, _ = _tail(self.log_path(job.id))
+        return job.public(tail)
+
+    def running(self) -> JobRecord | None:
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.status in ACTIVE), None)
+
+    # -------------------------------------------------------------- submitting
+    def submit(self, kind: str, request: dict[str, Any], steps: list[list[str]], plan: dict[str, Any]) -> dict[str, Any]:
+        """Start a job now, or raise ConflictError naming the job that is running."""
+        with self._lock:
+            busy = self.running()
+            if busy is not None:
+                raise ConflictError(f"job {busy.id} ({busy.kind}) is {busy.status}; wait for it or cancel it", busy.id)
+            now = time.time()  # ids sort in submission order: second, millisecond, then a random tag
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
+            job = JobRecord(id=job_id, kind=kind, request=request, steps=steps, plan=plan)
+            self._jobs[job_id] = job
+            self._cancel[job_id] = threading.Event()
+            self._save(job)
+            thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
+            self._threads[job_id] = thread
+            self._changed()
+            thread.start()
+            return self._public(job)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask a queued/running job to stop; finished jobs are returned unchanged."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise NotFoundError(f"no job {job_id!r}; GET /v1/admin/jobs lists them")
+            event = self._cancel.get(job_id)
+            if job.status in ACTIVE and event is not None:
+                event.set()
+                if job.pid is not None:
+                    _kill_group(job.pid, signal.SIGTERM)
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(self.cancel_grace_s + 5)
+        return self.get(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout)
+        return self.get(job_id)
+
+    def shutdown(self) -> None:
+        """End a running job (the service is stopping): it is marked failed and changes nothing."""
+        job = self.running()
+        if job is not None:
+            self._cancel[job.id].set()
+            job.error = "the service stopped while this job ran; nothing was changed, submit it again"
+            if job.pid is not None:
+                _kill_group(job.pid, signal.SIGTERM)
+            thread = self._threads.get(job.id)
+            if thread is not None:
+                thread.join(self.cancel_grace_s + 5)
+
+    # -------------------------------------------------------------- running
+    def _set(self, job: JobRecord, **changes: Any) -> None:
+        with self._lock:
+            for k, v in changes.items():
+                setattr(job, k, v)
+            self._save(job)
+            if "status" in changes:
+                self._changed()
+
+    def _run(self, job: JobRecord) -> None:
+        cancel = self._cancel[job.id]
+        logfile = self.log_path(job.id)
+        self._set(job, status="running", started_at=_now())
+        try:
+            for i, argv in enumerate(job.steps):
+                if cancel.is_set():
+                    break
+                self._set(job, step="safe-retrieval " + shlex.join(argv))
+                rc = self._run_step(job, argv, logfile, i, cancel)
+                if cancel.is_set():
+                    break
+                if rc != 0:
+                    tail, _ = _tail(logfile, lines=200)
+                    why = _error_line(tail) or f"'safe-retrieval {argv[0]}' exited with status {rc}; see log_tail"
+                    self._finish(job, "failed", error=why)
+                    return
+            if cancel.is_set():
+                self._finish(job, "failed" if job.error else "cancelled", error=job.error)
+                return
+            self._set(job, step="swap", progress=1.0)
+            result = self.on_success(job)
+            if job.plan.get("source") and job.plan.get("swap"):
+                write_source(self.dir.parent, job.plan["source"])
+        except SafeRetrievalError as e:
+            self._finish(job, "failed", error=str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - a bug must still end the job cleanly
+            log.exception("job %s crashed", job.id)
+            self._finish(job, "failed", error=f"internal error: {e.__class__.__name__}; see the server log")
+            return
+        self._finish(job, "succeeded", result=result)
+
+    def _run_step(self, job: JobRecord, argv: list[str], logfile: Path, index: int, cancel: threading.Event) -> int:
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        with logfile.open("ab") as out:
+            out.write(f"$ safe-retrieval {shlex.join(argv)}\n".encode())
+            out.flush()
+            start = out.tell()
+            proc = subprocess.Popen(
+                CLI + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        self._set(job, pid=proc.pid, pid_started=_proc_start(proc.pid))
+        if cancel.is_set():  # cancelled between the check and the start
+            _kill_group(proc.pid, signal.SIGTERM)
+        killed_at: float | None = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cancel.is_set():
+                if killed_at is None:
+                    killed_at = time.monotonic()
+                    _kill_group(proc.pid, signal.SIGTERM)
+                elif time.monotonic() - killed_at > self.cancel_grace_s:
+                    _kill_group(proc.pid, signal.SIGKILL)
+            _, pct = _tail(logfile, lines=1, since=start)
+            if pct is not None:
+                self._set(job, progress=(index + pct) / len(job.steps))
+        _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group (workers) never outlive their step
+        self._set(job, pid=None, pid_started=None, progress=(index + 1) / len(job.steps))
+        return rc
+
+    def _finish(self, job: JobRecord, status: str, *, error: str | None = None, result: dict | None = None) -> None:
+        if status != "succeeded":
+            self._discard_outputs(job)
+        self._set(job, status=status, error=error, result=result or {}, finished_at=_now(), step=None)
+
+    def _discard_outputs(self, job: JobRecord) -> None:
+        out = job.plan.get("new_model")
+        if out:  # the unfinished artifact and its run directory (checkpoints, metrics)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(f"{out}.run", ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the last indexed source
+SOURCE_RECORD = "source.json"
+
+
+def read_source(state_dir: Path) -> dict[str, Any] | None:
+    """The source of the served index's last successful build (what a retrain reindexes by default)."""
+    try:
+        return json.loads((Path(state_dir) / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_source(state_dir: Path, source: dict[str, Any]) -> None:
+    tmp = Path(state_dir) / f".{SOURCE_RECORD}.tmp"
+    tmp.write_text(json.dumps(source, indent=2) + "\n")
+    os.replace(tmp, Path(state_dir) / SOURCE_RECORD)
+
+
+# ------------------------------------------------------------------ command lines
+def store_args(*, qdrant_url: str | None, index_root: Path) -> list[str]:
+    """Where ``index build`` writes: the Qdrant server, or the embedded store's root.
+
+    The server's API key travels in the environment (``SAFE_RETRIEVAL_QDRANT_API_KEY``), never on
+    a command line that job records and ``ps`` would show.
+    """
+    return ["--qdrant-url", qdrant_url] if qdrant_url else ["--root", str(index_root)]
+
+
+def source_args(source: IndexSource, roots: list[Path], default_media_root: Path | None) -> list[str]:
+    """``index build`` arguments for a source, every path checked against the data roots."""
+    args: list[str] = []
+    if source.images is not None:
+        args += ["--images", str(resolve_under_roots(source.images, roots, what="source.images"))]
+    elif source.manifest is not None:
+        args += ["--manifest", str(resolve_under_roots(source.manifest, roots, what="source.manifest"))]
+    else:
+        args += ["--visu", str(resolve_under_roots(source.visu, roots, what="source.visu")), "--split", source.split]
+    if source.captions:
+        args.append("--captions-as-text")
+    if source.texts is not None:
+        args += ["--texts", str(resolve_under_roots(source.texts, roots, what="source.texts"))]
+    if source.media_root is not None:
+        args += ["--media-root", str(resolve_under_roots(source.media_root, roots, what="source.media_root"))]
+    elif default_media_root is not None:
+        args += ["--media-root", str(default_media_root)]
+    return args
+
+
+def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
+                  qdrant_url: str | None, index_root: Path) -> list[list[str]]:
+    verb = "add" if req.incremental else "build"
+    return [["index", verb, "--model", str(model), "--name", name,
+             *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root)]]
+
+
+def train_step(req: RetrainRequest, *, model: Path, out: Path, roots: list[Path]) -> list[str]:
+    argv = ["train", "--method", req.method, "--data", str(resolve_under_roots(req.data, roots, what="data")),
+            "--model", str(model), "--out", str(out)]
+    options = {"--preset": req.preset, "--epochs": req.epochs, "--batch-size": req.batch_size, "--lr": req.lr,
+               "--lora-rank": req.lora_rank, "--eta": req.eta, "--precision": req.precision, "--seed": req.seed,
+               "--max-steps": req.max_steps}
+    for flag, value in options.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    if req.full_finetune:
+        argv.append("--full-finetune")
+    return argv

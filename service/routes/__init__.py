@@ -1,0 +1,1 @@
+"""One router per resource: search, items, admin, health (and the web page)."""

@@ -1,0 +1,97 @@
+"""``/v1/admin/*``: reindex and retrain jobs, their status and cancellation, and a reload (admin token)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from service.deps import require_admin
+from service.errors import UnavailableError
+from service.jobs import read_source, reindex_steps, train_step
+from service.schemas import IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
+from service.state import model_candidates
+from training.errors import InputError
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "A path outside the data roots, or a missing file."},
+    401: {"description": "Admin token missing or wrong."},
+    403: {"description": "No admin token configured (or no data roots for job paths)."},
+    404: {"description": "No such job."},
+    409: {"description": "Another job is running; `job_id` names it."},
+}
+
+
+def _served_model(request: Request):
+    pair = request.app.state.services.state.current
+    if pair is not None:
+        return pair.model_path
+    candidates = model_candidates(request.app.state.settings)
+    if not candidates:
+        raise UnavailableError("no model is configured to index with; start the server with --model")
+    return candidates[0]
+
+
+@router.post("/reindex", response_model=Job, status_code=202, responses=ERRORS, summary="Build a new index generation")
+async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
+    """Index ``source`` with the served model; when ``name`` is the served index, the new generation is swapped in."""
+    services = request.app.state.services
+    settings = services.settings
+    name = body.name or settings.index
+    swap = name == settings.index
+    model = _served_model(request)
+    steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
+                          qdrant_url=settings.qdrant_url, index_root=settings.index_root)
+    plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
+    return services.jobs.submit("reindex", body.model_dump(exclude_none=True), steps, plan)
+
+
+@router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model")
+async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
+    """Train from the served model; with ``reindex`` the served index is rebuilt with the new model and both swap together."""
+    services = request.app.state.services
+    settings = services.settings
+    model = _served_model(request)
+    out = services.jobs.models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
+    steps = [train_step(body, model=model, out=out, roots=settings.data_roots)]
+    plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
+    if body.reindex:
+        source = body.source
+        if source is None:
+            remembered = read_source(settings.state_dir)
+            if remembered is None:
+                raise InputError("nothing to reindex from yet: give `source` (the gallery to index with the new model)")
+            source = IndexSource(**remembered)
+        reindex = ReindexRequest(source=source)
+        steps += reindex_steps(reindex, model=out, name=settings.index, roots=settings.data_roots,
+                               media_root=settings.media_root, qdrant_url=settings.qdrant_url,
+                               index_root=settings.index_root)
+        plan["source"] = source.model_dump(exclude_none=True)
+    return services.jobs.submit("retrain", body.model_dump(exclude_none=True), steps, plan)
+
+
+@router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
+async def list_jobs(request: Request) -> dict[str, Any]:
+    return {"jobs": request.app.state.services.jobs.list()}
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="One job's status, progress and log tail")
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    return request.app.state.services.jobs.get(job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job")
+async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    """End the job's process group; what is served does not change."""
+    return await asyncio.to_thread(request.app.state.services.jobs.cancel, job_id)
+
+
+@router.post("/reload", response_model=Reload, responses={**ERRORS, 503: {"description": "Could not load."}},
+             summary="Serve the index's current generation")
+async def reload(request: Request) -> dict[str, Any]:
+    """Reopen the served index's current generation with its model (after an out-of-band `index build`)."""
+    changed, ref = await asyncio.to_thread(request.app.state.services.reload)
+    return {"changed": changed, "index": ref}

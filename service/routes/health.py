@@ -1,0 +1,62 @@
+"""``/healthz`` (alive), ``/readyz`` (model loaded, store answering, fingerprints match), ``/metrics``, ``/``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.metrics import CONTENT_TYPE_LATEST
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+PROBE_TIMEOUT_S = 3.0
+#: an id no point has: retrieving it is a cheap round trip through the store
+PROBE_ID = "00000000-0000-0000-0000-000000000000"
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
+    summary="Readiness: model loaded, store reachable, index built by this model",
+)
+async def readyz(request: Request) -> Any:
+    services = request.app.state.services
+    retry = {"Retry-After": str(max(1, round(services.settings.store_retry_s)))}
+    pair = services.state.current
+    if pair is None:
+        services.metrics.ready.set(0)
+        return JSONResponse({"ready": False, "reason": services.state.problem, "index": None}, 503, headers=retry)
+    reason = None
+    try:
+        await asyncio.wait_for(asyncio.to_thread(pair.index.retrieve, PROBE_ID, False), PROBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        reason = f"the vector store did not answer within {PROBE_TIMEOUT_S:.0f} s"
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means not ready, with its message
+        reason = f"the vector store is not answering: {e}"
+    if reason is None and pair.info.get("fingerprint") != pair.artifact.fingerprint:
+        reason = "the index was built with another model; reindex with the served model"
+    services.metrics.ready.set(0 if reason else 1)
+    body = {"ready": reason is None, "reason": reason, "index": pair.ref}
+    return JSONResponse(body, 503, headers=retry) if reason else body
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def page(request: Request) -> FileResponse:
+    from service.app import STATIC
+
+    return FileResponse(STATIC / "index.html", media_type="text/html")

@@ -1,0 +1,99 @@
+"""``/v1/items/{id}`` (payload, optionally the stored vector) and ``/v1/media/{id}`` (the image file).
+
+Items flagged unsafe are shown to moderators only. Media files are served only from the configured
+media root: a stored URI that resolves outside it is treated as missing.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import CallerDep
+from service.errors import NotFoundError, UnavailableError
+from service.routes.search import item_vector, parse_item_id
+from service.schemas import Item
+from service.state import ServedPair
+
+router = APIRouter(prefix="/v1", tags=["items"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "The item is flagged unsafe and the moderator token is missing or wrong."},
+    403: {"description": "The item is flagged unsafe and no moderator token is configured."},
+    404: {"description": "No such item (or no such file under the media root)."},
+    503: {"description": "Store not ready; retry after Retry-After seconds."},
+}
+
+
+async def fetch_item(request: Request, pair: ServedPair, item_id: str, *, with_vector: bool) -> dict[str, Any]:
+    from indexer.errors import IndexNotFoundError, StoreUnavailableError
+
+    key = parse_item_id(item_id)
+    try:
+        record = await run_in_threadpool(pair.index.retrieve, key, with_vector)
+    except (StoreUnavailableError, IndexNotFoundError) as e:
+        raise UnavailableError(f"the vector store is not answering: {e}", request.app.state.settings.store_retry_s) from e
+    if record is None:
+        raise NotFoundError(f"no item {item_id!r} in index {pair.info.get('name')}")
+    return record
+
+
+@router.get("/items/{item_id}", response_model=Item, responses=ERRORS, summary="An indexed item's payload")
+async def get_item(
+    item_id: str,
+    request: Request,
+    caller: CallerDep,
+    with_vector: bool = Query(False, description="Add the stored vector (space components or unit vector)."),
+) -> dict[str, Any]:
+    with request.app.state.services.state.lease() as pair:
+        record = await fetch_item(request, pair, item_id, with_vector=with_vector)
+    payload = dict(record.get("payload") or {})
+    if payload.get("unsafe") is True:
+        caller.require_moderator("an item flagged unsafe")
+    return {
+        "id": str(record.get("id", item_id)),
+        "kind": payload.get("kind", "image"),
+        "uri": payload.get("uri"),
+        "caption": payload.get("caption"),
+        "tags": list(payload.get("tags") or []),
+        "unsafe": payload.get("unsafe"),
+        "payload": payload,
+        "vector": item_vector(record) if with_vector else None,
+    }
+
+
+@router.get(
+    "/media/{item_id}",
+    response_class=FileResponse,
+    responses={**ERRORS, 200: {"content": {"image/*": {}}, "description": "The image file."}},
+    summary="An indexed image's bytes",
+)
+async def get_media(item_id: str, request: Request, caller: CallerDep) -> FileResponse:
+    settings = request.app.state.settings
+    with request.app.state.services.state.lease() as pair:
+        record = await fetch_item(request, pair, item_id, with_vector=False)
+    payload = record.get("payload") or {}
+    if payload.get("unsafe") is True:
+        caller.require_moderator("an item flagged unsafe")
+    uri = payload.get("uri")
+    if payload.get("kind", "image") != "image" or not uri:
+        raise NotFoundError(f"item {item_id!r} has no image")
+    path = media_path(settings.media_root, str(uri))
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600",
+                                                              "X-Content-Type-Options": "nosniff"})
+
+
+def media_path(root: Path | None, uri: str) -> Path:
+    """The file a stored URI names, only if it lies under the media root."""
+    if root is None:
+        raise NotFoundError("no media root is configured (SAFE_RETRIEVAL_MEDIA_ROOT); images cannot be served")
+    base = root.resolve()
+    path = (base / uri).resolve()
+    if not path.is_relative_to(base) or not path.is_file():
+        raise NotFoundError(f"the image of this item is not under the media root")
+    return path

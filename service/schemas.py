@@ -1,0 +1,223 @@
+"""Request and response models of the HTTP API, shared by the routes, the OpenAPI document and the tests.
+
+Every request model forbids unknown fields, so a typo (``"safty": "off"``) is a 422 instead of a
+silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+MAX_TEXT_CHARS = 1000  # a query, not a document: CLIP reads at most 77 tokens anyway
+MAX_K = 100
+MAX_OFFSET = 10_000  # deeper paging gets slow and is not what a search page needs
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+Safety = Literal["strict", "traverse", "filter", "off"]
+Target = Literal["image", "text", "any"]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must contain a non-space character")
+    return value
+
+
+# ------------------------------------------------------------------ search
+class SearchFilter(StrictModel):
+    tags: list[Tag] | None = Field(None, max_length=32, description="Keep only items carrying at least one of these tags.")
+
+
+class SearchOptions(StrictModel):
+    target: Target = Field("image", description="What to search: images, captions, or both.")
+    k: int = Field(10, ge=1, le=MAX_K, description="Number of results.")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Results to skip (paging).")
+    safety: Safety = Field(
+        "strict",
+        description="strict: traverse unsafe queries and drop unsafe items; traverse: only move the query; "
+        "filter: only drop unsafe items; off: plain nearest neighbours (moderator token required).",
+    )
+    filter: SearchFilter | None = None
+
+
+class SearchRequest(SearchOptions):
+    """Exactly one of ``text``, ``image`` (base64) or ``item_id`` (more like this item)."""
+
+    text: QueryText | None = None
+    image: str | None = Field(None, description="Base64 image bytes (a data: URI prefix is accepted).")
+    item_id: ItemId | None = None
+
+    _blank = field_validator("text")(_not_blank)
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        given = [name for name in ("text", "image", "item_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image or item_id (got {', '.join(given) or 'none'})")
+        return self
+
+
+class Result(BaseModel):
+    id: str
+    kind: str
+    score: float
+    distance: float
+    uri: str | None = None
+    caption: str | None = None
+    tags: list[str] = []
+    unsafe: bool | None = None
+
+
+class QueryReport(BaseModel):
+    unsafe: bool | None = Field(None, description="The model's rule: distance to the origin above the threshold.")
+    distance_to_origin: float | None = None
+    threshold: float | None = None
+    redirected: bool = Field(False, description="True when the query was moved toward safe content.")
+    distance_to_origin_after: float | None = None
+
+
+class IndexRef(BaseModel):
+    name: str
+    generation: str | None = None
+    model: str = Field(description="Fingerprint of the model the index was built with (and that encodes queries).")
+
+
+class Timings(BaseModel):
+    encode: float
+    search: float
+    total: float
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    query: QueryReport
+    index: IndexRef
+    timings_ms: Timings
+
+
+# ------------------------------------------------------------------ embed / items
+class EmbedRequest(StrictModel):
+    text: QueryText | None = None
+    image: str | None = Field(None, description="Base64 image bytes.")
+
+    _blank = field_validator("text")(_not_blank)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "EmbedRequest":
+        if (self.text is None) == (self.image is None):
+            raise ValueError("give exactly one of text or image")
+        return self
+
+
+class EmbedResponse(BaseModel):
+    geometry: str
+    curvature: float | None
+    vector: list[float]
+    distance_to_origin: float | None
+    unsafe: bool | None
+
+
+class Item(BaseModel):
+    id: str
+    kind: str
+    uri: str | None = None
+    caption: str | None = None
+    tags: list[str] = []
+    unsafe: bool | None = None
+    payload: dict[str, Any] = {}
+    vector: list[float] | None = None
+
+
+# ------------------------------------------------------------------ health
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reason: str | None = None
+    index: IndexRef | None = None
+
+
+# ------------------------------------------------------------------ admin
+class IndexSource(StrictModel):
+    """What to index: exactly one of ``images``, ``manifest`` or ``visu`` (+ ``split``); paths under the data roots."""
+
+    images: PathText | None = Field(None, description="A folder of images (searched recursively).")
+    manifest: PathText | None = Field(None, description="A CSV/JSONL/Parquet manifest with an image column.")
+    visu: PathText | None = Field(None, description="A ViSU-layout dataset (real or synthetic).")
+    split: Literal["train", "validation", "test", "heldout"] | None = Field(None, description="Split of a ViSU dataset.")
+    captions: bool = Field(False, description="Also index each image's caption as a text point (image->text search).")
+    texts: PathText | None = Field(None, description="A UTF-8 file of texts (one per line) to index as text points.")
+    media_root: PathText | None = Field(None, description="Root that stored image URIs are made relative to.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "IndexSource":
+        given = [name for name in ("images", "manifest", "visu") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of images, manifest or visu (got {', '.join(given) or 'none'})")
+        if (self.split is not None) != (self.visu is not None):
+            raise ValueError("split goes with visu, and visu needs a split")
+        return self
+
+
+class ReindexRequest(StrictModel):
+    source: IndexSource
+    name: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = Field(
+        None, description="Index to build (default: the served one, which is swapped in when the build succeeds)."
+    )
+    incremental: bool = Field(False, description="Add to the current generation instead of building a new one.")
+
+
+class RetrainRequest(StrictModel):
+    method: Literal["hysac", "safeclip", "clip"] = "hysac"
+    data: PathText = Field(description="ViSU-layout dataset to train on.")
+    preset: Literal["demo"] | None = None
+    epochs: int | None = Field(None, ge=1, le=1000)
+    batch_size: int | None = Field(None, ge=1, le=65536)
+    lr: float | None = Field(None, gt=0, le=1)
+    lora_rank: int | None = Field(None, ge=1, le=1024)
+    full_finetune: bool = False
+    eta: float | None = Field(None, ge=0, le=100)
+    precision: Literal["fp32", "bf16"] | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
+    reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
+    source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Job(BaseModel):
+    id: str
+    kind: Literal["reindex", "retrain"]
+    status: JobStatus
+    progress: float = Field(0.0, ge=0, le=1)
+    step: str | None = Field(None, description="The command now running.")
+    log_tail: list[str] = []
+    error: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    request: dict[str, Any] = {}
+    result: dict[str, Any] = {}
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class Reload(BaseModel):
+    changed: bool
+    index: IndexRef

@@ -1,0 +1,139 @@
+// The search page: plain DOM, no build step. Server data is only ever inserted as text, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const form = $("search-form");
+const objectUrls = [];
+
+function fmt(x, digits = 3) {
+  return typeof x === "number" && Number.isFinite(x) ? x.toFixed(digits) : "–";
+}
+
+function el(tag, attrs = {}, text = null) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function authHeaders() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function setStatus(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.className = isError ? "error" : "";
+}
+
+$("safety").addEventListener("change", () => {
+  $("token-label").hidden = $("safety").value !== "off";
+});
+
+async function search() {
+  const file = $("image-file").files[0];
+  const text = $("query").value.trim();
+  const k = Math.min(Math.max(parseInt($("k").value, 10) || 12, 1), 100);
+  const options = { target: $("target").value, safety: $("safety").value, k };
+  if (!file && !text) {
+    setStatus("Type a query or choose an image.", true);
+    return;
+  }
+  let response;
+  setStatus("Searching…");
+  try {
+    if (file) {
+      const body = new FormData();
+      body.append("image", file);
+      for (const [key, value] of Object.entries(options)) body.append(key, String(value));
+      response = await fetch("/v1/search/upload", { method: "POST", body, headers: authHeaders() });
+    } else {
+      response = await fetch("/v1/search", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: JSON.stringify({ text, ...options }),
+      });
+    }
+  } catch (err) {
+    setStatus(`The server could not be reached (${err}).`, true);
+    return;
+  }
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || data);
+    setStatus(`Error ${response.status}: ${detail}`, true);
+    return;
+  }
+  render(data, file ? `image ${file.name}` : `“${text}”`);
+}
+
+function render(data, label) {
+  while (objectUrls.length) URL.revokeObjectURL(objectUrls.pop());
+  const q = data.query || {};
+  const notice = $("notice");
+  if (q.redirected) {
+    notice.textContent =
+      `Your query was moved toward safe content: distance to the origin ${fmt(q.distance_to_origin)} → ` +
+      `${fmt(q.distance_to_origin_after)} (unsafe above ${fmt(q.threshold)}).`;
+    notice.hidden = false;
+  } else {
+    notice.hidden = true;
+    notice.textContent = "";
+  }
+
+  const report = $("report");
+  report.replaceChildren(
+    el("span", { class: q.unsafe ? "badge unsafe" : "badge safe" }, q.unsafe ? "query flagged unsafe" : "query looks safe"),
+    el("span", {}, ` distance to origin ${fmt(q.distance_to_origin)} · threshold ${fmt(q.threshold)}`),
+  );
+  report.hidden = false;
+
+  const grid = $("results");
+  grid.replaceChildren();
+  for (const hit of data.results) grid.appendChild(card(hit));
+  setStatus(`${data.results.length} results for ${label} in ${fmt(data.timings_ms.total, 1)} ms`);
+  const idx = data.index || {};
+  $("footer").textContent = `index ${idx.name} · generation ${idx.generation} · model ${String(idx.model).slice(0, 19)}`;
+}
+
+function card(hit) {
+  const item = el("article", { class: "card", "data-id": hit.id, "data-kind": hit.kind, "data-unsafe": String(hit.unsafe) });
+  if (hit.kind === "image") {
+    const img = el("img", { alt: hit.caption || "result image", loading: "lazy" });
+    if (hit.unsafe === true) {
+      // only moderators receive such items; the media route wants their token, which <img> cannot send
+      fetch(`/v1/media/${hit.id}`, { headers: authHeaders() })
+        .then((r) => (r.ok ? r.blob() : Promise.reject(r.status)))
+        .then((blob) => {
+          const url = URL.createObjectURL(blob);
+          objectUrls.push(url);
+          img.src = url;
+        })
+        .catch(() => img.classList.add("broken"));
+    } else {
+      img.src = `/v1/media/${hit.id}`;
+    }
+    img.addEventListener("error", () => img.classList.add("broken"));
+    item.appendChild(img);
+  } else {
+    item.appendChild(el("blockquote", { class: "caption-hit" }, hit.caption || "(no caption)"));
+  }
+  if (hit.kind === "image" && hit.caption) item.appendChild(el("p", { class: "caption" }, hit.caption));
+  const badges = el("div", { class: "badges" });
+  badges.appendChild(el("span", { class: "badge" }, hit.kind));
+  badges.appendChild(el("span", { class: "badge" }, `d ${fmt(hit.distance)}`));
+  if (hit.unsafe === true) badges.appendChild(el("span", { class: "badge unsafe" }, "unsafe"));
+  else if (hit.unsafe === false) badges.appendChild(el("span", { class: "badge safe" }, "safe"));
+  for (const tag of hit.tags || []) badges.appendChild(el("span", { class: "badge tag" }, tag));
+  item.appendChild(badges);
+  return item;
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  search();
+});
+$("image-file").addEventListener("change", () => {
+  if ($("image-file").files.length) search();
+});

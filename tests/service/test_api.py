@@ -1,0 +1,361 @@
+"""The HTTP API end to end: the real app under uvicorn, a real tiny model, a real Qdrant Edge index."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.service.conftest import MODERATOR, copy_index, live, settings_for, unsafe_caption
+
+NO_TRACE = ("Traceback", 'File "', "line ")
+
+
+def assert_no_trace(response: httpx.Response) -> None:
+    for marker in NO_TRACE:
+        assert marker not in response.text, f"response leaks internals: {response.text[:300]}"
+
+
+def jpeg_bytes(world, name="coco/val2017") -> bytes:
+    path = next((world.data / name).glob("*.jpg"))
+    return path.read_bytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels (a decompression-bomb shaped file)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+# ------------------------------------------------------------------ health, metrics, docs
+def test_health_and_readiness(server):
+    with server.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        ready = c.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["ready"] is True and body["reason"] is None
+        assert body["index"]["model"] == server.services.state.current.artifact.fingerprint
+        assert body["index"]["generation"].startswith("gallery@")
+
+
+def test_openapi_docs_and_page(server):
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+        for path in ("/v1/search", "/v1/search/upload", "/v1/embed", "/v1/items/{item_id}", "/v1/media/{item_id}",
+                     "/healthz", "/readyz", "/metrics", "/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/jobs",
+                     "/v1/admin/jobs/{job_id}", "/v1/admin/jobs/{job_id}/cancel", "/v1/admin/reload"):
+            assert path in spec["paths"], path
+        assert c.get("/docs").status_code == 200
+        page = c.get("/")
+        assert page.status_code == 200 and 'id="query"' in page.text
+        assert c.get("/static/app.js").status_code == 200
+
+
+# ------------------------------------------------------------------ search
+def test_text_search_shape_and_order(server):
+    with server.client() as c:
+        r = c.post("/v1/search", json={"text": "a red umbrella on a beach", "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"results", "query", "index", "timings_ms"}
+    hits = body["results"]
+    assert 1 <= len(hits) <= 5
+    assert all(h["kind"] == "image" for h in hits)
+    distances = [h["distance"] for h in hits]
+    assert distances == sorted(distances)
+    assert set(hits[0]) == {"id", "kind", "score", "distance", "uri", "caption", "tags", "unsafe"}
+    assert set(body["query"]) == {"unsafe", "distance_to_origin", "threshold", "redirected", "distance_to_origin_after"}
+    assert body["index"]["name"] == "gallery"
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["encode"]
+
+
+def test_targets(server):
+    with server.client(MODERATOR) as c:
+        text = c.post("/v1/search", json={"text": "a dog in a park", "target": "text", "safety": "off", "k": 20}).json()
+        both = c.post("/v1/search", json={"text": "a dog in a park", "target": "any", "safety": "off", "k": 24}).json()
+    assert text["results"] and all(h["kind"] == "text" and h["caption"] for h in text["results"])
+    assert {h["kind"] for h in both["results"]} == {"image", "text"}
+
+
+def test_ordinary_callers_never_receive_unsafe_items(server, world):
+    from training.data import visu
+
+    queries = [q.nsfw for q in visu.load_split(world.data, "test").records]
+    seen_unsafe_as_moderator = False
+    with server.client() as c, server.client(MODERATOR) as m:
+        for text in queries:
+            for target in ("image", "text"):
+                for safety in ("strict", "traverse", "filter"):
+                    r = c.post("/v1/search", json={"text": text, "target": target, "safety": safety, "k": 24})
+                    assert r.status_code == 200, r.text
+                    assert all(h["unsafe"] is not True for h in r.json()["results"]), (text, target, safety)
+                off = m.post("/v1/search", json={"text": text, "target": target, "safety": "off", "k": 24}).json()
+                seen_unsafe_as_moderator |= any(h["unsafe"] is True for h in off["results"])
+    # the check above means something only if the gallery does hold flagged items
+    assert seen_unsafe_as_moderator
+
+
+def test_ordinary_traverse_is_traverse_plus_filter(server, world):
+    text = unsafe_caption(world, server)
+    with server.client() as c, server.client(MODERATOR) as m:
+        ordinary = c.post("/v1/search", json={"text": text, "safety": "traverse", "k": 12}).json()
+        strict = m.post("/v1/search", json={"text": text, "safety": "strict", "k": 12}).json()
+        moderated = m.post("/v1/search", json={"text": text, "safety": "traverse", "k": 12}).json()
+    assert [h["id"] for h in ordinary["results"]] == [h["id"] for h in strict["results"]]
+    assert ordinary["query"]["redirected"] is True
+    assert moderated["query"]["redirected"] is True
+    # the moderator's traverse keeps unsafe items: strict's list is the same ranking with them dropped
+    safe_part = [h["id"] for h in moderated["results"] if h["unsafe"] is not True]
+    assert safe_part == [h["id"] for h in strict["results"]][: len(safe_part)]
+
+
+def test_unsafe_query_is_redirected_and_reported(server, world):
+    text = unsafe_caption(world, server)
+    with server.client() as c:
+        strict = c.post("/v1/search", json={"text": text}).json()["query"]
+        filtered = c.post("/v1/search", json={"text": text, "safety": "filter"}).json()["query"]
+    thr = world.thresholds["text"]
+    assert strict["unsafe"] is True and strict["distance_to_origin"] > thr == pytest.approx(strict["threshold"])
+    assert strict["redirected"] is True
+    assert strict["distance_to_origin_after"] < strict["distance_to_origin"]
+    assert filtered["unsafe"] is True and filtered["redirected"] is False
+    assert filtered["distance_to_origin_after"] == pytest.approx(filtered["distance_to_origin"])
+
+
+def test_safety_off_needs_the_moderator_token(server):
+    body = {"text": "a cat", "safety": "off"}
+    with server.client() as c:
+        missing = c.post("/v1/search", json=body)
+    with server.client("not-the-token") as c:
+        wrong = c.post("/v1/search", json=body)
+    with server.client(MODERATOR) as c:
+        ok = c.post("/v1/search", json=body)
+    assert missing.status_code == 401 and "moderator" in missing.json()["detail"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert wrong.status_code == 401
+    assert ok.status_code == 200
+
+
+def test_safety_off_is_forbidden_without_a_configured_moderator_token(world, tmp_path):
+    # a second server needs its own copy of the index: Qdrant Edge allows one open handle per directory
+    settings = settings_for(world, tmp_path, moderator_token=None, index_root=copy_index(world, tmp_path / "idx"))
+    with live(settings) as s, s.client("anything") as c:
+        r = c.post("/v1/search", json={"text": "a cat", "safety": "off"})
+        assert r.status_code == 403
+        assert "SAFE_RETRIEVAL_MODERATOR_TOKEN" in r.json()["detail"]
+        assert c.post("/v1/search", json={"text": "a cat"}).status_code == 200
+
+
+def test_tag_filter_and_paging(server):
+    with server.client() as c:
+        tagged = c.post("/v1/search", json={"text": "a scene", "filter": {"tags": ["weapons"]}, "k": 10}).json()
+        page = c.post("/v1/search", json={"text": "a scene", "k": 6, "target": "any"}).json()["results"]
+        tail = c.post("/v1/search", json={"text": "a scene", "k": 4, "offset": 2, "target": "any"}).json()["results"]
+    assert tagged["results"] and all("weapons" in h["tags"] for h in tagged["results"])
+    assert [h["id"] for h in tail] == [h["id"] for h in page[2:6]]
+
+
+def test_image_search_base64_upload_and_item(server, world):
+    safe = _items(server, False)  # a gallery image the model does not flag
+    data = (world.data / safe["uri"]).read_bytes()
+    opts = {"k": 5, "safety": "filter"}  # no traversal: the query stays where the image is
+    with server.client() as c:
+        by_b64 = c.post("/v1/search", json={"image": b64(data), **opts}).json()
+        by_uri = c.post("/v1/search", json={"image": "data:image/jpeg;base64," + b64(data), **opts}).json()
+        upload = c.post("/v1/search/upload", files={"image": ("q.jpg", data, "image/jpeg")},
+                        data={"k": "5", "safety": "filter", "target": "image"}).json()
+        like = c.post("/v1/search", json={"item_id": safe["id"], **opts}).json()
+    ids = [h["id"] for h in by_b64["results"]]
+    assert ids == [h["id"] for h in upload["results"]] == [h["id"] for h in by_uri["results"]]
+    # the query image is in the gallery: it finds itself first, at distance ~0
+    assert ids[0] == safe["id"]
+    assert by_b64["results"][0]["distance"] == pytest.approx(0.0, abs=2e-3)
+    assert [h["id"] for h in like["results"]] == ids
+
+
+def test_embed(server):
+    with server.client() as c:
+        r = c.post("/v1/embed", json={"text": "a cat on a sofa"}).json()
+        again = c.post("/v1/embed", json={"text": "a cat on a sofa"}).json()
+    art = server.services.state.current.artifact
+    expected = art.encoder.encode_text(["a cat on a sofa"])[0]
+    assert r["geometry"] == "lorentz" and r["curvature"] == pytest.approx(art.curvature)
+    assert r["vector"] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert r["distance_to_origin"] == pytest.approx(float(art.encoder.dist0(expected[None])[0]), abs=1e-5)
+    assert r["unsafe"] == (r["distance_to_origin"] > art.unsafe_threshold("text"))
+    assert again == r  # the second one is a cache hit with the same answer
+
+
+# ------------------------------------------------------------------ items and media
+def _items(server, unsafe: bool, kind: str = "image") -> dict:
+    with server.client(MODERATOR) as m:
+        hits = m.post("/v1/search", json={"text": "a scene", "safety": "off", "k": 24, "target": kind}).json()["results"]
+    return next(h for h in hits if h["unsafe"] is unsafe)
+
+
+def test_items_and_vectors(server):
+    safe = _items(server, False)
+    with server.client() as c:
+        r = c.get(f"/v1/items/{safe['id']}")
+        v = c.get(f"/v1/items/{safe['id']}", params={"with_vector": "true"})
+    assert r.status_code == 200
+    assert r.json()["id"] == safe["id"] and r.json()["uri"] == safe["uri"] and r.json()["vector"] is None
+    assert r.json()["payload"]["model"] == server.services.state.current.artifact.fingerprint
+    assert len(v.json()["vector"]) == 128
+
+
+def test_unsafe_items_and_media_need_the_moderator(server):
+    flagged = _items(server, True)
+    with server.client() as c, server.client(MODERATOR) as m:
+        assert c.get(f"/v1/items/{flagged['id']}").status_code == 401
+        assert c.get(f"/v1/media/{flagged['id']}").status_code == 401
+        assert m.get(f"/v1/items/{flagged['id']}").json()["unsafe"] is True
+        assert m.get(f"/v1/media/{flagged['id']}").status_code == 200
+
+
+def test_media_serves_the_file_from_the_media_root(server, world):
+    safe = _items(server, False)
+    text = _items(server, False, kind="text")
+    with server.client() as c:
+        r = c.get(f"/v1/media/{safe['id']}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert r.content == (world.data / safe["uri"]).read_bytes()
+        assert c.get(f"/v1/media/{text['id']}").status_code == 404
+        assert c.get("/v1/media/00000000-0000-0000-0000-000000000001").status_code == 404
+        assert c.get("/v1/media/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_media_outside_the_media_root_is_refused(world):
+    from service.errors import NotFoundError
+    from service.routes.items import media_path
+
+    with pytest.raises(NotFoundError):
+        media_path(world.data / "coco", "../ViSU-Text_test.json")
+    assert media_path(world.data, "ViSU-Text_test.json").is_file()
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": "x" * 1001},
+        {"text": "a", "k": 0},
+        {"text": "a", "k": 101},
+        {"text": "a", "offset": -1},
+        {"text": "a", "colour": "red"},
+        {"text": "a", "filter": {"tags": ["a"], "extra": 1}},
+        {},
+        {"k": 3},
+        {"text": "a", "item_id": "00000000-0000-0000-0000-000000000000"},
+        {"text": "a", "image": "AAAA"},
+        {"text": "   "},
+        {"text": "a", "safety": "none"},
+        {"text": "a", "target": "video"},
+    ],
+)
+def test_invalid_requests_are_422(server, body):
+    with server.client() as c:
+        r = c.post("/v1/search", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "ValidationError"
+    assert_no_trace(r)
+
+
+def test_invalid_json_is_422(server):
+    with server.client() as c:
+        r = c.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert_no_trace(r)
+
+
+@pytest.mark.parametrize(
+    "image, words",
+    [
+        (b"this is not an image", "not a readable image"),
+        (None, "truncated"),  # filled in below: a JPEG cut in half
+        (png_with_size(7000, 7000), "over the limit"),  # 49 Mpx: over our 40 Mpx limit
+        (png_with_size(20000, 20000), "not a readable image"),  # over PIL's own bomb limit
+    ],
+)
+def test_bad_images_are_400(server, world, image, words):
+    if image is None:
+        full = jpeg_bytes(world)
+        image = full[: len(full) // 2]
+    with server.client() as c:
+        for r in (
+            c.post("/v1/search", json={"image": b64(image)}),
+            c.post("/v1/search/upload", files={"image": ("q.png", image, "image/png")}),
+            c.post("/v1/embed", json={"image": b64(image)}),
+        ):
+            assert r.status_code == 400, r.text
+            assert words in r.json()["detail"]
+            assert_no_trace(r)
+
+
+def test_invalid_base64_is_400(server):
+    with server.client() as c:
+        r = c.post("/v1/search", json={"image": "not*base64!"})
+    assert r.status_code == 400 and "base64" in r.json()["detail"]
+
+
+def test_unknown_item_is_404(server):
+    with server.client() as c:
+        for r in (
+            c.post("/v1/search", json={"item_id": "00000000-0000-0000-0000-000000000001"}),
+            c.post("/v1/search", json={"item_id": "not-a-uuid"}),
+            c.get("/v1/items/00000000-0000-0000-0000-000000000001"),
+            c.get("/v1/items/whatever"),
+        ):
+            assert r.status_code == 404, r.text
+            assert_no_trace(r)
+
+
+def test_body_over_the_limit_is_413(server):
+    limit = server.settings.max_body_bytes
+    big = b"x" * (limit + 1)
+
+    def chunks():  # no Content-Length: the limit must hold on the streamed bytes too
+        for i in range(0, len(big), 1 << 20):
+            yield big[i : i + (1 << 20)]
+
+    with server.client() as c:
+        declared = c.post("/v1/search", content=big, headers={"content-type": "application/json"})
+        streamed = c.post("/v1/search", content=chunks(), headers={"content-type": "application/json"})
+        upload = c.post("/v1/search/upload", files={"image": ("big.jpg", big, "image/jpeg")})
+    for r in (declared, streamed, upload):
+        assert r.status_code == 413, r.text
+        assert "SAFE_RETRIEVAL_MAX_BODY_BYTES" in r.json()["detail"]
+    assert "content-length" not in streamed.request.headers  # really streamed (chunked)
+
+
+def test_metrics_count_queries_batches_and_stages(server, world):
+    text = unsafe_caption(world, server)
+    with server.client() as c:
+        c.post("/v1/search", json={"text": text})
+        metrics = c.get("/metrics").text
+    assert 'safe_retrieval_queries_total{modality="text",safety="strict"}' in metrics
+    assert "safe_retrieval_unsafe_queries_total" in metrics and "safe_retrieval_redirected_queries_total" in metrics
+    assert 'safe_retrieval_batch_size_count{modality="text"}' in metrics
+    for stage in ("encode", "search", "total"):
+        assert f'safe_retrieval_stage_seconds_count{{stage="{stage}"}}' in metrics
+    assert 'safe_retrieval_jobs{state="running"} 0.0' in metrics
+    assert "safe_retrieval_ready 1.0" in metrics
+    assert 'safe_retrieval_http_requests_total{route="/v1/search",status="200"}' in metrics
+    redirected = next(line for line in metrics.splitlines() if line.startswith("safe_retrieval_redirected_queries_total "))
+    assert float(redirected.split()[-1]) >= 1

@@ -1,0 +1,76 @@
+"""``safe-retrieval serve`` as a real process configured by SAFE_RETRIEVAL_* variables, and the demo's steps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from service import demo
+from tests.service.conftest import INDEX, copy_index
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_reads_the_environment_and_stops_cleanly(world, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFE_RETRIEVAL_")}
+    env.update(SAFE_RETRIEVAL_MODEL=str(world.model), SAFE_RETRIEVAL_INDEX=INDEX,
+               SAFE_RETRIEVAL_INDEX_ROOT=str(copy_index(world, tmp_path / "idx")),
+               SAFE_RETRIEVAL_STATE_DIR=str(tmp_path / "state"), SAFE_RETRIEVAL_DEVICE="cpu")
+    cmd = [sys.executable, "-c", "import sys; from service.cli import main; main(sys.argv[1:])", "serve", "--port", str(port)]
+    log = (tmp_path / "serve.log").open("wb")  # a file, not a pipe: a full pipe would block the server
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        ready = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        assert ready is not None and ready.status_code == 200, (tmp_path / "serve.log").read_text()
+        assert ready.json()["index"]["name"] == INDEX
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"text": "a cat"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+        log.close()
+    assert rc == 0
+    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
+
+
+def test_demo_steps_are_cached(world, tmp_path):
+    work = tmp_path / "demo"
+    shutil.copytree(world.data, work / "data")  # data and model "from an earlier run": no training here
+    shutil.copytree(world.model, work / "model")
+    settings = demo.prepare(work)
+    assert settings.model == work / "model" and settings.index == demo.INDEX
+    assert settings.media_root == work / "data" and settings.data_roots == [work.resolve()]
+    from indexer.builder import generations_for
+
+    gens = generations_for(demo.INDEX, root=work / "indexes")
+    first = gens.current()
+    meta = gens.read_meta(first)
+    assert meta["points"] == 24  # 6 test quadruplets: 12 images and their 12 captions
+    started = time.monotonic()
+    demo.prepare(work)  # second run: everything cached
+    assert gens.current() == first
+    assert time.monotonic() - started < 5
+    from service.jobs import read_source
+
+    assert read_source(settings.state_dir) == demo.source(work / "data")
