@@ -15,7 +15,7 @@ model's own embeddings, HNSW built). Run with the ``tiny`` architecture (the dem
 - the query-embedding cache: latency of a repeated query vs a new one;
 - bf16 autocast and int8 dynamic quantization on CPU: speed and accuracy against fp32.
 
-    .venv/bin/python benchmarks/service.py [--archs tiny ViT-B-32] [--points 100000] [--clients 1 32] [--seconds 10]
+    .venv/bin/python benchmarks/service_load.py [--archs tiny ViT-B-32] [--points 100000] [--clients 1 32] [--seconds 10]
         [--torch-threads 1]
 
 Prints tables and writes benchmarks/results/service.json.
