@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv browser test demo clean
+.PHONY: venv browser test gates demo clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 
 test: venv browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Quality gates of the training methods on the synthetic benchmark (trains three demo models).
+gates: venv
+	$(PY) -m pytest -q -m gates tests/training/test_quality_gates.py
 
 demo: venv
 	$(VENV)/bin/safe-retrieval demo --workdir $(DEMO_DIR)
