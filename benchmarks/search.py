@@ -227,8 +227,8 @@ def main() -> None:
     print("ceiling = recall with an exact Euclidean prefetch of the same size (what HNSW approximates)")
     print(f"torch exact scan (pairwise_dist + topk): median {med_torch * 1e3:.1f} ms; Edge exact=True: "
           f"{report['edge_exact_median_ms']:.1f} ms; build {report['build_s']:.1f} s; disk {disk_mb:.0f} MB; "
-          f"peak RSS {report['peak_rss_mb']:.0f} MB: anonymous {peaks.anon:.0f} MB (includes the "
-          f"{args.n * args.dim * 4 / 2**20:.0f} MB torch gallery), file-backed {peaks.file:.0f} MB (page cache)")
+          f"peak RSS {report['peak_rss_mb']:.0f} MB: anonymous {peaks.anon:.0f} MB, file-backed {peaks.file:.0f} MB "
+          f"(page cache: the {args.n * args.dim * 4 / 2**20:.0f} MB memmapped gallery and the shard's segments)")
     out = args.out or RESULTS / f"search_{args.n}_{args.dim}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
