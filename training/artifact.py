@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -103,6 +103,29 @@ def fingerprint(state: dict[str, torch.Tensor], config: dict[str, Any], bounds: 
     return "sha256:" + h.hexdigest()
 
 
+def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling of ``final`` with ``write(tmp)``, then swap it into place by rename.
+
+    A reader sees the old directory or the new one, never a half-written one; on any failure the
+    temporary directory is removed and ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():  # move the old one aside first, so the swap itself is two renames
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(artifact: Artifact, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``artifact`` to directory ``out`` atomically (temp dir + rename); returns the path."""
     out = Path(out)
@@ -111,23 +134,13 @@ def save(artifact: Artifact, out: str | Path, *, overwrite: bool = False) -> Pat
     state = {k: v.detach().contiguous().cpu() for k, v in artifact.encoder.state_dict().items()}
     cfg = config_dict(artifact)
     artifact.fingerprint = cfg["fingerprint"] = fingerprint(state, cfg, artifact.bounds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "fingerprint": cfg["fingerprint"]})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / BOUNDS).write_text(json.dumps(artifact.bounds, indent=2) + "\n")
-        if out.exists():  # overwrite: move the old one aside first, so the swap is quick
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(out, write)
     artifact.path = out
     return out
 

@@ -34,7 +34,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -380,25 +379,6 @@ def build_optimizer(encoder: SafetyEncoder, method: str, cfg: TrainConfig) -> to
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory's files through ``write(tmp)`` and swap it into ``final`` in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """safetensors file written to a temp name and renamed (readers never see a half file)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -509,7 +489,7 @@ def save_checkpoint(run_dir: Path, encoder: SafetyEncoder, opt: torch.optim.Opti
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
 
     final = run_dir / CHECKPOINT
-    _atomic_dir(final, write)
+    artifact.atomic_dir(final, write)
     return final
 
 
