@@ -12,7 +12,7 @@ venv: $(STAMP)
 
 # The web page is tested in a real browser: Debian's chromium, driven by playwright (no browser download).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # torch comes from this machine's local wheels through pip (uv/poetry would download GBs).
 $(STAMP): pyproject.toml
