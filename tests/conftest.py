@@ -38,24 +38,3 @@ def synthetic_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "visu"
     synthetic.generate(root, n=SYNTHETIC_N, seed=0)
     return root
-
-
-@pytest.fixture(scope="session")
-def demo_models(synthetic_data, tmp_path_factory) -> dict[str, Path]:
-    """method -> artifact: the ``--preset demo`` recipe for clip, hysac and safeclip, trained once per run.
-
-    Safe-CLIP fine-tunes a trained CLIP against a frozen copy of it, so it starts from the clip
-    model, as the papers' Safe-CLIP starts from OpenAI CLIP.
-    """
-    from training import trainer
-
-    root = tmp_path_factory.mktemp("demo-models")
-
-    def train(method: str, **kw) -> Path:
-        cfg = trainer.TrainConfig(method=method, preset="demo", data=synthetic_data, out=root / method, progress=False, **kw)
-        return trainer.train(cfg).artifact
-
-    models = {"clip": train("clip")}
-    models["hysac"] = train("hysac")
-    models["safeclip"] = train("safeclip", model=str(models["clip"]))
-    return models

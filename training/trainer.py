@@ -68,19 +68,21 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # ``--preset demo``: the tiny architecture trained from scratch (full fine-tune) on the synthetic
-# benchmark, sized to finish on two CPU cores in under five minutes (n = 1200 when the data has to be
-# generated: 30 steps an epoch). Measured quality is in benchmarks/RESULTS.md.
+# benchmark, sized to finish on two quiet CPU cores in about five minutes (n = 1200 when the data has
+# to be generated: 30 steps an epoch). From scratch, hysac needs about 20 epochs before safe and
+# unsafe content part radially (8 epochs left one radius per modality); lr 4e-3 collapses. Safe-CLIP
+# fine-tunes a trained CLIP and peaks after its first epoch. Measured quality: benchmarks/RESULTS.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "model": "tiny",
         "full_finetune": True,
-        "epochs": 8,
+        "epochs": 24,
         "batch_size": 32,
         "patience": 8,  # from scratch the first epochs are flat: no early stop within the demo
         "workers": 0,
         "warmup_steps": 10,
         "schedule": "cosine",
-        "by_method": {"hysac": {"lr": 2e-3}, "clip": {"lr": 2e-3}, "safeclip": {"lr": 2e-4}},
+        "by_method": {"hysac": {"lr": 2e-3}, "clip": {"lr": 2e-3}, "safeclip": {"lr": 2e-4, "epochs": 4}},
         "synthetic_n": 1200,
     },
 }

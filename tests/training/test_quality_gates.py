@@ -1,8 +1,9 @@
 """Quality gates on the synthetic ViSU-style benchmark (synthetic data: not comparable with the papers).
 
-The three demo models (``demo_models``: hysac, safeclip and the clip baseline fine-tuned on the same
-safe pairs, all trained once per run on the shared ``synthetic_data``) are evaluated on its test split
-with the real evaluator, and the claims the papers make are checked on them:
+The three demo models (hysac, safeclip and the clip baseline fine-tuned on the same safe pairs) are
+trained once per run with ``--preset demo`` on the preset's own synthetic dataset (n = 1200: 960
+train / 120 test quadruplets), evaluated on its test split with the real evaluator, and the claims
+the papers make are checked on them:
 
 - HySAC orders distance to the origin S < V < U < G (medians);
 - HySAC with traversal redirects unsafe captions to their safe image (T*->V∪V* R@1) better than
@@ -10,18 +11,21 @@ with the real evaluator, and the claims the papers make are checked on them:
 - Safe-CLIP does the same without traversal, better than the baseline;
 - HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring).
 
-Marked ``gates`` and left out of the default run (``make gates`` runs them): they train three models
-(about 15 minutes on 2 cores) and, with the current demo recipe, 4 of the 5 fail (see
-benchmarks/RESULTS.md and issue 3's notes). They stay as they are until the recipe meets them.
+Marked ``gates`` and left out of the default run (``make gates`` runs them): training the three
+models takes about 10 minutes on two quiet cores, which would double the suite. Their latest
+outcome is recorded in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from training import evaluate as ev
+from training import trainer
+from training.data import synthetic
 
 METHODS = ("hysac", "safeclip", "clip")
 
@@ -29,10 +33,36 @@ pytestmark = pytest.mark.gates
 
 
 @pytest.fixture(scope="module")
-def report(demo_models, synthetic_data, tmp_path_factory):
+def demo_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo-data") / "visu"
+    synthetic.generate(root, n=trainer.PRESETS["demo"]["synthetic_n"], seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_models(demo_data, tmp_path_factory) -> dict[str, Path]:
+    """method -> artifact: the ``--preset demo`` recipe for clip, hysac and safeclip.
+
+    Safe-CLIP fine-tunes a trained CLIP against a frozen copy of it, so it starts from the clip
+    model, as the papers' Safe-CLIP starts from OpenAI CLIP.
+    """
+    root = tmp_path_factory.mktemp("demo-models")
+
+    def train(method: str, **kw) -> Path:
+        cfg = trainer.TrainConfig(method=method, preset="demo", data=demo_data, out=root / method, progress=False, **kw)
+        return trainer.train(cfg).artifact
+
+    models = {"clip": train("clip")}
+    models["hysac"] = train("hysac")
+    models["safeclip"] = train("safeclip", model=str(models["clip"]))
+    return models
+
+
+@pytest.fixture(scope="module")
+def report(demo_models, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality-gates")
     return ev.run(
-        [demo_models[m] for m in METHODS], synthetic_data, out, split="test", method="geodesic", device="cpu", labels=list(METHODS)
+        [demo_models[m] for m in METHODS], demo_data, out, split="test", method="geodesic", device="cpu", labels=list(METHODS)
     )
 
 
