@@ -122,8 +122,17 @@ def unsafe_rule(art: Artifact, x: torch.Tensor, modality: str) -> tuple[list, li
     return [float(v) for v in d0], [None] * n, flags
 
 
+def labelled_unsafe(item: Item) -> bool:
+    """Whether the item's source says it is unsafe: ViSU's NSFW half, or a manifest ``label`` of ``unsafe``."""
+    return str(item.extra.get("label", "")).strip().lower() == "unsafe"
+
+
 def payloads(art: Artifact, items: Sequence[Item], x: torch.Tensor, media_root: Path | None) -> list[dict[str, Any]]:
-    """The payload of each point: extra columns first, then our own fields (which win)."""
+    """The payload of each point: extra columns first, then our own fields (which win).
+
+    ``unsafe`` is true when the source labels the item unsafe *or* the model's rule flags it: a known
+    label is never overruled by a model that misplaces the item (the filter is the last line of defence).
+    """
     kind = items[0].kind
     d0, score, flags = unsafe_rule(art, x, kind)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -131,7 +140,8 @@ def payloads(art: Artifact, items: Sequence[Item], x: torch.Tensor, media_root: 
     for j, it in enumerate(items):
         p: dict[str, Any] = dict(it.extra)
         p.update(kind=kind, uri=relative_uri(it.path, media_root) if kind == "image" else None,
-                 caption=it.caption if kind == "image" else it.text, tags=list(it.tags), unsafe=flags[j],
+                 caption=it.caption if kind == "image" else it.text, tags=list(it.tags),
+                 unsafe=True if labelled_unsafe(it) else flags[j],
                  model=art.fingerprint, indexed_at=now)
         if art.geometry == "lorentz":
             p["d0"] = d0[j]

@@ -5,7 +5,8 @@
 - **Manifest** (``.csv``, ``.jsonl``, ``.parquet``): one row per image. ``image`` (a path, relative
   to the manifest's directory unless absolute) is required; ``caption`` and ``tags`` are optional.
   ``tags`` is a list (jsonl, parquet) or a string split on ``|``, ``;`` or ``,`` (csv). Every other
-  column is kept as payload. Columns named like our own payload fields are refused.
+  column is kept as payload. Columns named like our own payload fields are refused. A ``label``
+  column equal to ``unsafe`` flags the row unsafe whatever the model says (``indexer.pipeline``).
 - **ViSU** (``training.data.visu.load_split``): both images of every quadruplet, captioned with
   their own caption, with ``label`` safe/unsafe, ``visu_id``, ``coco_id``, ``split`` as payload.
 - **Texts**: a file with one text per line (blank lines skipped), or the captions of the images

@@ -188,5 +188,12 @@ def test_visu_split_indexes_both_images_of_each_quadruplet_and_captions(tmp_path
         nsfw = idx.retrieve(content_id(images[1].path.read_bytes()))
         assert nsfw["uri"].startswith("nsfw/test/") and nsfw["payload"]["label"] == "unsafe"
         assert nsfw["payload"]["split"] == "test" and nsfw["tags"] == list(images[1].tags)
+        # the source's label flags the unsafe half (images and their captions) whatever the model says
+        points = {p.id: p.payload for p in idx.store.retrieve([content_id(it.path.read_bytes()) for it in images])}
+        assert [points[content_id(it.path.read_bytes())]["unsafe"] for it in images[1::2]] == [True] * 3
+        query = art.encoder.encode_text([images[1].caption])[0].detach()
+        for target in ("image", "text"):
+            hits = search(idx, art, query, query_modality="text", target=target, k=12, safety="filter").hits
+            assert hits and all(h.payload.get("label") == "safe" for h in hits), target
     with pytest.raises(InputError, match="--split"):
         sources.collect(visu=tmp_path / "visu")
