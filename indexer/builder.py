@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch and open_clip load only once a job has its lock: a bu
 DEFAULT_BATCH = 64
 
 INDEX_FORMAT = "safe-retrieval-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: an item its source labels unsafe is flagged unsafe whatever the model says
 DEFAULT_ROOT = Path("runs/indexes")
 ROOT_ENV = "SAFE_RETRIEVAL_INDEX_ROOT"
 

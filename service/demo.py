@@ -59,14 +59,15 @@ def source(data: Path) -> dict:
 
 
 def prepare_index(data: Path, model: Path, root: Path) -> None:
-    """Index the test gallery with the model unless the current generation was built with it."""
+    """Index the test gallery with the model unless the current generation was built with it (and this format)."""
     from indexer import builder, sources
     from training import artifact
 
     gens = builder.generations_for(INDEX, root=root)
     current = gens.current()
     fingerprint = artifact.read_config(model).get("fingerprint")
-    if current is not None and gens.read_meta(current).get("fingerprint") == fingerprint:
+    meta = gens.read_meta(current) if current is not None else {}
+    if meta.get("fingerprint") == fingerprint and meta.get("format_version") == builder.INDEX_FORMAT_VERSION:
         _say(f"index: {INDEX} generation {current} (cached)")
         return
     _say(f"index: indexing the {SPLIT} split's images and captions into {root / INDEX}")

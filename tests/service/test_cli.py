@@ -71,6 +71,10 @@ def test_demo_steps_are_cached(world, tmp_path):
     demo.prepare(work)  # second run: everything cached
     assert gens.current() == first
     assert time.monotonic() - started < 5
+    # an index written by an older format (unsafe flags from the model alone) is rebuilt
+    gens.write_meta(first, {**meta, "format_version": 1})
+    demo.prepare(work)
+    assert gens.current() != first
     from service.jobs import read_source
 
     assert read_source(settings.state_dir) == demo.source(work / "data")
