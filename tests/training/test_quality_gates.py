@@ -12,7 +12,7 @@ the papers make are checked on them:
 - HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring).
 
 Marked ``gates`` and left out of the default run (``make gates`` runs them): training the three
-models takes about 10 minutes on two quiet cores, which would double the suite. Their latest
+models takes about 7 minutes on two quiet cores, which would double the suite. Their latest
 outcome is recorded in benchmarks/RESULTS.md.
 """
 
