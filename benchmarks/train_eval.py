@@ -4,6 +4,7 @@ SYNTHETIC data (``safe-retrieval data synth``), the ``tiny`` architecture: the f
 methods behave as the papers say, they are not comparable with the papers' ViSU numbers.
 
     .venv/bin/python benchmarks/train_eval.py [--workdir runs/train_eval] [--n N] [--seed 0] [--traversal geodesic]
+        [--unsafe-look generated]   # results/train_eval-generated.json
 
 Runs the real commands in order (``data synth``, ``train --preset demo`` for hysac, safeclip and clip,
 ``eval --compare``), prints the headline table and writes ``benchmarks/results/train_eval.json`` with
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="synthetic quadruplets over all splits (default: the demo preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (training uses the preset's seed)")
     ap.add_argument("--traversal", default="geodesic", choices=("hysac", "geodesic"))
+    ap.add_argument("--unsafe-look", default="plain", choices=("plain", "generated"),
+                    help="the synthetic data's unsafe half: plain, or with a global generated look")
     ap.add_argument("--keep", action="store_true", help="reuse data and models already in WORKDIR")
     args = ap.parse_args()
     if args.n is None:
@@ -58,7 +61,8 @@ def main() -> None:
     data, report = work / "data", work / "report"
     timings: dict[str, float] = {}
     if not data.exists():
-        timings["data synth"] = sh("data", "synth", "--out", data, "--n", args.n, "--seed", args.seed)
+        timings["data synth"] = sh("data", "synth", "--out", data, "--n", args.n, "--seed", args.seed,
+                                   "--unsafe-look", args.unsafe_look)
     # clip first: Safe-CLIP fine-tunes the trained CLIP against a frozen copy of it, as the papers'
     # Safe-CLIP starts from OpenAI CLIP (the same recipe as the tests' demo_models fixture)
     for m in ("clip", "hysac", "safeclip"):
@@ -103,9 +107,10 @@ def main() -> None:
         "d0_median": d0,
         "report": str(report / "report.md"),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {OUT} and {report / 'report.md'}")
+    out = OUT if args.unsafe_look == "plain" else OUT.with_name(f"train_eval-{args.unsafe_look}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out} and {report / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ def data_synth(
     n: int = typer.Option(2000, help="Quadruplets over train/validation/test (80/10/10); the heldout split re-captions test."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
     image_size: int = typer.Option(64, help="Side of the square images in pixels."),
+    unsafe_look: str = typer.Option("plain", help="plain (the halves differ only in the object) or generated "
+                                    "(the unsafe half also gets a global look, as ViSU's generated images do)."),
 ) -> None:
     """Generate a deterministic synthetic ViSU-style dataset (safe/unsafe caption and image quadruplets)."""
     from training.data import synthetic
 
-    summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size)
+    summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size, unsafe_look=unsafe_look)
     echo_json(summary)
 
 

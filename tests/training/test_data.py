@@ -169,8 +169,23 @@ def test_longest_possible_caption_fits_the_tiny_context():
     prop = longest([syn.object_phrase(p, col) for p in syn.PROPS for col in (None, *PALETTE)])
     others = longest([f"{prop} {a} and {prop} {b}" for a, b in slot_pairs])
     for t in syn.TRAIN_TEMPLATES + syn.HELDOUT_TEMPLATES:
-        cap = t.format(obj=obj, scene=scene, others=others)
+        cap = syn.GENERATED_PREFIX + t.format(obj=obj, scene=scene, others=others)  # the longer, "generated" look
         assert len(tok.encode(cap)) + 2 <= arch.context_length, cap
+
+
+def test_generated_look_changes_only_the_unsafe_half_globally_and_deterministically(tmp_path):
+    plain = syn.generate(tmp_path / "plain", n=30, seed=3)
+    looks = [syn.generate(tmp_path / f"gen{i}", n=30, seed=3, unsafe_look="generated") for i in range(2)]
+    assert plain["unsafe_look"] == "plain" and looks[0]["unsafe_look"] == "generated"
+    assert tree(tmp_path / "gen0") == tree(tmp_path / "gen1")  # same seed, same bytes
+    a, b = (load_split(tmp_path / d, "train").records for d in ("plain", "gen0"))
+    for r, g in zip(a, b, strict=True):
+        assert g.safe == r.safe and g.nsfw == syn.GENERATED_PREFIX + r.nsfw
+        assert g.safe_image.read_bytes() == r.safe_image.read_bytes()
+        # the whole unsafe image changes, the sky above the object too (which plain leaves as the safe one's)
+        assert np.abs(pixels(g.nsfw_image)[:12] - pixels(r.nsfw_image)[:12]).mean() > 5.0, r.incremental_id
+    with pytest.raises(InputError, match="unsafe look"):
+        syn.generate(tmp_path / "bad", n=30, seed=3, unsafe_look="shiny")
 
 
 def test_generate_refuses_bad_arguments_and_foreign_directories(tmp_path):

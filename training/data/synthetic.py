@@ -5,7 +5,8 @@ context -- the scene (two-tone background), its props (1-2 coloured objects at n
 layout and the caption template -- and differ in one thing: the central object is an unsafe glyph
 (a dark gun, red blood, a noose, ...) in the unsafe half and one of several benign counterparts (an
 umbrella, a puddle of water, a hanging lamp, ...) in the safe half, drawn in the same place and named
-in plain words in the caption. The 22 unsafe concepts cover all 20 of ViSU's tag names.
+in plain words in the caption. The 22 unsafe concepts cover all 20 of ViSU's tag names. With
+``unsafe_look="generated"`` the unsafe half also differs globally (``UNSAFE_LOOKS``).
 
 Files are written in the ViSU layout read by :mod:`training.data.visu`::
 
@@ -34,13 +35,19 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
 from training.data.glyphs import GLYPHS, PALETTE, Pen
 from training.errors import InputError
 
 GENERATOR = "safe-retrieval synthetic ViSU"
 VERSION = 1
+#: ``plain``: the halves differ only in the main object and its phrase. ``generated``: the unsafe half
+#: also gets a global look, as ViSU's diffusion-generated images and LLM-written captions differ from
+#: COCO's throughout (a warm tint, grain and a blur on the image; a prefix on the caption).
+UNSAFE_LOOKS = ("plain", "generated")
+GENERATED_PREFIX = "graphic "  # one token: the longest plain caption leaves just one spare in the tiny context
 SPLITS = ("train", "validation", "test", "heldout")
 FRACTIONS = {"validation": 0.1, "test": 0.1}
 COCO_DIR = {"train": "train2017", "validation": "val2017", "test": "val2017", "heldout": "val2017"}
@@ -207,10 +214,11 @@ def others_phrase(props: tuple[Prop, ...]) -> str:
     return " and ".join(f"{object_phrase(p.name, p.colour)} {p.slot}" for p in props)
 
 
-def caption(s: Sample, unsafe: bool) -> str:
+def caption(s: Sample, unsafe: bool, look: str = "plain") -> str:
     """The caption of one half; both halves fill the same template with the same scene and props."""
     obj = s.phrase if unsafe else safe_phrase(s)
-    return s.template.format(obj=obj, scene=s.scene.phrase, others=others_phrase(s.props))
+    text = s.template.format(obj=obj, scene=s.scene.phrase, others=others_phrase(s.props))
+    return GENERATED_PREFIX + text if unsafe and look == "generated" else text
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
@@ -273,8 +281,9 @@ def plan(n: int, seed: int) -> list[Sample]:
     return samples
 
 
-def render(s: Sample, unsafe: bool, size: int) -> Image.Image:
-    """The image of one half: identical background, props and layout; only the main object differs.
+def render(s: Sample, unsafe: bool, size: int, look: str = "plain") -> Image.Image:
+    """The image of one half: identical background, props and layout; only the main object differs
+    (and, with ``look="generated"``, the unsafe half's global look: see ``UNSAFE_LOOKS``).
 
     Drawn at up to 4x the final size and box-downsampled (``reduce``: cheap, exact) for anti-aliased edges.
     """
@@ -303,7 +312,15 @@ def render(s: Sample, unsafe: bool, size: int) -> Image.Image:
     else:
         colour = PALETTE[s.counterpart_colour] if s.counterpart_colour else (0, 0, 0)
         GLYPHS[s.counterpart].draw(Pen(d, box), colour, obj_rng)
-    return im.reduce(ss) if ss > 1 else im
+    im = im.reduce(ss) if ss > 1 else im
+    return generated_look(im, s.render_seed) if unsafe and look == "generated" else im
+
+
+def generated_look(im: Image.Image, seed: int) -> Image.Image:
+    """A warm tint, Gaussian grain (sigma 12) and a smoothing filter over the whole image."""
+    a = np.asarray(im, dtype=np.float32) * np.array([1.0, 0.8, 0.75], dtype=np.float32)
+    a += np.random.default_rng(seed).normal(0.0, 12.0, a.shape).astype(np.float32)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH)
 
 
 def _jittered(box: tuple[float, float, float, float], rng: random.Random, amount: float, scale: int) -> tuple[float, ...]:
@@ -317,10 +334,10 @@ def jpeg_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def record(s: Sample) -> dict:
+def record(s: Sample, look: str = "plain") -> dict:
     """The ViSU-Text record of a sample (the real files' fields, nothing more)."""
     return {"incremental_id": s.incremental_id, "coco_id": s.coco_id, "safe": caption(s, False),
-            "nsfw": caption(s, True), "tag": s.concept.tag}
+            "nsfw": caption(s, True, look), "tag": s.concept.tag}
 
 
 def summary(samples: list[Sample], n: int, seed: int, image_size: int) -> dict:
@@ -361,14 +378,17 @@ def _check_out(out: Path) -> None:
             raise InputError(f"{out} is not empty and holds no synthetic dataset; choose an empty or new --out")
 
 
-def generate(out: Path, n: int, seed: int, image_size: int = 64) -> dict:
+def generate(out: Path, n: int, seed: int, image_size: int = 64, unsafe_look: str = "plain") -> dict:
     """Write a synthetic ViSU-style dataset to ``out`` and return its summary (also in ``out/dataset.json``).
 
     ``n`` quadruplets over train/validation/test (80/10/10) plus a ``heldout`` re-captioning of test.
     The dataset is built in a sibling temp directory and renamed into place, so ``out`` never holds a
-    half-written dataset; a previous synthetic dataset there is replaced.
+    half-written dataset; a previous synthetic dataset there is replaced. ``unsafe_look``: one of
+    ``UNSAFE_LOOKS``.
     """
     out = Path(out)
+    if unsafe_look not in UNSAFE_LOOKS:
+        raise InputError(f"unknown unsafe look {unsafe_look!r}; use one of {', '.join(UNSAFE_LOOKS)}")
     if n < MIN_N:
         raise InputError(f"--n must be at least {MIN_N} (one quadruplet per split), got {n}")
     if not MIN_SIZE <= image_size <= MAX_SIZE:
@@ -379,8 +399,8 @@ def generate(out: Path, n: int, seed: int, image_size: int = 64) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
     try:
-        _write(tmp, samples, image_size)
-        info = summary(samples, n, seed, image_size)
+        _write(tmp, samples, image_size, unsafe_look)
+        info = summary(samples, n, seed, image_size) | {"unsafe_look": unsafe_look}
         _write_json(tmp / "dataset.json", info)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -395,19 +415,19 @@ def generate(out: Path, n: int, seed: int, image_size: int = 64) -> dict:
     return info
 
 
-def _write(root: Path, samples: list[Sample], image_size: int) -> None:
+def _write(root: Path, samples: list[Sample], image_size: int, look: str) -> None:
     nsfw_bytes: dict[int, bytes] = {}  # coco_id -> unsafe JPEG, reused by heldout
     for s in samples:
         if s.coco_id not in nsfw_bytes:
             safe = root / "coco" / COCO_DIR[s.split] / f"{s.coco_id:012d}.jpg"
             safe.parent.mkdir(parents=True, exist_ok=True)
             safe.write_bytes(jpeg_bytes(render(s, False, image_size)))
-            nsfw_bytes[s.coco_id] = jpeg_bytes(render(s, True, image_size))
+            nsfw_bytes[s.coco_id] = jpeg_bytes(render(s, True, image_size, look))
         unsafe = root / "nsfw" / s.split / str(s.incremental_id) / "0.jpg"
         unsafe.parent.mkdir(parents=True, exist_ok=True)
         unsafe.write_bytes(nsfw_bytes[s.coco_id])
     for split in SPLITS:
-        _write_json(root / f"ViSU-Text_{split}.json", [record(s) for s in samples if s.split == split])
+        _write_json(root / f"ViSU-Text_{split}.json", [record(s, look) for s in samples if s.split == split])
 
 
 def _write_json(path: Path, obj) -> None:
