@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 test: venv browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Quality gates of the training methods on the synthetic benchmark (trains three demo models).
+# Quality gates of the training methods on the synthetic benchmark (trains the base and three demo models).
 gates: venv
 	$(PY) -m pytest -q -m gates tests/training/test_quality_gates.py
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,6 +59,7 @@ def test_demo_steps_are_cached(world, tmp_path):
     work = tmp_path / "demo"
     shutil.copytree(world.data, work / "data")  # data and model "from an earlier run": no training here
     shutil.copytree(world.model, work / "model")
+    (work / "recipe.json").write_text(json.dumps({"recipe": demo.RECIPE}))
     settings = demo.prepare(work)
     assert settings.model == work / "model" and settings.index == demo.INDEX
     assert settings.media_root == work / "data" and settings.data_roots == [work.resolve()]
@@ -78,3 +80,19 @@ def test_demo_steps_are_cached(world, tmp_path):
     from service.jobs import read_source
 
     assert read_source(settings.state_dir) == demo.source(work / "data")
+
+
+def test_demo_remakes_data_and_models_of_an_older_recipe(tmp_path):
+    work = tmp_path / "demo"
+    for name in ("data", "base", "model", "service"):
+        (work / name).mkdir(parents=True)
+        (work / name / "kept.txt").write_text("from an earlier run")
+    demo.check_recipe(work)  # no stamp: made before recipes were recorded
+    assert sorted(p.name for p in work.iterdir()) == ["recipe.json", "service"]  # the job state stays
+    assert json.loads((work / "recipe.json").read_text()) == {"recipe": demo.RECIPE}
+    (work / "data").mkdir()
+    demo.check_recipe(work)  # the current recipe: nothing removed
+    assert (work / "data").is_dir()
+    (work / "recipe.json").write_text(json.dumps({"recipe": demo.RECIPE - 1}))
+    demo.check_recipe(work)
+    assert not (work / "data").exists()

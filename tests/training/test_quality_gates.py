@@ -1,9 +1,11 @@
 """Quality gates on the synthetic ViSU-style benchmark (synthetic data: not comparable with the papers).
 
-The three demo models (hysac, safeclip and the clip baseline fine-tuned on the same safe pairs) are
-trained once per run with ``--preset demo`` on the preset's own synthetic dataset (n = 1200: 960
-train / 120 test quadruplets), evaluated on its test split with the real evaluator, and the claims
-the papers make are checked on them:
+As in the papers, the three models (hysac, safeclip and the clip baseline fine-tuned on the same safe
+pairs) are fine-tuned from one CLIP that has seen unsafe content: here ``--preset demo-base``, a tiny
+CLIP trained on all pairs of the synthetic data, stands in for OpenAI CLIP. Base and fine-tunes are
+trained once per run with the demo presets on their own synthetic dataset (n = 1200: 960 train / 120
+test quadruplets, the unsafe half with the generated look), evaluated on its test split with the
+real evaluator, and the claims the papers make are checked on them:
 
 - HySAC orders distance to the origin S < V < U < G (medians);
 - HySAC with traversal redirects unsafe captions to their safe image (T*->V∪V* R@1) better than
@@ -12,7 +14,7 @@ the papers make are checked on them:
 - HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring).
 
 Marked ``gates`` and left out of the default run (``make gates`` runs them): training the three
-models takes about 7 minutes on two quiet cores, which would double the suite. Their latest
+models takes about 6 minutes on two quiet cores, which would double the suite. Their latest
 outcome is recorded in benchmarks/RESULTS.md.
 """
 
@@ -35,27 +37,25 @@ pytestmark = pytest.mark.gates
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo-data") / "visu"
-    synthetic.generate(root, n=trainer.PRESETS["demo"]["synthetic_n"], seed=0)
+    preset = trainer.PRESETS["demo"]
+    synthetic.generate(root, n=preset["synthetic_n"], seed=0, unsafe_look=preset["synthetic_look"])
     return root
 
 
 @pytest.fixture(scope="module")
 def demo_models(demo_data, tmp_path_factory) -> dict[str, Path]:
-    """method -> artifact: the ``--preset demo`` recipe for clip, hysac and safeclip.
+    """method -> artifact: each method fine-tuned with ``--preset demo`` from the ``demo-base`` CLIP.
 
-    Safe-CLIP fine-tunes a trained CLIP against a frozen copy of it, so it starts from the clip
-    model, as the papers' Safe-CLIP starts from OpenAI CLIP.
+    Safe-CLIP's frozen reference is that base, as the papers' is OpenAI CLIP.
     """
     root = tmp_path_factory.mktemp("demo-models")
 
-    def train(method: str, **kw) -> Path:
-        cfg = trainer.TrainConfig(method=method, preset="demo", data=demo_data, out=root / method, progress=False, **kw)
+    def train(method: str, out: str, **kw) -> Path:
+        cfg = trainer.TrainConfig(method=method, data=demo_data, out=root / out, progress=False, **kw)
         return trainer.train(cfg).artifact
 
-    models = {"clip": train("clip")}
-    models["hysac"] = train("hysac")
-    models["safeclip"] = train("safeclip", model=str(models["clip"]))
-    return models
+    base = str(train("clip", "base", preset="demo-base"))
+    return {m: train(m, m, preset="demo", model=base) for m in METHODS}
 
 
 @pytest.fixture(scope="module")

@@ -192,11 +192,27 @@ def test_a_batch_larger_than_the_split_is_a_data_error(small_data, tmp_path):
         trainer.train(_config(small_data, tmp_path / "out", batch_size=64))
 
 
-def test_safeclip_demo_needs_a_trained_reference(small_data, tmp_path):
+@pytest.mark.parametrize("method", ["hysac", "safeclip", "clip"])
+def test_the_demo_preset_needs_a_base_model(small_data, tmp_path, method):
     from training.errors import InputError
 
-    with pytest.raises(InputError, match="--model"):
-        trainer.train(TrainConfig(method="safeclip", preset="demo", data=small_data, out=tmp_path / "o", progress=False))
+    with pytest.raises(InputError, match="--model: .*--preset demo-base"):
+        trainer.train(TrainConfig(method=method, preset="demo", data=small_data, out=tmp_path / "o", progress=False))
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_demo_base_preset_is_a_clip_on_all_pairs(small_data, tmp_path):
+    from training.errors import InputError
+
+    with pytest.raises(InputError, match="--method clip"):
+        trainer.resolve_config(TrainConfig(method="hysac", preset="demo-base", data=small_data, out=tmp_path / "o"))
+    cfg = trainer.resolve_config(TrainConfig(method="clip", preset="demo-base", data=small_data, out=tmp_path / "o"))
+    assert (cfg.model, cfg.clip_pairs, cfg.full_finetune) == ("tiny", "all", True)
+    # the demo fine-tune: hysac's entailment weight from the preset, an explicit value still wins
+    demo = dict(method="hysac", preset="demo", model="base", data=small_data, out=tmp_path / "o")
+    assert trainer.resolve_config(TrainConfig(**demo)).eta == 2.0
+    assert trainer.resolve_config(TrainConfig(**demo, eta=1.0)).eta == 1.0
+    assert trainer.resolve_config(TrainConfig(method="hysac", data=small_data, out=tmp_path / "o")).eta == 1.0
 
 
 # ------------------------------------------------------------------------------ signals, DDP and CLI
