@@ -72,6 +72,8 @@ def _busy_or_raise(e: Exception, path: Path) -> None:
 class EdgeStore(VectorStore):
     """One Qdrant Edge shard directory holding one index generation."""
 
+    in_process = True
+
     def __init__(self, shard: qe.EdgeShard, schema: Schema, path: Path):
         self.shard = shard
         self.schema = schema

@@ -183,6 +183,9 @@ class VectorStore(ABC):
     """One collection (one index generation) in some Qdrant engine."""
 
     schema: Schema
+    #: Queries run in this process and hold the GIL throughout (Qdrant Edge), so a caller on an event
+    #: loop gains nothing from a worker thread and pays two thread hand-offs (benchmarks/RESULTS.md).
+    in_process: bool = False
 
     @abstractmethod
     def upsert(self, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:

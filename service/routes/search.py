@@ -137,10 +137,12 @@ async def run_search(
             # ordinary callers never see unsafe items: their `traverse` also filters
             mode = "strict" if opts.safety == "traverse" and not caller.is_moderator else opts.safety
             tags = list(opts.filter.tags) if opts.filter and opts.filter.tags else None
-            result = await run_in_threadpool(
-                lambda: index_search(pair.index, pair.artifact, vector, query_modality=modality, target=opts.target,
-                                     k=opts.k, offset=opts.offset, safety=mode, tags=tags)
-            )
+            def run() -> Any:
+                return index_search(pair.index, pair.artifact, vector, query_modality=modality, target=opts.target,
+                                    k=opts.k, offset=opts.offset, safety=mode, tags=tags)
+
+            # an embedded store holds the GIL while it searches: a worker thread would only add hand-offs
+            result = run() if pair.index.store.in_process else await run_in_threadpool(run)
         except (StoreUnavailableError, IndexNotFoundError) as e:
             raise UnavailableError(f"the vector store is not answering: {e}", services.settings.store_retry_s) from e
         t2 = time.perf_counter()
