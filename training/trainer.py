@@ -74,7 +74,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 #   safe and unsafe (24 epochs; its validation recall rises until about epoch 20; lr 4e-3 collapses).
 # - ``demo`` fine-tunes that base (``--model``) with any method for 8 epochs, ~1.5 minutes for hysac.
 #   hysac's eta is 2: the reference leaves it open, and at 1 unsafe captions stay nearer the origin
-#   than safe images (U < V). Safe-CLIP follows the reference's optimiser more closely (lower lr).
+#   than safe images (U < V). Safe-CLIP: lr 2e-4 for 4 epochs (no setting tried made it redirect on
+#   this tiny model; higher rates move the safe embeddings off the reference first).
 # Measured quality and its limits: benchmarks/RESULTS.md.
 _DEMO_SCHEDULE: dict[str, Any] = {
     "full_finetune": True, "batch_size": 32, "patience": 8, "workers": 0, "warmup_steps": 10, "schedule": "cosine",
