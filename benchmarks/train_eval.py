@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="synthetic quadruplets over all splits (default: the demo preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (training uses the preset's seed)")
     ap.add_argument("--traversal", default="geodesic", choices=("hysac", "geodesic"))
-    ap.add_argument("--unsafe-look", default=None, choices=("plain", "generated"),
+    ap.add_argument("--unsafe-look", default=None, choices=("plain", "generated", "generated-half"),
                     help="the synthetic data's unsafe half: plain, or with a global generated look (the preset's)")
     ap.add_argument("--keep", action="store_true", help="reuse data and models already in WORKDIR")
     args = ap.parse_args()

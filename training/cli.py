@@ -36,8 +36,9 @@ def data_synth(
     n: int = typer.Option(2000, help="Quadruplets over train/validation/test (80/10/10); the heldout split re-captions test."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
     image_size: int = typer.Option(64, help="Side of the square images in pixels."),
-    unsafe_look: str = typer.Option("plain", help="plain (the halves differ only in the object) or generated "
-                                    "(the unsafe half also gets a global look, as ViSU's generated images do)."),
+    unsafe_look: str = typer.Option("plain", help="plain (the halves differ only in the object), generated "
+                                    "(the unsafe half also gets a global look, as ViSU's generated images do) or "
+                                    "generated-half (the caption word on half of the unsafe captions only)."),
 ) -> None:
     """Generate a deterministic synthetic ViSU-style dataset (safe/unsafe caption and image quadruplets)."""
     from training.data import synthetic

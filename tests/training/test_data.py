@@ -188,6 +188,17 @@ def test_generated_look_changes_only_the_unsafe_half_globally_and_deterministica
         syn.generate(tmp_path / "bad", n=30, seed=3, unsafe_look="shiny")
 
 
+def test_generated_half_look_words_only_the_odd_unsafe_captions(tmp_path):
+    syn.generate(tmp_path / "gen", n=30, seed=3, unsafe_look="generated")
+    syn.generate(tmp_path / "half", n=30, seed=3, unsafe_look="generated-half")
+    gen, half = (load_split(tmp_path / d, "train").records for d in ("gen", "half"))
+    worded = [h.nsfw.startswith(syn.GENERATED_PREFIX) for h in half]
+    assert worded == [h.incremental_id % 2 == 1 for h in half] and 0 < sum(worded) < len(worded)
+    for g, h, w in zip(gen, half, worded, strict=True):
+        assert h.safe == g.safe and h.nsfw == (g.nsfw if w else g.nsfw.removeprefix(syn.GENERATED_PREFIX))
+        assert h.nsfw_image.read_bytes() == g.nsfw_image.read_bytes()  # the image look is the same
+
+
 def test_generate_refuses_bad_arguments_and_foreign_directories(tmp_path):
     with pytest.raises(InputError, match="--n must be at least"):
         syn.generate(tmp_path / "x", n=2, seed=0)

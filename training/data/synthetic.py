@@ -46,7 +46,9 @@ VERSION = 1
 #: ``plain``: the halves differ only in the main object and its phrase. ``generated``: the unsafe half
 #: also gets a global look, as ViSU's diffusion-generated images and LLM-written captions differ from
 #: COCO's throughout (a warm tint, grain and a blur on the image; a prefix on the caption).
-UNSAFE_LOOKS = ("plain", "generated")
+#: ``generated-half``: the same image look, the prefix only on odd-numbered quadruplets' captions, so
+#: that a model must also learn the unsafe objects themselves (benchmarks/RESULTS.md, "Service").
+UNSAFE_LOOKS = ("plain", "generated", "generated-half")
 GENERATED_PREFIX = "graphic "  # one token: the longest plain caption leaves just one spare in the tiny context
 SPLITS = ("train", "validation", "test", "heldout")
 FRACTIONS = {"validation": 0.1, "test": 0.1}
@@ -218,7 +220,8 @@ def caption(s: Sample, unsafe: bool, look: str = "plain") -> str:
     """The caption of one half; both halves fill the same template with the same scene and props."""
     obj = s.phrase if unsafe else safe_phrase(s)
     text = s.template.format(obj=obj, scene=s.scene.phrase, others=others_phrase(s.props))
-    return GENERATED_PREFIX + text if unsafe and look == "generated" else text
+    worded = look == "generated" or (look == "generated-half" and s.incremental_id % 2 == 1)
+    return GENERATED_PREFIX + text if unsafe and worded else text
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
@@ -283,7 +286,7 @@ def plan(n: int, seed: int) -> list[Sample]:
 
 def render(s: Sample, unsafe: bool, size: int, look: str = "plain") -> Image.Image:
     """The image of one half: identical background, props and layout; only the main object differs
-    (and, with ``look="generated"``, the unsafe half's global look: see ``UNSAFE_LOOKS``).
+    (and, with a ``generated`` look, the unsafe half's global look: see ``UNSAFE_LOOKS``).
 
     Drawn at up to 4x the final size and box-downsampled (``reduce``: cheap, exact) for anti-aliased edges.
     """
@@ -313,7 +316,7 @@ def render(s: Sample, unsafe: bool, size: int, look: str = "plain") -> Image.Ima
         colour = PALETTE[s.counterpart_colour] if s.counterpart_colour else (0, 0, 0)
         GLYPHS[s.counterpart].draw(Pen(d, box), colour, obj_rng)
     im = im.reduce(ss) if ss > 1 else im
-    return generated_look(im, s.render_seed) if unsafe and look == "generated" else im
+    return generated_look(im, s.render_seed) if unsafe and look != "plain" else im
 
 
 def generated_look(im: Image.Image, seed: int) -> Image.Image:
