@@ -38,15 +38,13 @@ def _say(message: str) -> None:
 
 def prepare_data(data: Path) -> None:
     """Generate the synthetic dataset unless it is already there."""
-    from training.data import synthetic
-    from training.trainer import PRESETS
+    from training.trainer import PRESETS, synthesize_for_preset
 
     if (data / "dataset.json").is_file():
         _say(f"dataset: {data} (cached)")
         return
-    preset = PRESETS["demo"]
-    _say(f"dataset: generating {preset['synthetic_n']} synthetic quadruplets in {data}")
-    synthetic.generate(data, n=preset["synthetic_n"], seed=SEED, unsafe_look=preset["synthetic_look"])
+    _say(f"dataset: generating {PRESETS['demo']['synthetic_n']} synthetic quadruplets in {data}")
+    synthesize_for_preset("demo", data, seed=SEED)
 
 
 def prepare_model(data: Path, base: Path, model: Path) -> None:

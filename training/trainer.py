@@ -93,6 +93,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_DATA_KEYS = ("synthetic_n", "synthetic_look")  # how the preset's synthetic data is made, not training options
 
 
+def synthesize_for_preset(preset: str, out: Path, *, seed: int) -> dict[str, Any]:
+    """Generate the synthetic dataset a preset is sized for (its n and unsafe look) in ``out``; its summary."""
+    from training.data import synthetic
+
+    p = PRESETS[preset]
+    return synthetic.generate(out, n=p["synthetic_n"], seed=seed, unsafe_look=p["synthetic_look"])
+
+
 class TrainingInterrupted(SafeRetrievalError):
     """SIGTERM/SIGINT arrived; the checkpoint was saved and the run can be resumed."""
 
@@ -650,11 +658,8 @@ class _Run:
         if cfg.out.exists():
             raise ArtifactError(f"{cfg.out} already exists; choose another --out or remove it first")
         if cfg.preset is not None and not cfg.data.exists() and ctx.is_main:
-            from training.data import synthetic
-
             self.log(f"{cfg.data} does not exist: generating the synthetic benchmark there")
-            preset = PRESETS[cfg.preset]
-            synthetic.generate(cfg.data, n=preset["synthetic_n"], seed=cfg.seed, unsafe_look=preset["synthetic_look"])
+            synthesize_for_preset(cfg.preset, cfg.data, seed=cfg.seed)
         distributed.barrier(ctx)
         splits = load_splits(cfg.data, self.log)
         self.train_records = splits["train"].records

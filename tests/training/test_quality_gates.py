@@ -28,7 +28,6 @@ import pytest
 
 from training import evaluate as ev
 from training import trainer
-from training.data import synthetic
 
 METHODS = ("hysac", "safeclip", "clip")
 
@@ -38,8 +37,7 @@ pytestmark = pytest.mark.gates
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo-data") / "visu"
-    preset = trainer.PRESETS["demo"]
-    synthetic.generate(root, n=preset["synthetic_n"], seed=0, unsafe_look=preset["synthetic_look"])
+    trainer.synthesize_for_preset("demo", root, seed=0)
     return root
 
 

@@ -201,6 +201,15 @@ def test_the_demo_preset_needs_a_base_model(small_data, tmp_path, method):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_preset_generates_the_synthetic_data_it_is_sized_for_when_missing(tmp_path):
+    data = tmp_path / "visu"
+    cfg = TrainConfig(method="hysac", preset="demo", model="tiny", data=data, out=tmp_path / "o", max_steps=1, progress=False)
+    assert trainer.train(cfg).artifact is not None
+    info = json.loads((data / "dataset.json").read_text())
+    preset = trainer.PRESETS["demo"]
+    assert (info["n"], info["unsafe_look"]) == (preset["synthetic_n"], preset["synthetic_look"])
+
+
 def test_the_demo_base_preset_is_a_clip_on_all_pairs(small_data, tmp_path):
     from training.errors import InputError
 
