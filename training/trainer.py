@@ -74,8 +74,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 #   safe and unsafe (24 epochs; its validation recall rises until about epoch 20; lr 4e-3 collapses).
 # - ``demo`` fine-tunes that base (``--model``) with any method for 8 epochs, ~1.5 minutes for hysac.
 #   hysac's eta is 2: the reference leaves it open, and at 1 unsafe captions stay nearer the origin
-#   than safe images (U < V). Safe-CLIP: lr 2e-4 for 4 epochs (no setting tried made it redirect on
-#   this tiny model; higher rates move the safe embeddings off the reference first).
+#   than safe images (U < V). Safe-CLIP takes the reference's lr 1e-3 and batch 16, for 16 epochs
+#   (at 12 it redirects less; ~2.5 minutes).
 # Measured quality and its limits: benchmarks/RESULTS.md.
 _DEMO_SCHEDULE: dict[str, Any] = {
     "full_finetune": True, "batch_size": 32, "patience": 8, "workers": 0, "warmup_steps": 10, "schedule": "cosine",
@@ -87,7 +87,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "demo": {
         **_DEMO_SCHEDULE, "epochs": 8, "needs_model": True,
-        "by_method": {"hysac": {"lr": 2e-3, "eta": 2.0}, "clip": {"lr": 2e-3}, "safeclip": {"lr": 2e-4, "epochs": 4}},
+        "by_method": {
+            "hysac": {"lr": 2e-3, "eta": 2.0}, "clip": {"lr": 2e-3}, "safeclip": {"lr": 1e-3, "batch_size": 16, "epochs": 16},
+        },
     },
 }
 PRESET_DATA_KEYS = ("synthetic_n", "synthetic_look")  # how the preset's synthetic data is made, not training options

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from training import architectures, lora, lorentz, objectives
 from training.encoder import SafetyEncoder
 from training.objectives import Embeddings
 from training.objectives.base import weighted_mean
 from training.objectives.hysac import TERMS as HYSAC_TERMS
-from training.objectives.safeclip import TERMS as SAFECLIP_TERMS, info_nce
+from training.objectives.safeclip import TERMS as SAFECLIP_TERMS, SafeClipObjective, info_nce
 from training.trainer import TrainStep
 
 B, D = 8, 16
@@ -106,15 +107,36 @@ def test_safeclip_redirection_at_the_reference_zeroes_the_cosine_terms():
     assert away.loss > obj(Embeddings(s=s0, u=s0, v=v0, g=v0, s_ref=s0, v_ref=v0)).loss
 
 
+def _nce_at(scale: float, a: Tensor, b: Tensor) -> float:
+    logits = scale * a @ b.T
+    target = torch.arange(len(a))
+    return (0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))).item()
+
+
 def test_safeclip_default_weights_and_fixed_scale():
     ref = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
     obj = objectives.build("safeclip", reference=ref)
     assert obj.weights == (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5)
     a, b = _directions(0), _directions(1)
-    logits = 100.0 * a @ b.T
-    target = torch.arange(B)
-    expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    assert info_nce(a * 3.0, b) == pytest.approx(expected.item(), rel=1e-5)  # normalised inside
+    assert info_nce(a * 3.0, b) == pytest.approx(_nce_at(100.0, a, b), rel=1e-5)  # normalised inside, CLIP's 100
+
+
+def test_safeclip_infonce_scale_is_the_references_own():
+    """OpenAI CLIP's learned scale is 100, the public code's constant; another reference keeps its own."""
+    enc = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
+    a, b = _directions(0), _directions(1)
+    emb = Embeddings(s=a, u=a, v=b, g=b, s_ref=a, v_ref=b)
+    for scale in (100.0, 25.0):
+        with torch.no_grad():
+            enc.logit_scale.fill_(math.log(scale))
+        obj = objectives.build("safeclip", reference=enc)
+        assert float(obj.logit_scale) == pytest.approx(scale, rel=1e-5)
+        assert obj(emb).terms["nce_S_Vref"].item() == pytest.approx(_nce_at(scale, a, b), rel=1e-5)
+        with torch.no_grad():  # the scale is read from the reference (a resumed run reloads it), not cached
+            obj.ref.logit_scale.fill_(math.log(50.0))
+        assert float(obj.logit_scale) == pytest.approx(50.0, rel=1e-5)
+    fixed = SafeClipObjective(enc, logit_scale=100.0)
+    assert fixed.logit_scale == 100.0 and fixed(emb).terms["nce_S_Vref"].item() == pytest.approx(_nce_at(100.0, a, b), rel=1e-5)
     terms = [torch.tensor(float(i + 1)) for i in range(8)]
     w = torch.tensor(obj.weights)
     assert weighted_mean(terms, list(obj.weights)).item() == pytest.approx(((w / w.sum()) @ torch.arange(1.0, 9.0)).item() / 8)
