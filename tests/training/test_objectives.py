@@ -119,6 +119,9 @@ def test_safeclip_default_weights_and_fixed_scale():
     assert obj.weights == (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5)
     a, b = _directions(0), _directions(1)
     assert info_nce(a * 3.0, b) == pytest.approx(_nce_at(100.0, a, b), rel=1e-5)  # normalised inside, CLIP's 100
+    terms = [torch.tensor(float(i + 1)) for i in range(8)]
+    w = torch.tensor(obj.weights)
+    assert weighted_mean(terms, list(obj.weights)).item() == pytest.approx(((w / w.sum()) @ torch.arange(1.0, 9.0)).item() / 8)
 
 
 def test_safeclip_infonce_scale_is_the_references_own():
@@ -137,9 +140,6 @@ def test_safeclip_infonce_scale_is_the_references_own():
         assert float(obj.logit_scale) == pytest.approx(50.0, rel=1e-5)
     fixed = SafeClipObjective(enc, logit_scale=100.0)
     assert fixed.logit_scale == 100.0 and fixed(emb).terms["nce_S_Vref"].item() == pytest.approx(_nce_at(100.0, a, b), rel=1e-5)
-    terms = [torch.tensor(float(i + 1)) for i in range(8)]
-    w = torch.tensor(obj.weights)
-    assert weighted_mean(terms, list(obj.weights)).item() == pytest.approx(((w / w.sum()) @ torch.arange(1.0, 9.0)).item() / 8)
 
 
 def test_safeclip_reference_is_a_frozen_copy_not_the_trained_model():
