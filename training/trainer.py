@@ -72,10 +72,11 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # are generated). They follow the papers' set-up, fine-tuning a CLIP that has already seen unsafe content:
 # - ``demo-base`` is the stand-in for OpenAI CLIP: a tiny CLIP trained from scratch on *all* the pairs,
 #   safe and unsafe (24 epochs; its validation recall rises until about epoch 20; lr 4e-3 collapses).
-# - ``demo`` fine-tunes that base (``--model``) with any method for 8 epochs, ~1.5 minutes for hysac.
-#   hysac's eta is 2: the reference leaves it open, and at 1 unsafe captions stay nearer the origin
-#   than safe images (U < V). Safe-CLIP takes the reference's lr 1e-3 and batch 16, for 16 epochs
-#   (at 12 it redirects less; ~2.5 minutes).
+# - ``demo`` fine-tunes that base (``--model``) with any method for 8 epochs. hysac takes 16 (~1.7
+#   minutes): at 8 its safe recall was well below the baseline's on a larger test set. Its eta is 2:
+#   the reference leaves it open, and at 1 unsafe captions stay nearer the origin than safe images
+#   (U < V). Safe-CLIP takes the reference's lr 1e-3 and batch 16, for 16 epochs
+#   (at 12 it redirects less; ~2 minutes).
 # Measured quality and its limits: benchmarks/RESULTS.md.
 _DEMO_SCHEDULE: dict[str, Any] = {
     "full_finetune": True, "batch_size": 32, "patience": 8, "workers": 0, "warmup_steps": 10, "schedule": "cosine",
@@ -88,7 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         **_DEMO_SCHEDULE, "epochs": 8, "needs_model": True,
         "by_method": {
-            "hysac": {"lr": 2e-3, "eta": 2.0}, "clip": {"lr": 2e-3}, "safeclip": {"lr": 1e-3, "batch_size": 16, "epochs": 16},
+            "hysac": {"lr": 2e-3, "eta": 2.0, "epochs": 16}, "clip": {"lr": 2e-3},
+            "safeclip": {"lr": 1e-3, "batch_size": 16, "epochs": 16},
         },
     },
 }
