@@ -72,11 +72,11 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # are generated). They follow the papers' set-up, fine-tuning a CLIP that has already seen unsafe content:
 # - ``demo-base`` is the stand-in for OpenAI CLIP: a tiny CLIP trained from scratch on *all* the pairs,
 #   safe and unsafe (24 epochs; its validation recall rises until about epoch 20; lr 4e-3 collapses).
-# - ``demo`` fine-tunes that base (``--model``) with any method for 8 epochs. hysac takes 16 (~1.7
-#   minutes): at 8 its safe recall was well below the baseline's on a larger test set. Its eta is 2:
-#   the reference leaves it open, and at 1 unsafe captions stay nearer the origin than safe images
-#   (U < V). Safe-CLIP takes the reference's lr 1e-3 and batch 16, for 16 epochs
-#   (at 12 it redirects less; ~2 minutes).
+# - ``demo`` fine-tunes that base (``--model``): the clip baseline for 8 epochs (its validation recall
+#   peaks at 6-7), hysac for 16 (~2 minutes; at 8 its safe recall was far below the baseline's on a
+#   larger test set) with eta 2 (the reference leaves it open; at 1 unsafe captions stay nearer the
+#   origin than safe images, U < V), Safe-CLIP for 16 at the reference's lr 1e-3 and batch 16 (~2
+#   minutes; at 12 it redirects less).
 # Measured quality and its limits: benchmarks/RESULTS.md.
 _DEMO_SCHEDULE: dict[str, Any] = {
     "full_finetune": True, "batch_size": 32, "patience": 8, "workers": 0, "warmup_steps": 10, "schedule": "cosine",
