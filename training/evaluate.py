@@ -266,8 +266,10 @@ def evaluate_variant(
     return out
 
 
-def threshold_sweep(emb: Embeddings, space: Space, *, points: int = 16) -> dict[str, list[dict[str, float]]]:
-    """R@1 and safety score as the geodesic traversal's trigger threshold varies.
+def threshold_sweep(
+    emb: Embeddings, space: Space, *, points: int = 16, method: str = "geodesic"
+) -> dict[str, list[dict[str, float]]]:
+    """R@1 and safety score as the trigger threshold of traversal ``method`` (geodesic or hysac) varies.
 
     For each query modality: thresholds evenly spaced over the range of the safe and unsafe
     queries' ``d0``; each point traverses both query classes with that trigger and records the
@@ -286,7 +288,8 @@ def threshold_sweep(emb: Embeddings, space: Space, *, points: int = 16) -> dict[
         rows = []
         for thr in np.linspace(lo, hi, points):
             moved = {
-                c: traversal.traverse(emb[c], space.curvature, space.bounds, target=target, threshold=float(thr))
+                c: traversal.traverse(emb[c], space.curvature, space.bounds, target=target, method=method,
+                                      threshold=float(thr))
                 for c in (safe_cls, unsafe_cls)
             }
             safe_r = score_task(moved[safe_cls].vectors, emb, by_name[safe_task], space, ks=(1,))
@@ -415,7 +418,7 @@ def evaluate_artifact(
     }
     if trav.get("applied"):
         report["variants"]["traversal"] = evaluate_variant(emb, space, method=method)
-        report["sweep"] = threshold_sweep(emb, space, points=sweep_points)
+        report["sweep"] = threshold_sweep(emb, space, points=sweep_points, method=method)
     return ModelResult(report, {c: d.detach().cpu().numpy() for c, d in d0.items()})
 
 

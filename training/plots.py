@@ -80,6 +80,6 @@ def write_all(results: Sequence[Any], out: Path, *, synthetic: bool) -> list[str
         if rep.get("sweep"):
             name = f"sweep_{slug}.png"
             marks = rep["traversal"].get("thresholds") or {}
-            sweep_plot(rep["sweep"], Path(out) / name, title=f"{rep['label']}: traversal threshold sweep (geodesic){tag}", marks=marks)
+            sweep_plot(rep["sweep"], Path(out) / name, title=f"{rep['label']}: traversal threshold sweep ({rep['traversal']['method']}){tag}", marks=marks)
             names.append(name)
     return names

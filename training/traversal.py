@@ -83,8 +83,9 @@ def traverse(
     """Traverse a batch of space components ``x (B, D)`` toward the origin.
 
     ``target`` is the modality being searched (its safe class sets where rows land).
-    ``threshold`` (geodesic only) is the trigger distance; pass the artifact's unsafe threshold
-    for the query's modality. Without it, the hysac trigger for the target modality is used.
+    ``threshold`` is the trigger distance; pass the artifact's unsafe threshold for the query's
+    modality. Without it, the hysac trigger for the target modality is used (the reference's: hysac
+    itself is only run that way; the threshold sweep varies it).
     """
     if method not in METHODS:
         raise InputError(f"unknown traversal {method!r}; use one of {', '.join(METHODS)}")
@@ -92,7 +93,7 @@ def traverse(
     d0 = lorentz.dist0(x, curvature)
     safe = SAFE_CLASS[target]
     if method == "hysac":
-        ub = hysac_threshold(_bound(bounds, safe, "p95"), curvature)
+        ub = threshold if threshold is not None else hysac_threshold(_bound(bounds, safe, "p95"), curvature)
         trig = d0 > ub
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
         moved = torch.where(trig.unsqueeze(-1), x * (ub / norm), x)

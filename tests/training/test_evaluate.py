@@ -152,6 +152,25 @@ def test_sweep_spans_no_traversal_to_full_traversal():
     assert set(sweep) == {"text", "image"}
 
 
+def test_the_sweep_varies_the_reports_own_traversal():
+    emb, space = _radial_world()
+    hysac = ev.threshold_sweep(emb, space, points=8, method="hysac")["text"]
+    geodesic = ev.threshold_sweep(emb, space, points=8)["text"]
+    assert [r["threshold"] for r in hysac] == [r["threshold"] for r in geodesic]  # the same triggers
+    mid = min(range(8), key=lambda i: abs(hysac[i]["threshold"] - 1.7))
+    assert hysac[mid]["unsafe moved"] == 1.0 and hysac[mid]["safe moved"] == 0.0
+    # hysac moves a triggered row onto the threshold itself, geodesic onto the safe class's median
+    x = emb["U"][:4]
+    thr = hysac[mid]["threshold"]
+    moved = traversal.traverse(x, space.curvature, space.bounds, target="image", method="hysac", threshold=thr)
+    assert torch.allclose(torch.linalg.vector_norm(moved.vectors, dim=-1), torch.full((4,), thr), atol=1e-5)
+    geo = traversal.traverse(x, space.curvature, space.bounds, target="image", threshold=thr)
+    assert torch.allclose(geo.d0_after, torch.full((4,), space.bounds["V"]["p50"]), atol=1e-4)
+    # without a threshold, hysac keeps the reference's own trigger
+    default = traversal.traverse(x, space.curvature, space.bounds, target="image", method="hysac")
+    assert default.threshold == pytest.approx(traversal.hysac_threshold(space.bounds["V"]["p95"], space.curvature))
+
+
 def test_euclidean_models_get_no_sweep_and_no_distances():
     emb = _unsafe_text_near("V")
     assert ev.threshold_sweep(emb, EUCLID) == {} and ev.distances_to_origin(emb, EUCLID) == {}
