@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -115,6 +116,19 @@ class OutOfMemory(SafeRetrievalError):
     """The accelerator ran out of memory."""
 
     exit_code = 3
+
+
+@contextmanager
+def out_of_memory_advice(where: str, batch_size: int):
+    """Turn CUDA's out-of-memory error into :class:`OutOfMemory`, with what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise OutOfMemory(
+            f"out of GPU memory {where} at batch size {batch_size} ({str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            "lower --batch-size, add --grad-checkpointing, or use --precision bf16. The last checkpoint, if any, "
+            "is in the run directory: add --resume to go on from it"
+        ) from None
 
 
 @dataclass
@@ -493,7 +507,9 @@ class Progress:
     stopped_early: bool = False
 
 
-def save_checkpoint(run_dir: Path, encoder: SafetyEncoder, opt: torch.optim.Optimizer, cfg: TrainConfig, progress: Progress) -> Path:
+def save_checkpoint(
+    run_dir: Path, encoder: SafetyEncoder, opt: torch.optim.Optimizer, cfg: TrainConfig, progress: Progress, world_size: int
+) -> Path:
     """Write ``run_dir/checkpoint`` atomically: model, optimizer and RNG tensors plus ``state.json``."""
     opt_tensors, opt_meta = flatten_optimizer(opt)
     rng_tensors, rng_meta = rng_state()
@@ -501,6 +517,7 @@ def save_checkpoint(run_dir: Path, encoder: SafetyEncoder, opt: torch.optim.Opti
         "format": CHECKPOINT_FORMAT,
         **identity(encoder, cfg),
         "progress": asdict(progress),
+        "world_size": world_size,
         "optimizer": opt_meta,
         "rng": rng_meta,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -556,6 +573,20 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], ckpt: Path
                 f"{ckpt} was trained with {key} {state.get(key)!r} but this run uses {expected[key]!r}; "
                 f"use the same {flag} as the original run, or start a fresh run without --resume"
             )
+
+
+def check_position(state: dict[str, Any], cfg: TrainConfig, world_size: int, ckpt: Path) -> None:
+    """A checkpoint taken inside an epoch resumes at a sample offset that only its batch size and process count give."""
+    step = state.get("progress", {}).get("step_in_epoch", 0)
+    if not step:
+        return  # at an epoch boundary any batch size and process count can go on
+    batch, world = state.get("config", {}).get("batch_size"), state.get("world_size")
+    if batch != cfg.batch_size or (world is not None and world != world_size):
+        raise CheckpointError(
+            f"{ckpt} stopped inside an epoch (step {step}) with --batch-size {batch} on {world or '?'} process(es); "
+            f"this run uses --batch-size {cfg.batch_size} on {world_size}. Resume with the original batch size and "
+            "process count (the position in the epoch depends on both), or start a fresh run without --resume"
+        )
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -686,10 +717,17 @@ class _Run:
         self.step_module = TrainStep(self.encoder, objective).to(ctx.device)
         self.opt = build_optimizer(self.encoder, cfg.method, cfg)
         self.progress = Progress()
+        resume = None
+        if cfg.resume is not None:  # refuse a checkpoint that does not fit before anything is written
+            ckpt = find_checkpoint(cfg.resume)
+            state = read_checkpoint_state(ckpt)
+            check_compatible(state, identity(self.encoder, cfg), ckpt)
+            check_position(state, cfg, ctx.world_size, ckpt)
+            resume = ckpt, state
         if ctx.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume is not None:
-            self._resume(find_checkpoint(cfg.resume), objective)
+        if resume is not None:
+            self._resume(*resume, objective)
         elif ctx.is_main and reference is not None:
             _save_tensors(reference.state_dict(), cfg.run_dir / REFERENCE)
         if cfg.resume is None or ctx.rank > 0:
@@ -720,10 +758,8 @@ class _Run:
         )
         return self._loop()
 
-    def _resume(self, ckpt: Path, objective: Objective) -> None:
+    def _resume(self, ckpt: Path, state: dict[str, Any], objective: Objective) -> None:
         cfg = self.cfg
-        state = read_checkpoint_state(ckpt)
-        check_compatible(state, identity(self.encoder, cfg), ckpt)
         artifact.load_state(self.encoder, _load_tensors(ckpt / "model.safetensors"), str(ckpt / "model.safetensors"))
         opt_tensors = _load_tensors(ckpt / "optimizer.safetensors")
         opt_tensors.pop("empty", None)
@@ -796,7 +832,7 @@ class _Run:
 
     def _step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         batch = batch.to(self.ctx.device)
-        try:
+        with out_of_memory_advice("in a training step", self.cfg.batch_size):
             with self._autocast():
                 loss, terms = self.model(batch.safe_tokens, batch.nsfw_tokens, batch.safe_pixels, batch.nsfw_pixels)
             if not torch.isfinite(loss):
@@ -807,11 +843,6 @@ class _Run:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-        except torch.cuda.OutOfMemoryError as e:
-            raise OutOfMemory(
-                f"out of GPU memory at batch size {self.cfg.batch_size} ({str(e).splitlines()[0]}); "
-                "lower --batch-size, add --grad-checkpointing, or use --precision bf16"
-            ) from None
         self.encoder.clamp_scalars()
         return loss.detach(), terms
 
@@ -852,7 +883,7 @@ class _Run:
                     self._interrupt(stop)
                 if p.step_in_epoch < steps:  # max_steps ended the epoch early: keep the position
                     if ctx.is_main:
-                        save_checkpoint(cfg.run_dir, self.encoder, self.opt, cfg, p)
+                        save_checkpoint(cfg.run_dir, self.encoder, self.opt, cfg, p, ctx.world_size)
                     break
                 self._end_epoch(loss_sum / max(done, 1), time.time() - t0)
                 if distributed.any_rank(stop.requested, ctx):
@@ -889,8 +920,9 @@ class _Run:
         scores: dict[str, float] = {}
         if ctx.is_main:
             self.step_module.eval()
-            with torch.no_grad(), self._autocast():
-                scores = validation_scores(self.encoder, self.val_records, batch_size=max(cfg.batch_size, 64))
+            batch = max(cfg.batch_size, 64)
+            with torch.no_grad(), self._autocast(), out_of_memory_advice("while validating", batch):
+                scores = validation_scores(self.encoder, self.val_records, batch_size=batch)
             self.step_module.train()
         score = distributed.broadcast_float(scores.get("sum", 0.0), ctx)
         improved = p.best_recall_sum is None or score > p.best_recall_sum
@@ -902,7 +934,7 @@ class _Run:
             p.bad_epochs += 1
             p.stopped_early = p.bad_epochs >= cfg.patience
         if ctx.is_main:
-            save_checkpoint(cfg.run_dir, self.encoder, self.opt, cfg, p)
+            save_checkpoint(cfg.run_dir, self.encoder, self.opt, cfg, p, ctx.world_size)
             self.metrics.write(
                 "epoch", epoch=p.epoch, train_loss=train_loss, validation=scores, recall_sum=score,
                 best_recall_sum=p.best_recall_sum, best_epoch=p.best_epoch, patience_left=cfg.patience - p.bad_epochs,
@@ -919,7 +951,7 @@ class _Run:
         name = signal.Signals(stop.signum).name if stop.signum else "a signal"
         where = self.cfg.run_dir / CHECKPOINT
         if self.ctx.is_main:
-            save_checkpoint(self.cfg.run_dir, self.encoder, self.opt, self.cfg, self.progress)
+            save_checkpoint(self.cfg.run_dir, self.encoder, self.opt, self.cfg, self.progress, self.ctx.world_size)
             self.metrics.write("interrupted", signal=name, epoch=self.progress.epoch + 1, step=self.progress.step_in_epoch)
         distributed.barrier(self.ctx)
         err = TrainingInterrupted(
@@ -941,7 +973,9 @@ class _Run:
         plain = SafetyEncoder(trained.arch, trained.geometry)
         artifact.load_state(plain, trained.state_dict(), "the trained encoder")
         plain.to(self.ctx.device).eval()
-        bounds, safety = calibration(plain, self.val_records, batch_size=max(cfg.batch_size, 64))
+        batch = max(cfg.batch_size, 64)
+        with out_of_memory_advice("while calibrating the artifact's bounds", batch):
+            bounds, safety = calibration(plain, self.val_records, batch_size=batch)
         prov = artifact.provenance(
             f"train:{cfg.method}", method=cfg.method, data=str(cfg.data), base=self.source_info,
             epochs=p.epoch, best_epoch=p.best_epoch, best_validation_recall_sum=p.best_recall_sum,

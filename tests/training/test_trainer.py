@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,30 @@ def test_resume_with_another_method_is_refused_with_a_clear_error(hysac_run, sma
     with pytest.raises(CheckpointError, match="adapters"):
         trainer.train(_config(small_data, tmp_path / "y", full_finetune=False, epochs=3, resume=result.run_dir))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not list(tmp_path.glob("*.run")), "a refused resume left a run directory behind"
+
+
+def test_resume_with_another_architecture_is_refused_with_a_clear_error(hysac_run, small_data, tmp_path):
+    result, _ = hysac_run
+    other = tmp_path / "other.run"
+    shutil.copytree(result.run_dir, other)
+    state_path = other / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["architecture"] = {"name": "ViT-B-32", "model_cfg": {**state["architecture"]["model_cfg"], "embed_dim": 512}}
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="holds a 'ViT-B-32' model but --model gives 'tiny'"):
+        trainer.train(_config(small_data, tmp_path / "x", epochs=3, resume=other))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.run").exists()
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_batch_size(small_data, tmp_path):
+    first = trainer.train(_config(small_data, tmp_path / "a", epochs=2, max_steps=3))  # half of the first epoch
+    state = json.loads((first.run_dir / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["step_in_epoch"] == 3 and state["world_size"] == 1
+    with pytest.raises(CheckpointError, match="inside an epoch.*--batch-size 8"):
+        trainer.train(_config(small_data, tmp_path / "b", epochs=2, batch_size=4, resume=first.run_dir))
+    again = trainer.train(_config(small_data, tmp_path / "c", epochs=2, resume=first.run_dir))
+    assert again.epochs_completed == 2 and again.steps == 2 * (48 // BATCH)
 
 
 def test_resume_from_a_missing_checkpoint_says_where_it_looked(small_data, tmp_path):
@@ -185,6 +210,64 @@ def test_an_empty_split_is_a_data_error(small_data, tmp_path):
     (data / "ViSU-Text_validation.json").write_text("[]")
     with pytest.raises(DataError, match="validation"):
         trainer.train(_config(data, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("where", ["step", "validation", "calibration"])
+def test_out_of_gpu_memory_says_what_to_lower_wherever_it_happens(where, small_data, tmp_path, monkeypatch):
+    # a CPU cannot run out of CUDA memory: raise the error CUDA raises from the part that would allocate
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    target = {"step": (trainer.TrainStep, "forward"), "validation": (trainer, "validation_scores"),
+              "calibration": (trainer, "calibration")}[where]
+    monkeypatch.setattr(*target, oom)
+    with pytest.raises(trainer.OutOfMemory, match="--batch-size.*--grad-checkpointing") as err:
+        trainer.train(_config(small_data, tmp_path / "model"))
+    assert "Tried to allocate 2.00 GiB" in str(err.value) and err.value.exit_code == 3
+    assert not (tmp_path / "model").exists(), "a partial artifact was left where the final one goes"
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(small_data, tmp_path, monkeypatch):
+    sums = iter([2.0, 2.5, 1.0, 0.5, 3.0])  # best at epoch 2, then two worse epochs: patience 2 stops at epoch 4
+    real = trainer.validation_scores
+    weights: dict[int, dict] = {}
+
+    def scripted(encoder, records, **kw):
+        weights[len(weights) + 1] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        return {**real(encoder, records, **kw), "sum": next(sums)}
+
+    monkeypatch.setattr(trainer, "validation_scores", scripted)
+    result = trainer.train(_config(small_data, tmp_path / "model", epochs=5, patience=2))
+    assert result.stopped_early and result.epochs_completed == 4 and result.best_epoch == 2
+    assert result.best_recall_sum == 2.5
+    events = [e for e in _events(result.run_dir) if e["event"] == "epoch"]
+    assert [e["patience_left"] for e in events] == [2, 2, 1, 0]
+    art = artifact.load(tmp_path / "model", device="cpu")
+    assert art.provenance["best_epoch"] == 2 and art.provenance["epochs"] == 4
+    # the artifact holds epoch 2's weights, not the last epoch's
+    best, last = weights[2], weights[4]
+    key = "clip.visual.proj" if "clip.visual.proj" in best else next(k for k in best if k.startswith("clip.visual"))
+    assert torch.allclose(art.encoder.state_dict()[key], best[key]) and not torch.allclose(art.encoder.state_dict()[key], last[key])
+
+
+@pytest.mark.parametrize("option", [{"grad_checkpointing": True}, {"precision": "bf16"}])
+def test_checkpointing_and_bf16_train_the_same_model_as_the_plain_path(option, small_data, tmp_path):
+    plain = trainer.train(_config(small_data, tmp_path / "plain", max_steps=2))
+    other = trainer.train(_config(small_data, tmp_path / "other", max_steps=2, **option))
+    assert plain.steps == other.steps == 2
+    a = artifact.load(tmp_path / "plain", device="cpu").encoder.state_dict()
+    b = artifact.load(tmp_path / "other", device="cpu").encoder.state_dict()
+    torch.manual_seed(0)  # the trainer's seed: the weights both runs started from
+    init = SafetyEncoder(architectures.resolve("tiny"), "lorentz").state_dict()
+    moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], init[k])]
+    assert len(moved) > len(a) // 2, "two steps changed almost nothing"
+    if "grad_checkpointing" in option:  # recomputing activations changes nothing
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in moved)
+    else:  # bf16 autocast really ran (other rounding) and trained the same way (Adam moves 1e-3 a step)
+        assert any(not torch.equal(a[k], b[k]) for k in moved)
+        assert all(torch.allclose(a[k], b[k], atol=5e-3) for k in moved)
+    event = _events(other.run_dir)[0]
+    assert event["precision"] == ("bf16" if "precision" in option else "fp32")
 
 
 def test_a_batch_larger_than_the_split_is_a_data_error(small_data, tmp_path):
