@@ -96,6 +96,17 @@ def broadcast_float(value: float, ctx: Context) -> float:
     return float(t.item())
 
 
+def union_size(positions: set[int], n: int, ctx: Context) -> int:
+    """How many distinct positions in ``range(n)`` any rank has in ``positions``."""
+    if not ctx.distributed:
+        return len(positions)
+    t = torch.zeros(n, dtype=torch.float32, device=ctx.device)
+    if positions:
+        t[list(positions)] = 1.0
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.sum().item())
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

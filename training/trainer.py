@@ -287,8 +287,14 @@ def load_source(source: str, geometry: str, *, pretrained: str | None = None) ->
 class Collate:
     """Stacks images and tokenises captions inside the loader workers: dicts -> :class:`Batch`."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, n_records: int | None = None):
         self.tokenizer = tokenizer
+        self.n = n_records  # the dataset's length: with it, the batch lists the unreadable positions skipped
+
+    def unreadable(self, items: list[dict[str, Any]]) -> tuple[int, ...]:
+        if self.n is None:
+            return ()
+        return tuple((it["requested"] + k) % self.n for it in items for k in range((it["index"] - it["requested"]) % self.n))
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         return Batch(
@@ -296,6 +302,7 @@ class Collate:
             nsfw_tokens=self.tokenizer([it["nsfw"] for it in items]),
             safe_pixels=torch.stack([it["safe_image"] for it in items]),
             nsfw_pixels=torch.stack([it["nsfw_image"] for it in items]),
+            unreadable=self.unreadable(items),
         )
 
 
@@ -677,6 +684,7 @@ class _Run:
         self._log = log
         self.started = time.time()
         self.dataset: torch.utils.data.Dataset | None = None
+        self.unreadable: set[int] = set()  # train positions whose images failed to decode (this rank's)
 
     def log(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -799,7 +807,7 @@ class _Run:
         workers = 0 if isinstance(dataset, CachedQuads) else cfg.workers  # nothing left to decode
         loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True, num_workers=workers,
-            collate_fn=Collate(self.encoder.tokenizer), pin_memory=self.ctx.device.type == "cuda",
+            collate_fn=Collate(self.encoder.tokenizer, len(dataset)), pin_memory=self.ctx.device.type == "cuda",
             worker_init_fn=_worker_init if workers else None, persistent_workers=False,
         )
         return iter(loader)
@@ -858,6 +866,7 @@ class _Run:
                 bar = self._bar(steps, p.step_in_epoch)
                 t0, done, loss_sum = time.time(), 0, 0.0
                 for batch in self._batches(p.epoch, p.step_in_epoch):
+                    self.unreadable.update(batch.unreadable)
                     self._set_lr(steps)
                     loss, terms = self._step(batch)
                     p.step_in_epoch += 1
@@ -925,6 +934,9 @@ class _Run:
                 scores = validation_scores(self.encoder, self.val_records, batch_size=batch)
             self.step_module.train()
         score = distributed.broadcast_float(scores.get("sum", 0.0), ctx)
+        unreadable = distributed.union_size(self.unreadable, len(self.train_records), ctx)
+        if unreadable:  # skipped like the records load_splits skipped, and counted with them
+            self.skipped.setdefault("train", {})["unreadable image"] = unreadable
         improved = p.best_recall_sum is None or score > p.best_recall_sum
         if improved:
             p.best_recall_sum, p.best_epoch, p.bad_epochs = score, p.epoch, 0
@@ -938,12 +950,13 @@ class _Run:
             self.metrics.write(
                 "epoch", epoch=p.epoch, train_loss=train_loss, validation=scores, recall_sum=score,
                 best_recall_sum=p.best_recall_sum, best_epoch=p.best_epoch, patience_left=cfg.patience - p.bad_epochs,
-                seconds=round(seconds, 2), **self._scalars(),
+                seconds=round(seconds, 2), unreadable_images=unreadable, **self._scalars(),
             )
             self.log(
                 f"epoch {p.epoch}/{cfg.epochs}: loss {train_loss:.4f}, validation recall sum {score:.3f} "
                 f"(best {p.best_recall_sum:.3f} at epoch {p.best_epoch}), {seconds:.1f}s"
                 + (f"; stopping early after {p.bad_epochs} epochs without improvement" if p.stopped_early else "")
+                + (f"; {unreadable} train quadruplet(s) with unreadable images skipped so far" if unreadable else "")
             )
         distributed.barrier(ctx)
 

@@ -306,7 +306,7 @@ def test_quad_dataset_returns_transformed_pairs_and_collates(splits):
     ds = QuadDataset(splits["validation"], transform)
     assert len(ds) == len(records)
     item = ds[0]
-    assert set(item) == {"safe_image", "nsfw_image", "safe", "nsfw", "tag", "index"}
+    assert set(item) == {"safe_image", "nsfw_image", "safe", "nsfw", "tag", "index", "requested"}
     assert item["safe_image"].shape == item["nsfw_image"].shape == (3, 64, 64)
     assert item["safe_image"].dtype == torch.float32 and not torch.equal(item["safe_image"], item["nsfw_image"])
     assert (item["safe"], item["nsfw"], item["tag"], item["index"]) == (records[0].safe, records[0].nsfw, records[0].tag, 0)
@@ -325,7 +325,8 @@ def test_quad_dataset_survives_unreadable_images(tmp_path):
     assert ds[0]["index"] == 0
     item = ds[1]
     assert item["index"] == 3 and item["nsfw"] == sp.records[3].nsfw, "the next readable record replaces a bad one"
-    assert ds.failed == {1, 2}
+    assert item["requested"] == 1 and ds.failed == {1, 2}
+    assert ds[2]["requested"] == 2 and ds[2]["index"] == 3  # already known bad: skipped without a retry
     assert ds[-1]["index"] == len(sp) - 1
     with pytest.raises(IndexError):
         ds[len(sp)]

@@ -270,6 +270,27 @@ def test_checkpointing_and_bf16_train_the_same_model_as_the_plain_path(option, s
     assert event["precision"] == ("bf16" if "precision" in option else "fp32")
 
 
+@pytest.mark.parametrize("epochs,workers", [(1, 1), (2, 0)])  # decoded in a loader worker; decoded once and cached
+def test_an_unreadable_training_image_is_skipped_and_counted(epochs, workers, small_data, tmp_path):
+    from training.data import visu
+
+    data = tmp_path / "visu"
+    shutil.copytree(small_data, data)
+    bad = visu.load_split(data, "train").records[5].safe_image
+    bad.write_bytes(b"not a jpeg")  # present, so the loader keeps the record; only decoding finds it
+    result = trainer.train(_config(data, tmp_path / "model", epochs=epochs, workers=workers))
+    assert result.artifact is not None and result.epochs_completed == epochs
+    assert result.skipped["train"] == {"unreadable image": 1}
+    assert [e["unreadable_images"] for e in _events(result.run_dir) if e["event"] == "epoch"] == [1] * epochs
+
+
+def test_a_batch_lists_the_unreadable_positions_its_items_skipped():
+    collate = trainer.Collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), n_records=10)
+    item = {"safe_image": torch.zeros(3, 2, 2), "nsfw_image": torch.zeros(3, 2, 2), "safe": "a", "nsfw": "b"}
+    items = [{**item, "requested": 4, "index": 4}, {**item, "requested": 8, "index": 1}]  # the second wrapped around
+    assert collate(items).unreadable == (8, 9, 0)
+
+
 def test_a_batch_larger_than_the_split_is_a_data_error(small_data, tmp_path):
     with pytest.raises(DataError, match="--batch-size"):
         trainer.train(_config(small_data, tmp_path / "out", batch_size=64))

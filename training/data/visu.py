@@ -284,8 +284,9 @@ class QuadDataset(Dataset):
     Images are ``transform(PIL image)``, e.g. ``(3, H, W)`` float tensors from the encoder's transform.
     An image that cannot be read (deleted, truncated, not an image) is logged once and the example is
     replaced by the next readable one, so one bad file never stops a training run; ``index`` is always the
-    position of the record actually returned, so pairing stays correct. ``failed`` holds the positions
-    found unreadable by this process (each DataLoader worker keeps its own).
+    position of the record actually returned, so pairing stays correct, and ``requested`` the position
+    asked for: the positions between them were unreadable. ``failed`` holds the positions found
+    unreadable by this process (each DataLoader worker keeps its own).
     """
 
     def __init__(self, records: Sequence[Quadruplet] | VisuSplit, transform: Callable[[Any], Tensor], *, max_tries: int = 16):
@@ -322,6 +323,7 @@ class QuadDataset(Dataset):
                 "nsfw": r.nsfw,
                 "tag": r.tag,
                 "index": i,
+                "requested": index,  # every position from here up to ``index`` (cyclically) was unreadable
             }
         raise DataError(
             f"{min(self.max_tries, n)} consecutive ViSU records from position {index} have unreadable images "

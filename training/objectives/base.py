@@ -26,12 +26,14 @@ class Batch:
     nsfw_tokens: Tensor  # (B, L)
     safe_pixels: Tensor  # (B, 3, H, W)
     nsfw_pixels: Tensor  # (B, 3, H, W)
+    unreadable: tuple[int, ...] = ()  # train-split positions whose images could not be read (skipped for this batch)
 
     def __len__(self) -> int:
         return int(self.safe_tokens.shape[0])
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.safe_tokens, self.nsfw_tokens, self.safe_pixels, self.nsfw_pixels)))
+        tensors = (self.safe_tokens, self.nsfw_tokens, self.safe_pixels, self.nsfw_pixels)
+        return Batch(*(t.to(device, non_blocking=True) for t in tensors), unreadable=self.unreadable)
 
 
 @dataclass
