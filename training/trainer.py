@@ -611,6 +611,13 @@ class Metrics:
             f.write(json.dumps(rec) + "\n")
 
 
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss`` under an hour)."""
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, Tensor):
         return float(v.detach().float().item()) if v.numel() == 1 else v.tolist()
@@ -874,9 +881,11 @@ class _Run:
                     done += 1
                     loss_sum += float(loss)
                     rate = done * samples_per_step / max(time.time() - t0, 1e-9)
-                    if bar is not None:
+                    if bar is not None:  # tqdm's own ETA is the epoch's; run_eta adds the epochs still to come
+                        left = (cfg.epochs - p.epoch - 1) * steps + steps - p.step_in_epoch
                         bar.update(1)
-                        bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:.1f}")
+                        bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:.1f}",
+                                        run_eta=_clock(left * samples_per_step / max(rate, 1e-9)))
                     if p.global_step % cfg.log_every == 0 or p.step_in_epoch == steps:
                         self.metrics.write(
                             "step", epoch=p.epoch + 1, step=p.step_in_epoch, global_step=p.global_step, loss=loss,

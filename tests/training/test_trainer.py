@@ -284,6 +284,15 @@ def test_an_unreadable_training_image_is_skipped_and_counted(epochs, workers, sm
     assert [e["unreadable_images"] for e in _events(result.run_dir) if e["event"] == "epoch"] == [1] * epochs
 
 
+def test_the_progress_bar_shows_loss_rate_and_the_whole_runs_eta(small_data, tmp_path, capsys):
+    trainer.train(_config(small_data, tmp_path / "model", epochs=2, progress=True))
+    err = capsys.readouterr().err
+    assert "epoch 1/2" in err and "epoch 2/2" in err
+    first = [line for line in err.replace("\r", "\n").splitlines() if "epoch 1/2" in line and "run_eta=" in line][0]
+    assert "loss=" in first and "samples_s=" in first
+    assert trainer._clock(59) == "0:59" and trainer._clock(3725) == "1:02:05"
+
+
 def test_a_batch_lists_the_unreadable_positions_its_items_skipped():
     collate = trainer.Collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), n_records=10)
     item = {"safe_image": torch.zeros(3, 2, 2), "nsfw_image": torch.zeros(3, 2, 2), "safe": "a", "nsfw": "b"}
