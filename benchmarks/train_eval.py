@@ -6,6 +6,7 @@ methods behave as the papers say, they are not comparable with the papers' ViSU 
     .venv/bin/python benchmarks/train_eval.py [--workdir runs/train_eval] [--n N] [--seed 0] [--traversal geodesic]
         [--unsafe-look plain]   # results/train_eval-plain.json
         [--fresh-n 6000 [--fresh-seed 1000]]   # also score every model, base included, on a fresh dataset's test split
+        [--train-seeds 1 2 ...]   # also fine-tune each method at these training seeds from the same base: per-seed table
 
 Runs the real commands in order (``data synth``, ``train --method clip --preset demo-base``, then
 ``train --preset demo --model BASE`` for clip, hysac and safeclip, ``eval --compare``), prints the
@@ -15,7 +16,10 @@ headline table and writes ``benchmarks/results/train_eval.json`` with the timing
 The gates' test split has 120 quadruplets, where one query is 0.83 points of R@1. ``--fresh-n`` makes a
 second dataset with the same generator and another seed (new random scenes) and scores the same
 models on its test split (``n / 10`` quadruplets, bounds from its validation split), so that a gap between
-models can be told from sampling noise.
+models can be told from sampling noise. ``--train-seeds`` separates the other noise, that of training:
+each method is fine-tuned again from the same base at each extra seed (``WORKDIR/seed-S/``), every seed's
+models are scored on the same test split(s), and a per-seed table with each method's mean and its mean
+difference from the clip baseline is printed and written (``results/train_eval-seeds.json``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,50 @@ def summarize(report: Path, traversal: str, timings: dict[str, float]) -> tuple[
     return rows, d0, rep["dataset"]["n"]
 
 
+TRAIN_SEED = 42  # the trainer's default, which the main models and the gates use
+SEED_TASKS = ("T->V", "T*->V∪V*")
+
+
+def seed_table(work: Path, data: Path, tests: dict[str, Path], seeds: list[int], traversal: str,
+               timings: dict[str, float]) -> dict:
+    """Fine-tune every method at every seed from WORKDIR/base, score each on each test split; print and return the table."""
+    rows = []
+    for seed in seeds:
+        models = work if seed == TRAIN_SEED else work / f"seed-{seed}"
+        for m in METHODS:
+            if not (models / m).exists():
+                timings[f"train {m} seed {seed}"] = sh("train", "--method", m, "--preset", "demo", "--model", work / "base",
+                                                      "--data", data, "--out", models / m, "--seed", seed)
+        for test, test_data in tests.items():
+            report = models / f"report-{test}"
+            shutil.rmtree(report, ignore_errors=True)
+            sh("eval", "--data", test_data, "--split", "test", "--traversal", traversal, "--out", report,
+               "--compare", *(models / m for m in METHODS))
+            rep = json.loads((report / "report.json").read_text())
+            for model in rep["models"]:
+                for variant, var in model["variants"].items():
+                    label = model["label"] + ("" if variant == "plain" else " + traversal")
+                    rows.append({"seed": seed, "test": test, "model": label,
+                                 **{t: var["tasks"][t]["R@1"] for t in SEED_TASKS}})
+    print("\nR@1 (%) per training seed, fine-tuned from one base; mean and mean difference from clip")
+    means = {}
+    for test in tests:
+        for label in dict.fromkeys(r["model"] for r in rows if r["test"] == test):
+            mine = {r["seed"]: r for r in rows if r["test"] == test and r["model"] == label}
+            clip = {r["seed"]: r for r in rows if r["test"] == test and r["model"] == "clip"}
+            stats = {}
+            for t in SEED_TASKS:
+                values = [mine[s][t] for s in seeds]
+                stats[t] = {"mean": sum(values) / len(values),
+                            "mean_minus_clip": sum(mine[s][t] - clip[s][t] for s in seeds) / len(seeds)}
+            means[f"{test}: {label}"] = stats
+            cells = "  ".join(f"{t} " + " ".join(f"{100 * mine[s][t]:5.1f}" for s in seeds)
+                              + f" | mean {100 * stats[t]['mean']:5.1f} ({100 * stats[t]['mean_minus_clip']:+5.1f})"
+                              for t in SEED_TASKS)
+            print(f"{test:6s} {label:20s} {cells}")
+    return {"seeds": seeds, "rows": rows, "means": means}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("runs/train_eval"))
@@ -84,6 +132,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="reuse data and models already in WORKDIR")
     ap.add_argument("--fresh-n", type=int, default=0, help="also evaluate on a fresh dataset of this many quadruplets (0: off)")
     ap.add_argument("--fresh-seed", type=int, default=1000, help="seed of the fresh dataset (not --seed: new scenes)")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[],
+                    help="extra training seeds (the main models use 42): fine-tune every method again at each")
     args = ap.parse_args()
     if args.fresh_n and args.fresh_seed == args.seed:
         ap.error("--fresh-seed must differ from --seed: the fresh test split has to be new scenes")
@@ -140,7 +190,10 @@ def main() -> None:
         rows, d0, n_test = summarize(fresh_report, args.traversal, timings)
         summary["fresh"] = {"seed": args.fresh_seed, "n_test": n_test, "rows": rows, "d0_median": d0,
                             "report": str(fresh_report / "report.md")}
-    suffix = ("" if args.unsafe_look == preset_look else f"-{args.unsafe_look}") + (f"-fresh{args.fresh_n}" if args.fresh_n else "")
+    if args.train_seeds:
+        tests = {"own": data} | ({"fresh": work / "fresh-data"} if args.fresh_n else {})
+        summary["seeds"] = seed_table(work, data, tests, [TRAIN_SEED, *args.train_seeds], args.traversal, timings)
+    suffix = ("-seeds" if args.train_seeds else "") + ("" if args.unsafe_look == preset_look else f"-{args.unsafe_look}") + (f"-fresh{args.fresh_n}" if args.fresh_n else "")
     out = OUT.with_name(f"train_eval{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -169,7 +169,7 @@ def train(
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file for an open_clip --model."),
     preset: Optional[str] = typer.Option(None, help="Sized for 2 CPU cores on synthetic data: demo-base (--method clip: a tiny "
                                          "CLIP on all pairs, the stand-in for pretrained CLIP), demo (fine-tunes --model)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 50; demo-base 24; demo: hysac and safeclip 16, clip 8)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 50; demo-base 24; demo: hysac and clip 24, safeclip 16)."),
     batch_size: Optional[int] = typer.Option(None, help="Quadruplets per process and step (hysac/clip 32, safeclip 16)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (hysac/clip 1e-4, safeclip 1e-3)."),
     lora_rank: int = typer.Option(16, help="LoRA rank (alpha stays 1, as in the reference)."),
