@@ -59,9 +59,9 @@ def prepare_model(data: Path, base: Path, model: Path) -> None:
     if (base / "config.json").is_file():
         _say(f"base model: {base} (cached)")
     else:
-        _say(f"base model: training the stand-in for pretrained CLIP into {base} (~2.5 minutes on 2 CPU cores, once)")
+        _say(f"base model: training the stand-in for pretrained CLIP into {base} (~3 minutes on 2 CPU cores, once)")
         trainer.train(trainer.TrainConfig(method="clip", preset="demo-base", data=data, out=base, seed=SEED))
-    _say(f"model: fine-tuning the demo HySAC model from the base into {model} (~2 minutes, once)")
+    _say(f"model: fine-tuning the demo HySAC model from the base into {model} (~3 minutes, once)")
     trainer.train(trainer.TrainConfig(method="hysac", preset="demo", model=str(base), data=data, out=model, seed=SEED))
 
 

@@ -14,7 +14,7 @@ real evaluator, and the claims the papers make are checked on them:
   see that test), and at least moves unsafe captions off its reference's unsafe images;
 - HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring).
 
-They are part of ``make test`` (training the base and the three models takes about 7 minutes on
+They are part of ``make test`` (training the base and the three models takes about 9 minutes on
 two quiet cores); ``make gates`` runs them alone (marker ``gates``). The measured numbers, and
 how they move with the seed and the test set, are recorded in benchmarks/RESULTS.md.
 """
