@@ -19,7 +19,7 @@ models on its test split (``n / 10`` quadruplets, bounds from its validation spl
 models can be told from sampling noise. ``--train-seeds`` separates the other noise, that of training:
 each method is fine-tuned again from the same base at each extra seed (``WORKDIR/seed-S/``), every seed's
 models are scored on the same test split(s), and a per-seed table with each method's mean and its mean
-difference from the clip baseline is printed and written (``results/train_eval-seeds.json``).
+difference from the clip baseline is printed and written (``results/train_eval-seeds[-freshN].json``).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main() -> None:
                             "report": str(fresh_report / "report.md")}
     if args.train_seeds:
         tests = {"own": data} | ({"fresh": work / "fresh-data"} if args.fresh_n else {})
-        summary["seeds"] = seed_table(work, data, tests, [TRAIN_SEED, *args.train_seeds], args.traversal, timings)
+        summary["seeds"] = seed_table(work, data, tests, list(dict.fromkeys([TRAIN_SEED, *args.train_seeds])), args.traversal, timings)
     suffix = ("-seeds" if args.train_seeds else "") + ("" if args.unsafe_look == preset_look else f"-{args.unsafe_look}") + (f"-fresh{args.fresh_n}" if args.fresh_n else "")
     out = OUT.with_name(f"train_eval{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
