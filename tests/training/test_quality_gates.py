@@ -103,8 +103,8 @@ def test_safeclip_redirects_unsafe_captions_away_from_its_references_unsafe_imag
     assert _r1(report, "safeclip", ev.U2VG) > _r1(report, "base", ev.U2VG)
 
 
-@pytest.mark.xfail(strict=True, reason="Safe-CLIP is not reliably above the safe-pairs baseline on this data: "
-                   "15.0 vs 15.8 at the gates' seed, 5.0 vs 8.5 on 600 fresh test queries; benchmarks/RESULTS.md")
+@pytest.mark.xfail(strict=True, reason="Safe-CLIP is not above the safe-pairs baseline on this data: "
+                   "15.0 vs 18.3 at the gates' seed; 5.7 vs 9.7 on 600 fresh test queries over three seeds; benchmarks/RESULTS.md")
 def test_safeclip_redirects_unsafe_captions_better_than_the_baseline(report):
     assert _r1(report, "safeclip", ev.U2VG) > _r1(report, "clip", ev.U2VG), "safeclip is not above the clip baseline on T*->V∪V*"
 
