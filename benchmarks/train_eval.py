@@ -81,9 +81,12 @@ TRAIN_SEED = 42  # the trainer's default, which the main models and the gates us
 SEED_TASKS = ("T->V", "T*->V∪V*")
 
 
-def seed_table(work: Path, data: Path, tests: dict[str, Path], seeds: list[int], traversal: str,
+def seed_table(work: Path, data: Path, tests: dict[str, tuple[Path, Path]], seeds: list[int], traversal: str,
                timings: dict[str, float]) -> dict:
-    """Fine-tune every method at every seed from WORKDIR/base, score each on each test split; print and return the table."""
+    """Fine-tune every method at every seed from WORKDIR/base, score each on each test split; print and return the table.
+
+    ``tests``: name -> (dataset, the main models' report on it, which seed 42's rows are read from).
+    """
     rows = []
     for seed in seeds:
         models = work if seed == TRAIN_SEED else work / f"seed-{seed}"
@@ -91,13 +94,14 @@ def seed_table(work: Path, data: Path, tests: dict[str, Path], seeds: list[int],
             if not (models / m).exists():
                 timings[f"train {m} seed {seed}"] = sh("train", "--method", m, "--preset", "demo", "--model", work / "base",
                                                       "--data", data, "--out", models / m, "--seed", seed)
-        for test, test_data in tests.items():
-            report = models / f"report-{test}"
-            shutil.rmtree(report, ignore_errors=True)
-            sh("eval", "--data", test_data, "--split", "test", "--traversal", traversal, "--out", report,
-               "--compare", *(models / m for m in METHODS))
+        for test, (test_data, main_report) in tests.items():
+            report = main_report if seed == TRAIN_SEED else models / f"report-{test}"
+            if seed != TRAIN_SEED:
+                shutil.rmtree(report, ignore_errors=True)
+                sh("eval", "--data", test_data, "--split", "test", "--traversal", traversal, "--out", report,
+                   "--compare", *(models / m for m in METHODS))
             rep = json.loads((report / "report.json").read_text())
-            for model in rep["models"]:
+            for model in (m for m in rep["models"] if m["label"] in METHODS):  # the main fresh report also has the base
                 for variant, var in model["variants"].items():
                     label = model["label"] + ("" if variant == "plain" else " + traversal")
                     rows.append({"seed": seed, "test": test, "model": label,
@@ -191,9 +195,11 @@ def main() -> None:
         summary["fresh"] = {"seed": args.fresh_seed, "n_test": n_test, "rows": rows, "d0_median": d0,
                             "report": str(fresh_report / "report.md")}
     if args.train_seeds:
-        tests = {"own": data} | ({"fresh": work / "fresh-data"} if args.fresh_n else {})
-        summary["seeds"] = seed_table(work, data, tests, list(dict.fromkeys([TRAIN_SEED, *args.train_seeds])), args.traversal, timings)
-    suffix = ("-seeds" if args.train_seeds else "") + ("" if args.unsafe_look == preset_look else f"-{args.unsafe_look}") + (f"-fresh{args.fresh_n}" if args.fresh_n else "")
+        tests = {"own": (data, report)} | ({"fresh": (work / "fresh-data", work / "report-fresh")} if args.fresh_n else {})
+        seeds = list(dict.fromkeys([TRAIN_SEED, *args.train_seeds]))
+        summary["seeds"] = seed_table(work, data, tests, seeds, args.traversal, timings)
+    suffix = ("-seeds" if args.train_seeds else "") + ("" if args.unsafe_look == preset_look else f"-{args.unsafe_look}")
+    suffix += f"-fresh{args.fresh_n}" if args.fresh_n else ""
     out = OUT.with_name(f"train_eval{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
