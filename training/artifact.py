@@ -15,6 +15,7 @@ unsafe rule changes it.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -121,9 +122,22 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise ArtifactError(
+                f"the disk holding {final.parent} is full, so {final.name} was not written"
+                f" ({'the previous one is kept' if final.exists() else 'nothing was left behind'});"
+                " free some space there or write somewhere else, then run the command again"
+            ) from e
         raise
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, as Python raises it or as safetensors' Rust writer reports it."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return isinstance(e, SafetensorError) and f"os error {errno.ENOSPC})" in str(e)
 
 
 def save(artifact: Artifact, out: str | Path, *, overwrite: bool = False) -> Path:

@@ -1,6 +1,10 @@
 """Artifacts: atomic save, pickle-free load, fingerprints, and the errors users see."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +109,56 @@ def test_failed_save_leaves_nothing_behind(art, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         artifact.save(art, tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_a_full_disk_keeps_the_previous_directory_and_says_what_to_do(tmp_path):
+    final = tmp_path / "checkpoint"
+    final.mkdir()
+    (final / "step").write_text("7")
+
+    def write(tmp):
+        (tmp / "optimizer.bin").symlink_to("/dev/full")  # the kernel answers every write to it with ENOSPC
+        with open(tmp / "optimizer.bin", "wb") as f:
+            f.write(bytes(1 << 16))
+
+    with pytest.raises(ArtifactError, match=r"disk holding .* is full.*previous one is kept.*free some space"):
+        artifact.atomic_dir(final, write)
+    assert (final / "step").read_text() == "7"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+_FULL_TMPFS = """
+import sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from training import artifact
+from training.errors import ArtifactError
+final = Path(sys.argv[1]) / "checkpoint"
+final.mkdir()
+(final / "step").write_text("7")
+try:
+    artifact.atomic_dir(final, lambda tmp: save_file({"w": torch.zeros(1 << 16)}, str(tmp / "optimizer.safetensors")))
+except ArtifactError as e:
+    print(e)
+print(sorted(p.name for p in final.parent.iterdir()), (final / "step").read_text())
+"""
+
+
+def test_a_full_disk_under_safetensors_gets_the_same_message(tmp_path):
+    """safetensors writes through a temp file of its own, so the full disk must be real: a 64 KiB tmpfs."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux's unshare to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=64k none "{mnt}" && exec "$0" -c "$1" "{mnt}"',
+         sys.executable, _FULL_TMPFS],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120,
+    )
+    if "mount" in run.stderr or "unshare" in run.stderr:
+        pytest.skip(f"this sandbox cannot mount a tmpfs: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    message, listing = run.stdout.strip().splitlines()
+    assert "is full" in message and "previous one is kept" in message and "free some space" in message
+    assert listing == "['checkpoint'] 7"
