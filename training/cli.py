@@ -30,6 +30,14 @@ def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    """``"0.1,0.2"`` -> ``(0.1, 0.2)``, or an :class:`InputError` that names the option."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated numbers, like 0.1,0.1,0.2; got {text!r}") from None
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., help="Directory to write the dataset to (ViSU layout)."),
@@ -176,6 +184,10 @@ def train(
     full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora", help="Train all weights instead of LoRA adapters."),
     eta: Optional[float] = typer.Option(None, help="hysac: weight of the entailment terms (default 1; demo 2)."),
     clip_pairs: Optional[str] = typer.Option(None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
+    safeclip_weights: Optional[str] = typer.Option(
+        None, help="safeclip: the eight term weights, comma-separated, in the order of metrics.jsonl's terms: cd_S_Sref "
+        "cd_U_Sref cd_V_Vref cd_G_Vref nce_S_Vref nce_U_Vref nce_Sref_V nce_Sref_G (default the reference's "
+        "0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5)."),
     precision: Optional[PrecisionOpt] = typer.Option(None, help="fp32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute transformer activations in backward to save memory."),
     resume: Optional[Path] = typer.Option(None, help="Run directory (OUT.run) or checkpoint directory to resume from."),
@@ -193,6 +205,7 @@ def train(
     cfg = trainer.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
         batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta, clip_pairs=clip_pairs,
+        safeclip_weights=_numbers(safeclip_weights, "--safeclip-weights") if safeclip_weights is not None else None,
         precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
         seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
         run_dir=run_dir, max_steps=max_steps,

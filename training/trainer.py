@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ from training import architectures, artifact, distributed, lora, objectives, tra
 from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, CheckpointError, DataError, InputError, SafeRetrievalError
 from training.objectives import Batch, Embeddings, Objective
+from training.objectives.safeclip import DEFAULT_WEIGHTS as SAFECLIP_DEFAULT_WEIGHTS
+from training.objectives.safeclip import TERMS as SAFECLIP_TERMS
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINT = "checkpoint"
@@ -149,6 +151,7 @@ class TrainConfig:
     full_finetune: bool | None = None
     eta: float | None = None  # hysac: weight of the entailment terms (1, or the preset's)
     clip_pairs: str | None = None  # clip: "safe" (default) or "all", which also contrasts the unsafe pairs (a base)
+    safeclip_weights: tuple[float, ...] | None = None  # safeclip: the eight term weights (None: the reference's)
     weight_decay: float = 0.2
     precision: str | None = None
     grad_checkpointing: bool = False
@@ -237,8 +240,23 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
+    if cfg.safeclip_weights is not None:
+        cfg = replace(cfg, safeclip_weights=check_safeclip_weights(cfg.safeclip_weights, cfg.method))
     run_dir = cfg.run_dir or cfg.out.with_name(cfg.out.name + ".run")
     return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), run_dir=Path(run_dir))
+
+
+def check_safeclip_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
+    """The eight Safe-CLIP weights as a tuple, or an :class:`InputError` that names the order and the defaults."""
+    order = " ".join(SAFECLIP_TERMS)
+    if method != "safeclip":
+        raise InputError(f"--safeclip-weights applies to --method safeclip only, not {method}; drop it")
+    if len(weights) != len(SAFECLIP_TERMS) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
+        raise InputError(
+            f"--safeclip-weights takes {len(SAFECLIP_TERMS)} non-negative numbers, not all zero, in the order {order}; "
+            f"got {','.join(f'{w:g}' for w in weights)}. The reference's: {','.join(f'{w:g}' for w in SAFECLIP_DEFAULT_WEIGHTS)}"
+        )
+    return tuple(float(w) for w in weights)
 
 
 # ---------------------------------------------------------------------------------------- the source
@@ -727,7 +745,8 @@ class _Run:
         self.source_info = source_info
         self.encoder = encoder.to(ctx.device)
         objective = objectives.build(
-            cfg.method, reference=reference, eta=cfg.eta, gather_negatives=cfg.gather_negatives, clip_pairs=cfg.clip_pairs
+            cfg.method, reference=reference, eta=cfg.eta, gather_negatives=cfg.gather_negatives, clip_pairs=cfg.clip_pairs,
+            safeclip_weights=cfg.safeclip_weights,
         )
         self.step_module = TrainStep(self.encoder, objective).to(ctx.device)
         self.opt = build_optimizer(self.encoder, cfg.method, cfg)
@@ -1005,6 +1024,7 @@ class _Run:
             lr=cfg.lr, batch_size=cfg.batch_size, world_size=self.ctx.world_size, seed=cfg.seed,
             gather_negatives=cfg.gather_negatives, eta=cfg.eta if cfg.method == "hysac" else None, preset=cfg.preset,
             clip_pairs=cfg.clip_pairs if cfg.method == "clip" else None,
+            safeclip_weights=list(cfg.safeclip_weights or SAFECLIP_DEFAULT_WEIGHTS) if cfg.method == "safeclip" else None,
         )
         art = artifact.Artifact(plain.cpu(), bounds=bounds, safety=safety, provenance=prov)
         path = artifact.save(art, cfg.out)

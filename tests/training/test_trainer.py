@@ -389,6 +389,48 @@ def test_cli_reports_bad_input_without_a_traceback(small_data, tmp_path):
     assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_safeclip_weights_from_the_cli_are_the_ones_the_loss_uses(small_data, tmp_path):
+    from training.objectives.base import weighted_mean
+    from training.objectives.safeclip import DEFAULT_WEIGHTS, TERMS
+
+    weights = (1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # the two cosine preservation terms only
+    out = tmp_path / "sc"
+    proc = subprocess.run([CLI, *_train_args(small_data, out, "--method", "safeclip", "--epochs", "1",
+                                             "--safeclip-weights", ",".join(map(str, weights)))],
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    steps = [e for e in _events(tmp_path / "sc.run") if e["event"] == "step"]
+    assert steps
+    for e in steps:
+        terms = [torch.tensor(e["terms"][t]) for t in TERMS]
+        assert e["loss"] == pytest.approx(weighted_mean(terms, list(weights)).item(), rel=1e-4)
+        assert e["loss"] < 0.5 * weighted_mean(terms, list(DEFAULT_WEIGHTS)).item()  # InfoNCE terms dominate those
+    assert artifact.load(out, device="cpu").provenance["safeclip_weights"] == list(weights)
+
+
+@pytest.mark.parametrize("method,weights,message", [
+    ("safeclip", (0.1, 0.1), "takes 8 non-negative numbers"),
+    ("safeclip", (0.1, -0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5), "got 0.1,-0.1,"),
+    ("safeclip", (0.0,) * 8, "not all zero"),
+    ("hysac", (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5), "--method safeclip only"),
+])
+def test_bad_safeclip_weights_say_what_is_expected(small_data, tmp_path, method, weights, message):
+    from training.errors import InputError
+
+    with pytest.raises(InputError, match=message) as err:
+        trainer.train(_config(small_data, tmp_path / "o", method=method, safeclip_weights=weights))
+    if method == "safeclip":
+        assert "cd_S_Sref" in str(err.value) and "0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5" in str(err.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.run").exists()
+
+
+def test_safeclip_weights_that_are_not_numbers_are_refused_by_the_cli(small_data, tmp_path):
+    proc = subprocess.run([CLI, *_train_args(small_data, tmp_path / "o", "--method", "safeclip",
+                                             "--safeclip-weights", "0.1,x")], text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "--safeclip-weights takes comma-separated numbers" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
 def test_two_process_ddp_on_cpu_trains_and_only_rank_zero_writes(small_data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
