@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Optional
@@ -60,3 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     except SafeRetrievalError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a full disk can meet any command that writes; the others are bugs worth a traceback
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        typer.echo(f"error: the disk is full{where}; free some space or write somewhere else, then run the command "
+                   "again", err=True)
+        sys.exit(SafeRetrievalError.exit_code)

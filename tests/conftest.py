@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,20 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+def on_a_full_disk(argv: list[str], mount: Path, *, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``argv`` with a 64 KiB tmpfs mounted at ``mount`` (an empty directory), so that writing there
+    really fails with ENOSPC. The mount lives in a user and mount namespace of the command's own
+    (util-linux's ``unshare``); where the sandbox forbids that, the test is skipped."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux's unshare to mount a small tmpfs")
+    script = f'mount -t tmpfs -o size=64k none "{mount}" && exec "$@"'
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, cwd=Path(__file__).parents[1])
+    if proc.returncode != 0 and ("mount:" in proc.stderr or "unshare:" in proc.stderr):
+        pytest.skip(f"this sandbox cannot mount a tmpfs: {proc.stderr.strip()}")
+    return proc
 
 
 # ------------------------------------------------------------------------- training (issue 3, trainer)

@@ -1,15 +1,13 @@
 """Artifacts: atomic save, pickle-free load, fingerprints, and the errors users see."""
 
 import json
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import on_a_full_disk
 from training import architectures, artifact
 from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, CheckpointError
@@ -147,17 +145,9 @@ print(sorted(p.name for p in final.parent.iterdir()), (final / "step").read_text
 
 def test_a_full_disk_under_safetensors_gets_the_same_message(tmp_path):
     """safetensors writes through a temp file of its own, so the full disk must be real: a 64 KiB tmpfs."""
-    if not shutil.which("unshare"):
-        pytest.skip("needs util-linux's unshare to mount a small tmpfs")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    run = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=64k none "{mnt}" && exec "$0" -c "$1" "{mnt}"',
-         sys.executable, _FULL_TMPFS],
-        capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120,
-    )
-    if "mount" in run.stderr or "unshare" in run.stderr:
-        pytest.skip(f"this sandbox cannot mount a tmpfs: {run.stderr.strip()}")
+    run = on_a_full_disk([sys.executable, "-c", _FULL_TMPFS, mnt], mnt)
     assert run.returncode == 0, run.stderr
     message, listing = run.stdout.strip().splitlines()
     assert "is full" in message and "previous one is kept" in message and "free some space" in message

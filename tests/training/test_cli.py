@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from tests.conftest import CLI, on_a_full_disk
 from training import architectures, artifact
 from training.encoder import SafetyEncoder
 
@@ -56,6 +57,16 @@ def test_errors_are_printed_without_traceback(cli, tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_gets_a_message_and_leaves_no_partial_dataset(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    synth = f'"{CLI}" data synth --out "{mnt}/visu" --n 60; rc=$?; ls -A "{mnt}"; exit $rc'  # ls: what is left
+    proc = on_a_full_disk(["sh", "-c", synth], mnt)
+    assert proc.returncode == 2, proc.stderr
+    assert "the disk is full" in proc.stderr and "free some space" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == "", "a partial dataset (or its temp directory) was left on the full disk"
 
 
 def test_every_command_has_help(cli):
