@@ -184,10 +184,11 @@ def train(
     full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora", help="Train all weights instead of LoRA adapters."),
     eta: Optional[float] = typer.Option(None, help="hysac: weight of the entailment terms (default 1; demo 2)."),
     clip_pairs: Optional[str] = typer.Option(None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
-    safeclip_weights: Optional[str] = typer.Option(
-        None, help="safeclip: the eight term weights, comma-separated, in the order of metrics.jsonl's terms: cd_S_Sref "
-        "cd_U_Sref cd_V_Vref cd_G_Vref nce_S_Vref nce_U_Vref nce_Sref_V nce_Sref_G (default the reference's "
-        "0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5)."),
+    weights: Optional[str] = typer.Option(
+        None, help="hysac/safeclip: every loss term's weight, comma-separated, in the order of metrics.jsonl's terms. "
+        "hysac (7): contrastive_TI contrastive_T*I* contrastive_TI* contrastive_T*I entail_TI entail_T*I* entail_IT* "
+        "(default 1,1,1,1,eta,eta,eta); safeclip (8): cd_S_Sref cd_U_Sref cd_V_Vref cd_G_Vref nce_S_Vref nce_U_Vref "
+        "nce_Sref_V nce_Sref_G (default 0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5)."),
     precision: Optional[PrecisionOpt] = typer.Option(None, help="fp32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute transformer activations in backward to save memory."),
     resume: Optional[Path] = typer.Option(None, help="Run directory (OUT.run) or checkpoint directory to resume from."),
@@ -205,7 +206,7 @@ def train(
     cfg = trainer.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
         batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta, clip_pairs=clip_pairs,
-        safeclip_weights=_numbers(safeclip_weights, "--safeclip-weights") if safeclip_weights is not None else None,
+        weights=_numbers(weights, "--weights") if weights is not None else None,
         precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
         seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
         run_dir=run_dir, max_steps=max_steps,

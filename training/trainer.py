@@ -51,8 +51,6 @@ from training import architectures, artifact, distributed, lora, objectives, tra
 from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, CheckpointError, DataError, InputError, SafeRetrievalError
 from training.objectives import Batch, Embeddings, Objective
-from training.objectives.safeclip import DEFAULT_WEIGHTS as SAFECLIP_DEFAULT_WEIGHTS
-from training.objectives.safeclip import TERMS as SAFECLIP_TERMS
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINT = "checkpoint"
@@ -151,7 +149,7 @@ class TrainConfig:
     full_finetune: bool | None = None
     eta: float | None = None  # hysac: weight of the entailment terms (1, or the preset's)
     clip_pairs: str | None = None  # clip: "safe" (default) or "all", which also contrasts the unsafe pairs (a base)
-    safeclip_weights: tuple[float, ...] | None = None  # safeclip: the eight term weights (None: the reference's)
+    weights: tuple[float, ...] | None = None  # hysac/safeclip: every loss term's weight (None: the reference's)
     weight_decay: float = 0.2
     precision: str | None = None
     grad_checkpointing: bool = False
@@ -194,6 +192,8 @@ class TrainResult:
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill in preset and method defaults and check the options; explicit values always win."""
     objectives.objective_class(cfg.method)  # unknown method -> InputError
+    if cfg.weights is not None and cfg.eta is not None:
+        raise InputError("give --eta or --weights, not both: --weights also sets the three entailment terms' weights")
     preset: dict[str, Any] = {}
     if cfg.preset is not None:
         if cfg.preset not in PRESETS:
@@ -240,21 +240,22 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
-    if cfg.safeclip_weights is not None:
-        cfg = replace(cfg, safeclip_weights=check_safeclip_weights(cfg.safeclip_weights, cfg.method))
+    if cfg.weights is not None:
+        cfg = replace(cfg, weights=check_weights(cfg.weights, cfg.method))
     run_dir = cfg.run_dir or cfg.out.with_name(cfg.out.name + ".run")
     return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), run_dir=Path(run_dir))
 
 
-def check_safeclip_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
-    """The eight Safe-CLIP weights as a tuple, or an :class:`InputError` that names the order and the defaults."""
-    order = " ".join(SAFECLIP_TERMS)
-    if method != "safeclip":
-        raise InputError(f"--safeclip-weights applies to --method safeclip only, not {method}; drop it")
-    if len(weights) != len(SAFECLIP_TERMS) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
+def check_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
+    """``--weights`` as a tuple, or an :class:`InputError` that names the method's terms in order."""
+    terms = objectives.objective_class(method).terms
+    if len(terms) < 2:
+        raise InputError(f"--weights applies to --method hysac or safeclip; {method} has a single loss term, so drop it")
+    if len(weights) != len(terms) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
         raise InputError(
-            f"--safeclip-weights takes {len(SAFECLIP_TERMS)} non-negative numbers, not all zero, in the order {order}; "
-            f"got {','.join(f'{w:g}' for w in weights)}. The reference's: {','.join(f'{w:g}' for w in SAFECLIP_DEFAULT_WEIGHTS)}"
+            f"--weights for {method} takes {len(terms)} non-negative numbers, not all zero, one per loss term in the "
+            f"order {' '.join(terms)}; got {','.join(f'{w:g}' for w in weights)}. The reference's: "
+            f"{','.join(f'{w:g}' for w in objectives.reference_weights(method))}"
         )
     return tuple(float(w) for w in weights)
 
@@ -746,8 +747,9 @@ class _Run:
         self.encoder = encoder.to(ctx.device)
         objective = objectives.build(
             cfg.method, reference=reference, eta=cfg.eta, gather_negatives=cfg.gather_negatives, clip_pairs=cfg.clip_pairs,
-            safeclip_weights=cfg.safeclip_weights,
+            weights=cfg.weights,
         )
+        self.loss_weights = getattr(objective, "weights", None)
         self.step_module = TrainStep(self.encoder, objective).to(ctx.device)
         self.opt = build_optimizer(self.encoder, cfg.method, cfg)
         self.progress = Progress()
@@ -1022,9 +1024,9 @@ class _Run:
             epochs=p.epoch, best_epoch=p.best_epoch, best_validation_recall_sum=p.best_recall_sum,
             adapters="full" if cfg.full_finetune else f"lora r={cfg.lora_rank} alpha={cfg.lora_alpha:g}",
             lr=cfg.lr, batch_size=cfg.batch_size, world_size=self.ctx.world_size, seed=cfg.seed,
-            gather_negatives=cfg.gather_negatives, eta=cfg.eta if cfg.method == "hysac" else None, preset=cfg.preset,
+            gather_negatives=cfg.gather_negatives, eta=cfg.eta if cfg.method == "hysac" and cfg.weights is None else None, preset=cfg.preset,
             clip_pairs=cfg.clip_pairs if cfg.method == "clip" else None,
-            safeclip_weights=list(cfg.safeclip_weights or SAFECLIP_DEFAULT_WEIGHTS) if cfg.method == "safeclip" else None,
+            weights=list(self.loss_weights) if self.loss_weights is not None else None,
         )
         art = artifact.Artifact(plain.cpu(), bounds=bounds, safety=safety, provenance=prov)
         path = artifact.save(art, cfg.out)

@@ -389,45 +389,56 @@ def test_cli_reports_bad_input_without_a_traceback(small_data, tmp_path):
     assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_safeclip_weights_from_the_cli_are_the_ones_the_loss_uses(small_data, tmp_path):
+@pytest.mark.parametrize("method,weights", [
+    ("safeclip", (1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)),  # the two cosine preservation terms only
+    ("hysac", (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)),  # (T, I) alone, no entailment
+])
+def test_weights_from_the_cli_are_the_ones_the_loss_uses(small_data, tmp_path, method, weights):
     from training.objectives.base import weighted_mean
-    from training.objectives.safeclip import DEFAULT_WEIGHTS, TERMS
 
-    weights = (1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # the two cosine preservation terms only
-    out = tmp_path / "sc"
-    proc = subprocess.run([CLI, *_train_args(small_data, out, "--method", "safeclip", "--epochs", "1",
-                                             "--safeclip-weights", ",".join(map(str, weights)))],
+    cls = objectives.objective_class(method)
+    out = tmp_path / "m"
+    proc = subprocess.run([CLI, *_train_args(small_data, out, "--method", method, "--epochs", "1",
+                                             "--weights", ",".join(map(str, weights)))],
                           text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    steps = [e for e in _events(tmp_path / "sc.run") if e["event"] == "step"]
+    steps = [e for e in _events(tmp_path / "m.run") if e["event"] == "step"]
     assert steps
     for e in steps:
-        terms = [torch.tensor(e["terms"][t]) for t in TERMS]
+        terms = [torch.tensor(e["terms"][t]) for t in cls.terms]
         assert e["loss"] == pytest.approx(weighted_mean(terms, list(weights)).item(), rel=1e-4)
-        assert e["loss"] < 0.5 * weighted_mean(terms, list(DEFAULT_WEIGHTS)).item()  # InfoNCE terms dominate those
-    assert artifact.load(out, device="cpu").provenance["safeclip_weights"] == list(weights)
+        assert e["loss"] != pytest.approx(weighted_mean(terms, list(objectives.reference_weights(method))).item(), rel=0.05)
+    prov = artifact.load(out, device="cpu").provenance
+    assert prov["weights"] == list(weights) and prov["eta"] is None
 
 
-@pytest.mark.parametrize("method,weights,message", [
-    ("safeclip", (0.1, 0.1), "takes 8 non-negative numbers"),
-    ("safeclip", (0.1, -0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5), "got 0.1,-0.1,"),
-    ("safeclip", (0.0,) * 8, "not all zero"),
-    ("hysac", (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5), "--method safeclip only"),
+def test_without_weights_the_artifact_records_the_references_and_the_presets_eta(small_data, tmp_path):
+    result = trainer.train(_config(small_data, tmp_path / "h", max_steps=1, eta=2.0))
+    prov = artifact.load(result.artifact, device="cpu").provenance
+    assert prov["weights"] == [1, 1, 1, 1, 2, 2, 2] and prov["eta"] == 2.0
+
+
+@pytest.mark.parametrize("method,kw,message", [
+    ("safeclip", {"weights": (0.1, 0.1)}, "for safeclip takes 8 non-negative numbers"),
+    ("safeclip", {"weights": (0.1, -0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5)}, "got 0.1,-0.1,"),
+    ("hysac", {"weights": (0.0,) * 7}, "not all zero"),
+    ("clip", {"weights": (1.0,)}, "single loss term"),
+    ("hysac", {"weights": (1.0,) * 7, "eta": 2.0}, "--eta or --weights, not both"),
 ])
-def test_bad_safeclip_weights_say_what_is_expected(small_data, tmp_path, method, weights, message):
+def test_bad_weights_say_what_is_expected(small_data, tmp_path, method, kw, message):
     from training.errors import InputError
 
     with pytest.raises(InputError, match=message) as err:
-        trainer.train(_config(small_data, tmp_path / "o", method=method, safeclip_weights=weights))
+        trainer.train(_config(small_data, tmp_path / "o", method=method, **kw))
     if method == "safeclip":
         assert "cd_S_Sref" in str(err.value) and "0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5" in str(err.value)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.run").exists()
 
 
-def test_safeclip_weights_that_are_not_numbers_are_refused_by_the_cli(small_data, tmp_path):
-    proc = subprocess.run([CLI, *_train_args(small_data, tmp_path / "o", "--method", "safeclip",
-                                             "--safeclip-weights", "0.1,x")], text=True, capture_output=True, timeout=120)
-    assert proc.returncode == 2 and "--safeclip-weights takes comma-separated numbers" in proc.stderr
+def test_weights_that_are_not_numbers_are_refused_by_the_cli(small_data, tmp_path):
+    proc = subprocess.run([CLI, *_train_args(small_data, tmp_path / "o", "--weights", "0.1,x")],
+                          text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "--weights takes comma-separated numbers" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 

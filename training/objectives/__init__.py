@@ -6,7 +6,7 @@ from training.errors import InputError
 from training.objectives.base import Batch, Embeddings, LossOutput, Objective
 from training.objectives.clip import ClipObjective
 from training.objectives.hysac import HySACObjective
-from training.objectives.safeclip import DEFAULT_WEIGHTS as DEFAULT_SAFECLIP_WEIGHTS
+from training.objectives.safeclip import DEFAULT_WEIGHTS as SAFECLIP_WEIGHTS
 from training.objectives.safeclip import SafeClipObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -24,25 +24,36 @@ def objective_class(method: str) -> type[Objective]:
         raise InputError(f"unknown training method {method!r}; use one of {', '.join(METHODS)}") from None
 
 
+def reference_weights(method: str) -> tuple[float, ...]:
+    """The weights the reference code gives ``method``'s loss terms (hysac at eta 1)."""
+    cls = objective_class(method)
+    if cls is SafeClipObjective:
+        return SAFECLIP_WEIGHTS
+    return (1.0,) * len(cls.terms)
+
+
 def build(
     method: str, *, reference=None, eta: float = 1.0, gather_negatives: bool = False, clip_pairs: str = "safe",
-    safeclip_weights: tuple[float, ...] | None = None,
+    weights: tuple[float, ...] | None = None,
 ) -> Objective:
     """The objective for ``method``; ``reference`` (the encoder before training) is needed by safeclip.
 
-    ``safeclip_weights``: Safe-CLIP's eight term weights (None: the reference's defaults).
+    ``weights``: the term weights of hysac or safeclip, in the order of the class's ``terms`` (None:
+    the reference's; for hysac ``[1, 1, 1, 1, eta, eta, eta]``). clip has a single term.
     """
     cls = objective_class(method)
     if cls is SafeClipObjective:
         if reference is None:
             raise ValueError("safeclip needs the encoder before training as its frozen reference")
-        return SafeClipObjective(reference, weights=safeclip_weights or DEFAULT_SAFECLIP_WEIGHTS)
+        return SafeClipObjective(reference) if weights is None else SafeClipObjective(reference, weights=weights)
     if cls is HySACObjective:
-        return HySACObjective(eta=eta, gather_negatives=gather_negatives)
+        return HySACObjective(eta=eta, weights=weights, gather_negatives=gather_negatives)
+    if weights is not None:
+        raise ValueError("clip has a single loss term: it takes no weights")
     return ClipObjective(pairs=clip_pairs, gather_negatives=gather_negatives)
 
 
 __all__ = [
     "Batch", "Embeddings", "LossOutput", "Objective", "ClipObjective", "HySACObjective", "SafeClipObjective",
-    "OBJECTIVES", "METHODS", "objective_class", "build",
+    "OBJECTIVES", "METHODS", "objective_class", "reference_weights", "build",
 ]

@@ -68,6 +68,7 @@ class Objective(nn.Module):
     geometry: ClassVar[str]
     uses_unsafe: ClassVar[bool] = True
     trained_scalars: ClassVar[tuple[str, ...]] = ()
+    terms: ClassVar[tuple[str, ...]] = ()  # names of the weighted loss terms, in the order ``--weights`` takes them
 
     def __init__(self, *, gather_negatives: bool = False):
         super().__init__()

@@ -5,7 +5,7 @@ pairs as positives, with logits ``-geodesic distance * exp(logit_scale)``:
 ``(T, I)``, ``(T*, I*)``, ``(T, I*)``, ``(T*, I)``. Three entailment losses order the space as
 ``T > I > T* > I*`` (parents nearer the origin): ``T entails I``, ``T* entails I*``, ``I entails T*``.
 The seven terms are weighted ``[1, 1, 1, 1, eta, eta, eta]``, normalised to sum 1 and divided by 7,
-as in the reference code.
+as in the reference code; ``weights=`` replaces all seven.
 """
 
 from __future__ import annotations
@@ -36,10 +36,16 @@ class HySACObjective(Objective):
     geometry = "lorentz"
     uses_unsafe = True
     trained_scalars = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
+    terms = TERMS
 
-    def __init__(self, *, eta: float = 1.0, min_radius: float = lorentz.MIN_RADIUS, gather_negatives: bool = False):
+    def __init__(
+        self, *, eta: float = 1.0, weights: tuple[float, ...] | None = None, min_radius: float = lorentz.MIN_RADIUS,
+        gather_negatives: bool = False,
+    ):
         super().__init__(gather_negatives=gather_negatives)
-        self.eta = float(eta)
+        self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0, 1.0, 1.0, 1.0, eta, eta, eta)
+        if len(self.weights) != len(TERMS):
+            raise ValueError(f"HySAC takes {len(TERMS)} weights, got {len(self.weights)}")
         self.min_radius = min_radius
 
     def forward(self, emb: Embeddings, encoder) -> LossOutput:
@@ -59,6 +65,5 @@ class HySACObjective(Objective):
             lorentz.entailment_loss(u, g, curv, min_radius=k),
             lorentz.entailment_loss(v, u, curv, min_radius=k),
         ]
-        eta = self.eta
-        loss = weighted_mean(values, [1.0, 1.0, 1.0, 1.0, eta, eta, eta])
+        loss = weighted_mean(values, list(self.weights))
         return LossOutput(loss, dict(zip(TERMS, (t.detach() for t in values))))

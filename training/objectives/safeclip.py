@@ -49,6 +49,7 @@ class SafeClipObjective(Objective):
     geometry = "euclidean"
     uses_unsafe = True
     trained_scalars = ()
+    terms = TERMS
 
     def __init__(
         self,
