@@ -1024,7 +1024,8 @@ class _Run:
             epochs=p.epoch, best_epoch=p.best_epoch, best_validation_recall_sum=p.best_recall_sum,
             adapters="full" if cfg.full_finetune else f"lora r={cfg.lora_rank} alpha={cfg.lora_alpha:g}",
             lr=cfg.lr, batch_size=cfg.batch_size, world_size=self.ctx.world_size, seed=cfg.seed,
-            gather_negatives=cfg.gather_negatives, eta=cfg.eta if cfg.method == "hysac" and cfg.weights is None else None, preset=cfg.preset,
+            gather_negatives=cfg.gather_negatives, preset=cfg.preset,
+            eta=cfg.eta if cfg.method == "hysac" and cfg.weights is None else None,
             clip_pairs=cfg.clip_pairs if cfg.method == "clip" else None,
             weights=list(self.loss_weights) if self.loss_weights is not None else None,
         )

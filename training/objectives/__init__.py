@@ -45,7 +45,7 @@ def build(
     if cls is SafeClipObjective:
         if reference is None:
             raise ValueError("safeclip needs the encoder before training as its frozen reference")
-        return SafeClipObjective(reference) if weights is None else SafeClipObjective(reference, weights=weights)
+        return SafeClipObjective(reference, weights=weights or SAFECLIP_WEIGHTS)
     if cls is HySACObjective:
         return HySACObjective(eta=eta, weights=weights, gather_negatives=gather_negatives)
     if weights is not None:
