@@ -109,7 +109,6 @@ def test_failed_save_leaves_nothing_behind(art, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_a_full_disk_keeps_the_previous_directory_and_says_what_to_do(tmp_path):
     final = tmp_path / "checkpoint"
     final.mkdir()

@@ -412,7 +412,7 @@ def test_weights_from_the_cli_are_the_ones_the_loss_uses(small_data, tmp_path, m
     assert prov["weights"] == list(weights) and prov["eta"] is None
 
 
-def test_without_weights_the_artifact_records_the_references_and_the_presets_eta(small_data, tmp_path):
+def test_without_weights_the_artifact_records_the_weights_eta_gives(small_data, tmp_path):
     result = trainer.train(_config(small_data, tmp_path / "h", max_steps=1, eta=2.0))
     prov = artifact.load(result.artifact, device="cpu").provenance
     assert prov["weights"] == [1, 1, 1, 1, 2, 2, 2] and prov["eta"] == 2.0
