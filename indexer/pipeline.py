@@ -30,7 +30,7 @@ from indexer.store import VectorStore, content_id
 from training import lorentz
 from training.artifact import Artifact
 from training.errors import ImageError
-from training.images import MAX_PIXELS, decode_image
+from training.images import MAX_PIXELS, preprocess_bytes
 
 DEFAULT_BATCH = 64
 
@@ -77,7 +77,7 @@ class ImageReader(Dataset):
             pid = content_id(data)
             if pid in self.known:
                 return {"i": i, "id": pid, "pixels": None, "error": None}
-            pixels = self.transform(decode_image(data, name=str(item.path), max_pixels=self.max_pixels))
+            pixels = preprocess_bytes(data, self.transform, name=str(item.path), max_pixels=self.max_pixels)
             return {"i": i, "id": pid, "pixels": pixels, "error": None}
         except ImageError as e:
             return {"i": i, "id": None, "pixels": None, "error": str(e)}

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb guard for query images (400 above).")
+    max_image_aspect: float = Field(
+        50.0, ge=1, le=10_000,
+        description="Longest accepted side ratio of query images (400 above): preprocessing resizes the short side.",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none by default).")
     access_log: bool = Field(False, description="Log every request line (costs CPU under load; /metrics counts requests).")
 

@@ -36,7 +36,7 @@ from service.schemas import (
 )
 from service.state import ServedPair
 from training.errors import ImageError, InputError
-from training.images import decode_image
+from training.images import preprocess_bytes
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
@@ -66,10 +66,11 @@ def decode_base64(text: str) -> bytes:
     return data
 
 
-def prepare_image(pair: ServedPair, data: bytes, max_pixels: int):
-    """Decode (pixel limit, truncation check) and preprocess: bytes -> ``(3, H, W)`` tensor and a cache key."""
-    image = decode_image(data, name="image", max_pixels=max_pixels)
-    return pair.artifact.encoder.transform(image), hashlib.sha256(data).hexdigest()
+def prepare_image(pair: ServedPair, data: bytes, max_pixels: int, max_aspect: float):
+    """Decode (pixel and aspect limits, truncation check) and preprocess: bytes -> ``(3, H, W)`` tensor and a cache key."""
+    pixels = preprocess_bytes(data, pair.artifact.encoder.transform, name="image", max_pixels=max_pixels,
+                              max_aspect=max_aspect)
+    return pixels, hashlib.sha256(data).hexdigest()
 
 
 def parse_item_id(item_id: str) -> str:
@@ -104,7 +105,9 @@ async def encode_query(request: Request, pair: ServedPair, *, text: str | None =
     if text is not None:
         return await services.batcher.encode(pair.artifact, "text", text, key=text), "text"
     t0 = time.perf_counter()
-    pixels, digest = await run_in_threadpool(prepare_image, pair, image, services.settings.max_image_pixels)
+    settings = services.settings
+    pixels, digest = await run_in_threadpool(prepare_image, pair, image, settings.max_image_pixels,
+                                             settings.max_image_aspect)
     services.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
     return await services.batcher.encode(pair.artifact, "image", pixels, key=digest), "image"
 
