@@ -62,8 +62,8 @@ class Summary:
 class ImageReader(Dataset):
     """Worker-side half of the pipeline: ``i -> {i, id, pixels (3, H, W) | None, error | None, real}``."""
 
-    def __init__(self, items: Sequence[Item], transform, *, known: frozenset[str] = frozenset(), max_pixels: int = MAX_PIXELS,
-                 roots: DataRoots = DataRoots()):
+    def __init__(self, items: Sequence[Item], transform, *, known: frozenset[str] = frozenset(),
+                 max_pixels: int = MAX_PIXELS, roots: DataRoots = DataRoots()):
         self.items, self.transform, self.known, self.max_pixels = items, transform, known, max_pixels
         self.roots = roots
 

@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from training.data.roots import DataRoots
 from training.errors import DataError, InputError, OutsideRootsError

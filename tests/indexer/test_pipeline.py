@@ -289,7 +289,8 @@ def test_malformed_manifest_rows_are_counted_failures_with_their_line(tmp_path, 
                   "not a list", "caption must be text", "NUL byte"):
         assert sum(words in e for e in errors) == 1, (words, errors)
     # parquet: a non-string image column, a null image, tags that are a struct
-    tables = {"int.parquet": [{"image": 5}], "null.parquet": [{"image": None, "tags": ["x"]}, {"image": "img001.png", "tags": ["x", None]}],
+    tables = {"int.parquet": [{"image": 5}],
+              "null.parquet": [{"image": None, "tags": ["x"]}, {"image": "img001.png", "tags": ["x", None]}],
               "struct.parquet": [{"image": "img001.png", "tags": {"a": 1}}]}
     for name, table in tables.items():
         pq.write_table(pa.Table.from_pylist(table), folder / name)

@@ -252,7 +252,8 @@ def _load_split(root: Path, split: str, roots: DataRoots, **layout_kwargs: Any) 
     seen: set[int] = set()
     for rec in raw:
         reason, quad = _quadruplet(rec, split, layout, coco, seen)
-        if quad is not None and roots and not all(roots.contains(Path(os.path.realpath(p))) for p in (quad.safe_image, quad.nsfw_image)):
+        if quad is not None and roots and not all(roots.contains(Path(os.path.realpath(p)))
+                                                  for p in (quad.safe_image, quad.nsfw_image)):
             reason, quad = "outside_data_roots", None
         if quad is None:
             skipped[reason] += 1
