@@ -118,8 +118,12 @@ def resolve_under_roots(text: str, roots: list[Path], *, what: str = "path") -> 
 
 
 def data_root_args(roots: list[Path]) -> list[str]:
-    """``--data-root`` for each root: the job reads no file outside them, whatever a manifest or symlink says."""
-    return [arg for root in roots for arg in ("--data-root", str(root))]
+    """``--data-root`` for each root: the job reads no file outside them, whatever a manifest or symlink says.
+
+    A configured root that does not exist holds no file, so leaving it out confines as much; at least one
+    exists, as every job path was found under one.
+    """
+    return [arg for root in roots if os.path.isdir(root) for arg in ("--data-root", str(root))]
 
 
 # ------------------------------------------------------------------ processes

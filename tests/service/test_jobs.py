@@ -15,7 +15,8 @@ import pytest
 from indexer.builder import schema_of
 from indexer.generations import LocalGenerations
 from service.errors import ConflictError, ForbiddenError
-from service.jobs import JobManager, JobRecord, _alive, _proc_start, _tail, resolve_under_roots
+from service.jobs import JobManager, JobRecord, _alive, _proc_start, _tail, reindex_steps, resolve_under_roots, train_step
+from service.schemas import IndexSource, ReindexRequest, RetrainRequest
 from tests.indexer.conftest import leaked, leaky_root
 from tests.service.conftest import ADMIN, MODERATOR, copy_index, live, settings_for
 from training.errors import InputError
@@ -36,6 +37,18 @@ def test_paths_must_lie_under_the_data_roots(tmp_path):
         resolve_under_roots("nothing-here", [root])
     with pytest.raises(ForbiddenError, match="SAFE_RETRIEVAL_DATA_ROOTS"):
         resolve_under_roots("set", [])
+
+
+def test_every_job_command_is_confined_to_the_existing_data_roots(tmp_path):
+    root = tmp_path / "data"
+    (root / "set").mkdir(parents=True)
+    roots = [root, tmp_path / "not-there"]
+    commands = [reindex_steps(ReindexRequest(source=IndexSource(images="set")), model=tmp_path / "m", name="g",
+                              roots=roots, media_root=None, qdrant_url=None, index_root=tmp_path / "idx")[0],
+                train_step(RetrainRequest(data="set"), model=tmp_path / "m", out=tmp_path / "out", roots=roots)]
+    for argv in commands:
+        pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--data-root"]
+        assert pairs == [str(root)], argv
 
 
 def test_progress_and_log_tail_from_a_progress_bar(tmp_path):
