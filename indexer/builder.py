@@ -30,6 +30,7 @@ from indexer.errors import ModelMismatchError
 from indexer.generations import Generations, LocalGenerations, ServerGenerations, now_iso
 from indexer.sources import Item, shard
 from indexer.store import Match, Schema, VectorStore
+from training.data.roots import DataRoots
 from training.errors import InputError
 
 if TYPE_CHECKING:  # torch and open_clip load only once a job has its lock: a busy index fails fast
@@ -182,8 +183,11 @@ def _resumable(gens: Generations, art: "Artifact", sources: str) -> str | None:
 
 def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, sources: str = "",
           media_root: Path | None = None, batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2,
-          progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None) -> JobResult:
+          progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
+          roots: DataRoots = DataRoots()) -> JobResult:
     """Index ``items`` into a new (or resumed) generation of ``gens.name`` and switch to it.
+
+    With ``roots``, an image file outside them is a recorded failure (``indexer.pipeline``).
 
     ``model`` is an artifact or its directory (loaded only once the lock is held, so a busy index
     fails before any model is loaded).
@@ -212,7 +216,7 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
         failures = gens.failures_path(gen, suffix)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
                   progress_path=gens.progress_path(gen, suffix), progress=progress,
-                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), **_pixels(max_pixels))
+                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), roots=roots, **_pixels(max_pixels))
         try:
             summary = job.run(shard(items, rank, world) if world > 1 else items)
         except BaseException:
@@ -264,7 +268,8 @@ def _writable_copy(gens: Generations, cur: str, meta: dict[str, Any]) -> tuple[s
 
 def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, media_root: Path | None = None,
         batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2, progress: bool = True,
-        break_lock: bool = False, device: str = "auto", max_pixels: int | None = None) -> JobResult:
+        break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
+        roots: DataRoots = DataRoots()) -> JobResult:
     """Add ``items`` to the current generation (same model only); stored items are skipped."""
     with gens.lock(break_lock=break_lock):
         cur = gens.require_current()
@@ -277,7 +282,7 @@ def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, m
         store = gens.open_store(gen, schema_of(meta))
         failures = gens.failures_path(gen)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
-                  progress_path=gens.progress_path(gen), progress=progress, desc=f"add to {gen}",
+                  progress_path=gens.progress_path(gen), progress=progress, desc=f"add to {gen}", roots=roots,
                   **_pixels(max_pixels))
         try:
             summary = job.run(items)

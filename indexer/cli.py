@@ -45,6 +45,14 @@ URL_OPT = typer.Option(None, "--qdrant-url", envvar="SAFE_RETRIEVAL_QDRANT_URL",
                        help="Use a Qdrant server/cluster at this URL instead of the embedded store.")
 KEY_OPT = typer.Option(None, "--api-key", envvar="SAFE_RETRIEVAL_QDRANT_API_KEY", help="API key of the Qdrant server.")
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of text.")
+DATA_ROOT_OPT = typer.Option([], "--data-root", help="Read files only under this directory, after resolving symlinks: "
+                             "others are recorded failures (repeatable; none given: no limit).")
+
+
+def _roots(dirs: List[Path]):
+    from training.data.roots import DataRoots
+
+    return DataRoots.of(dirs)
 
 
 def _echo_json(obj: Any) -> None:
@@ -58,13 +66,18 @@ def _gens(name: str, root: Optional[Path], url: Optional[str], api_key: Optional
     return generations_for(check_name(name), root=root, url=url, api_key=api_key)
 
 
-def _inputs(images, manifest, visu, split, texts, captions_as_text, media_root):
-    """Items, the resume signature and the media root of a job's input options."""
+def _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots):
+    """Items, the resume signature and the media root of a job's input options (confined to ``roots``)."""
     from indexer import sources
     from indexer.builder import sources_signature
 
     items = sources.collect(images=images, manifest=manifest, visu=visu, split=split, texts=texts,
-                            captions_as_text=captions_as_text)
+                            captions_as_text=captions_as_text, roots=roots)
+    if media_root is not None:  # not read, only what stored uris are relative to: it needs no confinement
+        try:  # a symlink loop would otherwise fail only when the first uri is made
+            Path(media_root).resolve()
+        except (OSError, RuntimeError) as e:
+            raise InputError(f"--media-root {media_root} cannot be resolved ({e}); give an existing directory") from e
     root = media_root or sources.default_media_root(images=images, manifest=manifest, visu=visu)
     spec = {"images": images, "manifest": manifest, "visu": visu, "split": split, "texts": texts,
             "captions_as_text": captions_as_text, "media_root": root}
@@ -113,6 +126,7 @@ def build_cmd(
     break_lock: bool = typer.Option(False, "--break-lock", help="Remove a server lock left by a dead build."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Skip larger images as failures (default 40 Mpx)."),
+    data_root: List[Path] = DATA_ROOT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Index a collection into a new generation of NAME and switch NAME to it once complete.
@@ -123,10 +137,12 @@ def build_cmd(
     from indexer import builder
 
     gens = _gens(name, root, qdrant_url, api_key)
-    items, sig, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root)
+    roots = _roots(data_root)
+    items, sig, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots)
     try:
         result = builder.build(gens, model, items, sources=sig, media_root=media, batch_size=batch_size, workers=workers,
-                               keep=keep, progress=progress, break_lock=break_lock, device=device, max_pixels=max_pixels)
+                               keep=keep, progress=progress, break_lock=break_lock, device=device, max_pixels=max_pixels,
+                               roots=roots)
     except KeyboardInterrupt:
         raise _interrupted("build") from None
     if result.points >= 0:  # non-zero ranks of a torchrun job have nothing to report
@@ -153,16 +169,18 @@ def add_cmd(
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Skip larger images as failures (default 40 Mpx)."),
+    data_root: List[Path] = DATA_ROOT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Add items to the current generation of NAME (already stored items are skipped)."""
     from indexer import builder
 
     gens = _gens(name, root, qdrant_url, api_key)
-    items, _, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root)
+    roots = _roots(data_root)
+    items, _, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots)
     try:
         result = builder.add(gens, model, items, media_root=media, batch_size=batch_size, workers=workers, keep=keep,
-                             progress=progress, device=device, max_pixels=max_pixels)
+                             progress=progress, device=device, max_pixels=max_pixels, roots=roots)
     except KeyboardInterrupt:
         raise _interrupted("add") from None
     _report(result, json_out)

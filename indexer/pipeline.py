@@ -6,6 +6,8 @@
 - The main process encodes each batch on the model's device and upserts it as one batch.
 - An unreadable, corrupt, missing or oversized image never stops the job: it is counted as failed
   and written to ``failures.jsonl`` (rewritten by each run, so it lists exactly the current failures).
+  So is a malformed manifest row (``Item.error``) and, with data roots, a file that is outside them:
+  the check is made on the file the worker actually opened, and ``uri`` is that file's real path.
 - Ids are content hashes and stored ids are skipped, so a run killed at any point (even ``kill -9``)
   and re-run ends with the same points and no duplicates. Two items with the same content become
   one point: the first in input order wins.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +31,8 @@ from indexer.sources import Item
 from indexer.store import VectorStore, content_id
 from training import lorentz
 from training.artifact import Artifact
-from training.errors import ImageError
+from training.data.roots import DataRoots
+from training.errors import ImageError, InputError, OutsideRootsError
 from training.images import MAX_PIXELS, preprocess_bytes
 
 DEFAULT_BATCH = 64
@@ -57,10 +60,12 @@ class Summary:
 
 
 class ImageReader(Dataset):
-    """Worker-side half of the pipeline: ``i -> {i, id, pixels (3, H, W) | None, error | None}``."""
+    """Worker-side half of the pipeline: ``i -> {i, id, pixels (3, H, W) | None, error | None, real}``."""
 
-    def __init__(self, items: Sequence[Item], transform, *, known: frozenset[str] = frozenset(), max_pixels: int = MAX_PIXELS):
+    def __init__(self, items: Sequence[Item], transform, *, known: frozenset[str] = frozenset(),
+                 max_pixels: int = MAX_PIXELS, roots: DataRoots = DataRoots()):
         self.items, self.transform, self.known, self.max_pixels = items, transform, known, max_pixels
+        self.roots = roots
 
     def __len__(self) -> int:
         return len(self.items)
@@ -69,7 +74,9 @@ class ImageReader(Dataset):
         item = self.items[i]
         try:
             try:
-                data = item.path.read_bytes()
+                data, real = self.roots.read(item.path, what="image")
+            except OutsideRootsError as e:
+                raise ImageError(str(e)) from e
             except FileNotFoundError as e:
                 raise ImageError(f"image not found: {item.path}") from e
             except OSError as e:
@@ -78,7 +85,7 @@ class ImageReader(Dataset):
             if pid in self.known:
                 return {"i": i, "id": pid, "pixels": None, "error": None}
             pixels = preprocess_bytes(data, self.transform, name=str(item.path), max_pixels=self.max_pixels)
-            return {"i": i, "id": pid, "pixels": pixels, "error": None}
+            return {"i": i, "id": pid, "pixels": pixels, "error": None, "real": str(real)}
         except ImageError as e:
             return {"i": i, "id": None, "pixels": None, "error": str(e)}
         except Exception as e:  # a transform failure on one odd file must not stop the job either
@@ -89,7 +96,7 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Keep per-row metadata as lists; stack the pixels of the rows that need encoding."""
     todo = [r for r in rows if r["pixels"] is not None]
     return {
-        "rows": [{k: r[k] for k in ("i", "id", "error")} | {"encode": r["pixels"] is not None} for r in rows],
+        "rows": [{k: r.get(k) for k in ("i", "id", "error", "real")} | {"encode": r["pixels"] is not None} for r in rows],
         "pixels": torch.stack([r["pixels"] for r in todo]) if todo else None,
     }
 
@@ -158,8 +165,10 @@ class Job:
 
     def __init__(self, art: Artifact, store: VectorStore, *, media_root: Path | None = None, batch_size: int = DEFAULT_BATCH,
                  workers: int = 2, failures_path: Path | None = None, progress_path: Path | None = None,
-                 progress: bool = True, desc: str = "indexing", max_pixels: int = MAX_PIXELS):
+                 progress: bool = True, desc: str = "indexing", max_pixels: int = MAX_PIXELS,
+                 roots: DataRoots = DataRoots()):
         self.art, self.store, self.media_root, self.max_pixels = art, store, media_root, max_pixels
+        self.roots = roots
         self.batch_size, self.workers = max(1, batch_size), max(0, workers)
         self.failures_path, self.progress_path = failures_path, progress_path
         self.show, self.desc = progress, desc
@@ -184,8 +193,13 @@ class Job:
             self._failures = self.failures_path.open("w", encoding="utf-8")
         self._bar = tqdm(total=len(items), unit="item", desc=self.desc, disable=not self.show, dynamic_ncols=True)
         try:
-            images = [it for it in items if it.kind == "image"]
-            texts = [it for it in items if it.kind == "text"]
+            bad = [it for it in items if it.error is not None]
+            for it in bad:
+                self._fail(it, it.error)
+            if bad:
+                self._advance(len(bad))
+            images = [it for it in items if it.kind == "image" and it.error is None]
+            texts = [it for it in items if it.kind == "text" and it.error is None]
             if images:
                 self._images(images)
             if texts:
@@ -201,7 +215,7 @@ class Job:
     # ----------------------------------------------------------------- stages
     def _images(self, items: Sequence[Item]) -> None:
         enc = self.art.encoder
-        reader = ImageReader(items, enc.transform, known=frozenset(self.seen), max_pixels=self.max_pixels)
+        reader = ImageReader(items, enc.transform, known=frozenset(self.seen), max_pixels=self.max_pixels, roots=self.roots)
         loader = DataLoader(reader, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
                             pin_memory=enc.device.type == "cuda")
         for batch in loader:
@@ -219,7 +233,7 @@ class Job:
                     self.seen.add(r["id"])
                     sel.append(j)
                     ids.append(r["id"])
-                    chosen.append(items[r["i"]])
+                    chosen.append(replace(items[r["i"]], path=Path(r["real"])))  # uri: the file actually read
             if sel:
                 self._upsert(ids, chosen, enc.encode_image(batch["pixels"][sel], batch_size=len(sel)))
             self._advance(len(rows))
@@ -234,6 +248,12 @@ class Job:
                 if not (it.text or "").strip():
                     self._fail(it, "empty text")
                     continue
+                if it.path is not None and self.roots:  # a caption's image_uri must not name an outside file
+                    try:
+                        self.roots.check(it.path, what="image")
+                    except InputError as e:
+                        self._fail(it, str(e))
+                        continue
                 pid = content_id(it.text)
                 if pid in self.seen:
                     self.summary.skipped += 1

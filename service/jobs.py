@@ -83,28 +83,47 @@ def resolve_under_roots(text: str, roots: list[Path], *, what: str = "path") -> 
     """A path from a request, refused unless it lies under one of ``roots`` (no ``..``, no symlink escape).
 
     Relative paths are taken relative to the first root under which they exist (else the first root).
+    A name the OS refuses (a component over 255 bytes, a symlink loop) is an InputError (400), not a crash.
+    The files a job then finds inside (manifest rows, symlinks in a folder, a ViSU layout) are confined
+    by the job itself: every command gets ``--data-root`` for each root.
     """
     if not roots:
         raise ForbiddenError("no data roots are configured; set SAFE_RETRIEVAL_DATA_ROOTS to allow job paths")
+    shown = repr(text if len(text) <= 200 else text[:200] + "...")
     if "\x00" in text:
         raise InputError(f"{what} contains a NUL byte")
     raw = Path(text)
     if ".." in raw.parts:
-        raise InputError(f"{what} {text!r} contains '..'; give a path under the data roots")
-    resolved_roots = [r.resolve() for r in roots]
-    if raw.is_absolute():
-        candidates = [raw.resolve()]
-    else:
-        candidates = [(root / raw).resolve() for root in resolved_roots]
-        existing = [c for c in candidates if c.exists()]
-        candidates = existing[:1] or candidates[:1]
-    path = candidates[0]
-    if not any(path == root or path.is_relative_to(root) for root in resolved_roots):
+        raise InputError(f"{what} {shown} contains '..'; give a path under the data roots")
+    try:
+        resolved_roots = [r.resolve() for r in roots]
+        if raw.is_absolute():
+            candidates = [raw.resolve()]
+        else:
+            candidates = [(root / raw).resolve() for root in resolved_roots]
+            existing = [c for c in candidates if c.exists()]
+            candidates = existing[:1] or candidates[:1]
+        path = candidates[0]
+        inside = any(path == root or path.is_relative_to(root) for root in resolved_roots)
+        exists = inside and path.exists()
+    except (OSError, RuntimeError) as e:  # ENAMETOOLONG from stat, "Symlink loop" from resolve
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "a symlink loop" if isinstance(e, RuntimeError) else e
+        raise InputError(f"{what} {shown} cannot be used ({why}); give a plain path under the data roots") from e
+    if not inside:
         allowed = ", ".join(str(r) for r in resolved_roots)
-        raise InputError(f"{what} {text!r} is outside the data roots ({allowed})")
-    if not path.exists():
-        raise InputError(f"{what} {text!r} does not exist under the data roots")
+        raise InputError(f"{what} {shown} is outside the data roots ({allowed})")
+    if not exists:
+        raise InputError(f"{what} {shown} does not exist under the data roots")
     return path
+
+
+def data_root_args(roots: list[Path]) -> list[str]:
+    """``--data-root`` for each root: the job reads no file outside them, whatever a manifest or symlink says.
+
+    A configured root that does not exist holds no file, so leaving it out confines as much; at least one
+    exists, as every job path was found under one.
+    """
+    return [arg for root in roots if os.path.isdir(root) for arg in ("--data-root", str(root))]
 
 
 # ------------------------------------------------------------------ processes
@@ -416,7 +435,7 @@ def source_args(source: IndexSource, roots: list[Path], default_media_root: Path
         args += ["--media-root", str(resolve_under_roots(source.media_root, roots, what="source.media_root"))]
     elif default_media_root is not None:
         args += ["--media-root", str(default_media_root)]
-    return args
+    return args + data_root_args(roots)
 
 
 def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
@@ -428,7 +447,7 @@ def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Pa
 
 def train_step(req: RetrainRequest, *, model: Path, out: Path, roots: list[Path]) -> list[str]:
     argv = ["train", "--method", req.method, "--data", str(resolve_under_roots(req.data, roots, what="data")),
-            "--model", str(model), "--out", str(out)]
+            "--model", str(model), "--out", str(out), *data_root_args(roots)]
     options = {"--preset": req.preset, "--epochs": req.epochs, "--batch-size": req.batch_size, "--lr": req.lr,
                "--lora-rank": req.lora_rank, "--eta": req.eta, "--precision": req.precision, "--seed": req.seed,
                "--max-steps": req.max_steps}

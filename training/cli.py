@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -199,6 +199,8 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda (under torchrun each rank takes cuda:LOCAL_RANK)."),
     run_dir: Optional[Path] = typer.Option(None, help="Checkpoints and metrics.jsonl (default: OUT.run next to OUT)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps in total."),
+    data_root: List[Path] = typer.Option([], "--data-root", help="Read data files only under this directory, after "
+                                         "resolving symlinks (repeatable; none given: no limit)."),
 ) -> None:
     """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
     from training import trainer
@@ -209,7 +211,7 @@ def train(
         weights=_numbers(weights, "--weights") if weights is not None else None,
         precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
         seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
-        run_dir=run_dir, max_steps=max_steps,
+        run_dir=run_dir, max_steps=max_steps, data_roots=tuple(str(p) for p in data_root),
     )
     result = trainer.train(cfg)
     if result.artifact is not None:

@@ -37,6 +37,10 @@ class DataError(SafeRetrievalError):
     """A dataset is missing, malformed, or a split ended up empty."""
 
 
+class OutsideRootsError(InputError):
+    """A file a job would read lies outside the allowed data roots once symlinks and ``..`` are resolved."""
+
+
 def key_summary(keys: list[str] | set[str], limit: int = 5) -> str:
     """First few keys of a list, for error messages: 'a, b, c (+12 more)'."""
     keys = sorted(keys)

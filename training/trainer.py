@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from training import architectures, artifact, distributed, lora, objectives, traversal
+from training.data.roots import DataRoots
 from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, CheckpointError, DataError, InputError, SafeRetrievalError
 from training.objectives import Batch, Embeddings, Objective
@@ -167,6 +168,7 @@ class TrainConfig:
     schedule: str = "constant"  # "constant" (the references) or "cosine" decay to 0 over all epochs
     cache_mb: int = 1024  # keep preprocessed training images in memory when they fit in this many MiB
     progress: bool = True
+    data_roots: tuple[str, ...] = ()  # read files only under these directories (the service's jobs); () reads anywhere
 
 
 @dataclass
@@ -330,15 +332,18 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def load_splits(data: Path, log: Callable[[str], None]):
-    """The train and validation splits; skipped records are reported, an empty split is a DataError."""
+def load_splits(data: Path, log: Callable[[str], None], roots: DataRoots = DataRoots()):
+    """The train and validation splits; skipped records are reported, an empty split is a DataError.
+
+    With ``roots``, records whose images lie outside them are skipped (``outside_data_roots``).
+    """
     from training.data import visu
 
     if not data.is_dir():
         raise DataError(f"dataset directory not found: {data}; create a synthetic one with 'safe-retrieval data synth --out {data}'")
     splits = {}
     for name in ("train", "validation"):
-        split = visu.load_split(data, name)
+        split = visu.load_split(data, name, roots=roots)
         if not split.records:
             raise DataError(f"the {name} split of {data} is empty; check the dataset layout")
         skipped = {k: int(v) for k, v in (split.skipped or {}).items() if v}
@@ -724,13 +729,15 @@ class _Run:
     # ---------------------------------------------------------------- set-up
     def run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
+        self.roots = DataRoots.of(cfg.data_roots)
+        self.roots.check(cfg.data, what="--data")
         if cfg.out.exists():
             raise ArtifactError(f"{cfg.out} already exists; choose another --out or remove it first")
         if cfg.preset is not None and not cfg.data.exists() and ctx.is_main:
             self.log(f"{cfg.data} does not exist: generating the synthetic benchmark there")
             synthesize_for_preset(cfg.preset, cfg.data, seed=cfg.seed)
         distributed.barrier(ctx)
-        splits = load_splits(cfg.data, self.log)
+        splits = load_splits(cfg.data, self.log, self.roots)
         self.train_records = splits["train"].records
         val = splits["validation"].records
         self.val_records = val[: cfg.val_limit] if cfg.val_limit else val
@@ -826,7 +833,7 @@ class _Run:
         cfg = self.cfg
         order = epoch_order(len(self.train_records), self.ctx, seed=cfg.seed, epoch=epoch)[start_step * cfg.batch_size :]
         if self.dataset is None:
-            self.dataset = visu.QuadDataset(self.train_records, self.encoder.transform)
+            self.dataset = visu.QuadDataset(self.train_records, self.encoder.transform, roots=self.roots)
             size = int(self.encoder.arch.preprocess["size"] if isinstance(self.encoder.arch.preprocess["size"], int)
                        else max(self.encoder.arch.preprocess["size"]))
             if cfg.epochs > 1 and cache_fits(len(self.train_records), size, cfg.cache_mb << 20):

@@ -6,6 +6,8 @@ Everything is made here (no downloads) and kept tiny: the whole indexer suite mu
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,49 @@ def row(pid: str) -> int:
 
 def schema_of_art(a: artifact.Artifact) -> Schema:
     return Schema(a.geometry, a.encoder.arch.embed_dim, a.curvature)
+
+
+@dataclass(frozen=True)
+class Leaky:
+    """A data root whose folder, manifest and links point outside it (see ``leaky_root``)."""
+
+    root: Path
+    outside: Path
+    secret: Path
+    manifest: Path
+    good: Path
+
+
+def leaky_root(base: Path) -> Leaky:
+    """``base/root``: 3 images and a symlink to an image in ``base/outside``, and a manifest (``list.jsonl``) of
+    5 rows: a good one, the outside image by absolute path, by ``../`` and by the symlink (all 4 captioned),
+    and a row that is not an object. ``texts.txt`` and ``link.jsonl`` are symlinks to files outside."""
+    root, outside = base / "root", base / "outside"
+    paths = write_images(root / "imgs", 3)
+    secret = write_images(outside, 1, start=50)[0]
+    (root / "imgs" / "leak.png").symlink_to(secret)
+    rows = [{"image": "imgs/img001.png", "caption": "a kept image"},
+            {"image": str(secret), "caption": "an absolute escape"},
+            {"image": "../outside/img050.png", "caption": "a dotdot escape"},
+            {"image": "imgs/leak.png", "caption": "a symlink escape"},
+            [1, 2]]
+    manifest = root / "list.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (outside / "texts.txt").write_text("a secret text\n")
+    (root / "texts.txt").symlink_to(outside / "texts.txt")
+    (outside / "list.jsonl").write_text(json.dumps({"image": str(secret)}) + "\n")
+    (root / "link.jsonl").symlink_to(outside / "list.jsonl")
+    return Leaky(root, outside, secret, manifest, paths[1])
+
+
+def leaked(payloads: list[dict], leaky: Leaky) -> list[dict]:
+    """Payloads that name a file outside the data root (by uri or image_uri), or carry an outside caption."""
+    bad = []
+    for p in payloads:
+        for key in ("uri", "image_uri"):
+            uri = p.get(key)
+            if uri is not None and (uri.startswith("/") or ".." in uri.split("/") or str(leaky.outside) in uri):
+                bad.append(p)
+        if p.get("caption") in ("an absolute escape", "a dotdot escape", "a symlink escape", "a secret text"):
+            bad.append(p)
+    return bad

@@ -22,7 +22,7 @@ from indexer.search import open_index
 from indexer.store import content_id
 from service.cli import app
 from tests.conftest import CLI
-from tests.indexer.conftest import write_images
+from tests.indexer.conftest import leaked, leaky_root, write_images
 
 
 def progress_of(root):
@@ -105,3 +105,40 @@ def test_busy_index_and_bad_input_fail_fast_with_clear_messages(tmp_path, art, c
     for args, message in cases:
         proc = cli(*args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_data_roots_and_malformed_manifests_through_the_cli(tmp_path, art, cli):
+    leaky, root = leaky_root(tmp_path), tmp_path / "idx"
+    build = ["index", "build", "--model", art.path, "--name", "col", "--root", root, "--no-progress", "--workers", "0"]
+    confined = ["--data-root", leaky.root, "--media-root", leaky.root]
+    proc = cli(*build, *confined, "--manifest", leaky.manifest, "--captions-as-text", "--json")
+    res = json.loads(proc.stdout)
+    assert (res["indexed"], res["failed"], res["points"]) == (2, 7, 2) and "Traceback" not in proc.stderr
+    failures = [json.loads(line) for line in open(res["failures"])]
+    assert {"item": f"{leaky.manifest}:5", "error": "the row is a list, not an object; fix or remove that row"} in [
+        {k: f[k] for k in ("item", "error")} for f in failures]
+    assert sum("outside the data roots" in f["error"] for f in failures) == 6
+    with open_index("col", root=root) as idx:
+        payloads = [p.payload for p in idx.store.retrieve(list(idx.store.iter_ids()))]
+    assert len(payloads) == 2 and not leaked(payloads, leaky)
+
+    # whole-file problems: one clear line, exit 2, no traceback, nothing built
+    (leaky.root / "latin.csv").write_bytes("image,caption\nimgs/img001.png,caf\xe9\n".encode("latin-1"))
+    (leaky.root / "noimage.csv").write_text("path,caption\nimgs/img001.png,x\n")
+    (leaky.root / "loop").symlink_to(leaky.root / "loop")
+    cases = [
+        (["--manifest", leaky.root / "latin.csv"], "is not UTF-8 text"),
+        (["--manifest", leaky.root / "noimage.csv"], "has no 'image' column"),
+        (["--texts", leaky.root / "texts.txt", *confined], "outside the data roots"),
+        (["--manifest", leaky.root / "link.jsonl", *confined], "outside the data roots"),
+        (["--images", leaky.root / ("x" * 300), *confined], "File name too long"),
+        (["--images", leaky.root / "imgs", "--media-root", leaky.root / "loop"], "cannot be resolved"),
+        (["--images", leaky.root / "imgs", "--data-root", leaky.root / "nope"], "is not a directory"),
+    ]
+    before = LocalGenerations("col", root).generations()
+    for args, message in cases:
+        proc = cli(*build, *args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, proc.stderr)
+        assert message in lines[0] and "Traceback" not in proc.stdout + proc.stderr, (args, proc.stderr)
+    assert LocalGenerations("col", root).generations() == before

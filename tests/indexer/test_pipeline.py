@@ -15,8 +15,9 @@ from indexer import builder, sources
 from indexer.generations import LocalGenerations, ServerGenerations
 from indexer.search import open_index, search
 from indexer.store import content_id
-from tests.indexer.conftest import write_images
-from training.errors import DataError, InputError
+from tests.indexer.conftest import leaked, leaky_root, write_images
+from training.data.roots import DataRoots
+from training.errors import DataError, InputError, OutsideRootsError
 from training.images import open_image
 
 
@@ -197,3 +198,116 @@ def test_visu_split_indexes_both_images_of_each_quadruplet_and_captions(tmp_path
             assert hits and all(h.payload.get("label") == "safe" for h in hits), target
     with pytest.raises(InputError, match="--split"):
         sources.collect(visu=tmp_path / "visu")
+
+
+# ------------------------------------------------------------------ data roots
+def all_payloads(root, name="col") -> list[dict]:
+    with open_index(name, root=root) as idx:
+        return [p.payload for p in idx.store.retrieve(list(idx.store.iter_ids()))]
+
+
+def failures_of(res) -> dict[str, str]:
+    return {f["item"]: f["error"] for f in map(json.loads, open(res.failures))}
+
+
+def test_data_roots_confine_folders_manifests_and_links_to_real_paths(tmp_path, art):
+    leaky = leaky_root(tmp_path)
+    roots = DataRoots.of([leaky.root])
+    # a folder: the symlinked file is listed, then refused when opened; so is a file swapped for a link after listing
+    items = sources.folder_items(leaky.root / "imgs", roots)
+    assert len(items) == 4
+    swapped = leaky.root / "imgs" / "img002.png"
+    swapped.unlink()
+    swapped.symlink_to(leaky.secret)
+    res = build(tmp_path / "idx", art, items, media_root=leaky.root, roots=roots, workers=2)
+    assert (res.summary.indexed, res.summary.failed, res.points) == (2, 2, 2)
+    failed = failures_of(res)
+    assert set(failed) == {str(leaky.root / "imgs" / "leak.png"), str(swapped)}
+    assert all("outside the data roots" in e for e in failed.values())
+    assert sorted(p["uri"] for p in all_payloads(tmp_path / "idx")) == ["imgs/img001.png", "imgs/sub/img000.png"]
+
+    # a manifest: absolute, ../ and symlinked rows (and their captions) are failures; a non-object row too
+    items = sources.collect(manifest=leaky.manifest, captions_as_text=True, roots=roots)
+    res = build(tmp_path / "idx", art, items, name="man", media_root=leaky.root, roots=roots)
+    assert (res.summary.indexed, res.summary.failed) == (2, 7)  # the good image and its caption
+    failed = failures_of(res)
+    assert failed[f"{leaky.manifest}:5"] == "the row is a list, not an object; fix or remove that row"
+    assert sum("outside the data roots" in e for e in failed.values()) == 6
+    payloads = all_payloads(tmp_path / "idx", "man")
+    assert not leaked(payloads, leaky) and {p["caption"] for p in payloads} == {"a kept image"}
+
+    # files read while listing: a texts file or a manifest that links outside
+    for kwargs in ({"texts": leaky.root / "texts.txt"}, {"manifest": leaky.root / "link.jsonl"},
+                   {"images": leaky.outside}):
+        with pytest.raises(OutsideRootsError, match="outside the data roots"):
+            sources.collect(**kwargs, roots=roots)
+
+    # without roots (an operator's own CLI run) everything named is read, as before
+    res = build(tmp_path / "free", art, sources.collect(manifest=leaky.manifest), media_root=leaky.root)
+    assert (res.summary.indexed, res.summary.skipped, res.summary.failed) == (2, 2, 1)
+
+
+def test_data_roots_confine_a_visu_layout(tmp_path, art):
+    from training.data import synthetic, visu
+
+    root = tmp_path / "root"
+    synthetic.generate(root / "visu", n=30, seed=0)  # 3 test quadruplets
+    secret = write_images(tmp_path / "outside", 1, start=50)[0]
+    first = visu.load_split(root / "visu", "test").records[0]
+    first.nsfw_image.unlink()
+    first.nsfw_image.symlink_to(secret)
+    roots = DataRoots.of([root])
+    split = visu.load_split(root / "visu", "test", roots=roots)
+    assert len(split) == 2 and split.skipped == {"outside_data_roots": 1}
+    items = sources.collect(visu=root / "visu", split="test", captions_as_text=True, roots=roots)
+    res = build(tmp_path / "idx", art, items, media_root=root / "visu", roots=roots)
+    assert (res.summary.indexed, res.summary.failed) == (8, 0)
+    assert not any(p["uri"] and p["uri"].startswith("/") for p in all_payloads(tmp_path / "idx"))
+    # a layout that names image roots or a text file outside the roots is refused as a whole
+    for key, target in (("coco_root", str(tmp_path / "outside")), ("text_file", str(tmp_path / "outside" / "x.json"))):
+        (root / "visu" / "visu.json").write_text(json.dumps({key: target}))
+        with pytest.raises(OutsideRootsError, match="outside the data roots"):
+            visu.load_split(root / "visu", "test", roots=roots)
+
+
+def test_malformed_manifest_rows_are_counted_failures_with_their_line(tmp_path, art):
+    folder = tmp_path / "m"
+    write_images(folder, 2)
+    rows = ['{"image": "img001.png", "tags": ["a", 1, null], "score": NaN}', '"just a string"', "null",
+            '{"image": 7}', '{"image": null}', '{"image": "img002.png", "tags": {"a": 1}}',
+            '{"image": "img002.png", "tags": [["nested"]]}', '{"image": "img002.png", "caption": {"x": 1}}',
+            '{"image": "a\\u0000b.png"}']  # (a csv cell with a NUL byte is the same failure)
+    jsonl = folder / "list.jsonl"
+    jsonl.write_text("\n".join(rows) + "\n")
+    items = sources.manifest_items(jsonl)
+    assert [it.origin for it in items if it.error] == [f"{jsonl}:{n}" for n in range(2, 10)]
+    assert items[0].tags == ("a", "1") and items[0].extra == {"score": None}  # NaN is not JSON: stored as null
+    res = build(tmp_path / "idx", art, items, media_root=folder)
+    assert (res.summary.indexed, res.summary.failed) == (1, 8)
+    errors = list(failures_of(res).values())
+    for words in ("a string, not an object", "null, not an object", "not a number", "no image", "not an object)",
+                  "not a list", "caption must be text", "NUL byte"):
+        assert sum(words in e for e in errors) == 1, (words, errors)
+    # parquet: a non-string image column, a null image, tags that are a struct
+    tables = {"int.parquet": [{"image": 5}],
+              "null.parquet": [{"image": None, "tags": ["x"]}, {"image": "img001.png", "tags": ["x", None]}],
+              "struct.parquet": [{"image": "img001.png", "tags": {"a": 1}}]}
+    for name, table in tables.items():
+        pq.write_table(pa.Table.from_pylist(table), folder / name)
+    errors = {name: [it.error for it in sources.manifest_items(folder / name)] for name in tables}
+    assert "not a number" in errors["int.parquet"][0] and "no image" in errors["null.parquet"][0]
+    assert errors["null.parquet"][1] is None and "not an object" in errors["struct.parquet"][0]
+    assert sources.manifest_items(folder / "null.parquet")[0].origin == f"{folder / 'null.parquet'}:1"
+    # csv: a row with more fields than the header; a byte-order mark before the header is not part of "image"
+    (folder / "bom.csv").write_bytes("\ufeffimage,caption\nimg001.png,x\nimg002.png,y,extra\n".encode())
+    items = sources.manifest_items(folder / "bom.csv")
+    assert items[0].error is None and "more fields than the header" in items[1].error
+    # whole-file problems are one clear error
+    (folder / "latin.csv").write_bytes("image,caption\nimg001.png,caf\xe9\n".encode("latin-1"))
+    (folder / "bad.parquet").write_bytes(b"PAR1 not really")
+    (folder / "huge.csv").write_text("image\n\"" + "x" * 200_000 + "\"\n")  # over csv's field size limit
+    (folder / "lists.jsonl").write_text("[1]\n[2]\n")
+    for name, message in (("latin.csv", "not UTF-8"), ("bad.parquet", "not a readable Parquet"),
+                          ("huge.csv", "not valid CSV"), ("lists.jsonl", "no row that is an object")):
+        with pytest.raises(DataError, match=message):
+            sources.manifest_items(folder / name)

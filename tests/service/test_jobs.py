@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from indexer.builder import schema_of
+from indexer.generations import LocalGenerations
 from service.errors import ConflictError, ForbiddenError
-from service.jobs import JobManager, JobRecord, _alive, _proc_start, _tail, resolve_under_roots
+from service.jobs import JobManager, JobRecord, _alive, _proc_start, _tail, reindex_steps, resolve_under_roots, train_step
+from service.schemas import IndexSource, ReindexRequest, RetrainRequest
+from tests.indexer.conftest import leaked, leaky_root
 from tests.service.conftest import ADMIN, MODERATOR, copy_index, live, settings_for
 from training.errors import InputError
 
@@ -32,6 +37,18 @@ def test_paths_must_lie_under_the_data_roots(tmp_path):
         resolve_under_roots("nothing-here", [root])
     with pytest.raises(ForbiddenError, match="SAFE_RETRIEVAL_DATA_ROOTS"):
         resolve_under_roots("set", [])
+
+
+def test_every_job_command_is_confined_to_the_existing_data_roots(tmp_path):
+    root = tmp_path / "data"
+    (root / "set").mkdir(parents=True)
+    roots = [root, tmp_path / "not-there"]
+    commands = [reindex_steps(ReindexRequest(source=IndexSource(images="set")), model=tmp_path / "m", name="g",
+                              roots=roots, media_root=None, qdrant_url=None, index_root=tmp_path / "idx")[0],
+                train_step(RetrainRequest(data="set"), model=tmp_path / "m", out=tmp_path / "out", roots=roots)]
+    for argv in commands:
+        pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--data-root"]
+        assert pairs == [str(root)], argv
 
 
 def test_progress_and_log_tail_from_a_progress_bar(tmp_path):
@@ -126,6 +143,70 @@ def test_a_job_running_when_the_service_stopped_is_ended_and_failed_on_restart(t
 
 
 # ------------------------------------------------------------------ over HTTP
+#: every path field of the admin job requests, as (route, field)
+PATH_FIELDS = [(route, f"source.{name}") for route in ("reindex", "retrain")
+               for name in ("images", "manifest", "visu", "texts", "media_root")] + [("retrain", "data")]
+
+
+def job_body(route: str, field: str, value: str) -> dict:
+    """A request that is valid but for ``value`` in ``field`` (the other paths exist under the world's root)."""
+    name = field.split(".")[-1]
+    if name == "visu":
+        source = {"visu": value, "split": "test"}
+    elif name in ("images", "manifest"):
+        source = {name: value}
+    else:
+        source = {"visu": "data", "split": "test", name: value}
+    if route == "reindex":
+        return {"source": source}
+    return {"data": value, "reindex": False} if field == "data" else {"data": "data", "source": source}
+
+
+@pytest.fixture(scope="module")
+def odd_server(world, tmp_path_factory):
+    """A server whose second data root holds a symlink loop."""
+    odd = tmp_path_factory.mktemp("odd-root")
+    (odd / "loop").symlink_to(odd / "loop")
+    tmp = tmp_path_factory.mktemp("odd-server")
+    settings = settings_for(world, tmp, data_roots=[world.root, odd], index_root=copy_index(world, tmp / "idx"))
+    with live(settings) as s:
+        yield s, odd
+
+
+@pytest.mark.parametrize("kind", ["too-long", "loop"])
+@pytest.mark.parametrize("route,field", PATH_FIELDS)
+def test_job_paths_the_os_refuses_are_400_with_a_message(odd_server, route, field, kind):
+    server, odd = odd_server
+    values = {"too-long": ["x" * 300, str(odd / ("x" * 300) / "y")], "loop": ["loop", str(odd / "loop" / "x")]}[kind]
+    with server.client(ADMIN) as c:
+        for value in values:
+            r = c.post(f"/v1/admin/{route}", json=job_body(route, field, value))
+            assert r.status_code == 400, (value[:40], r.text)
+            detail = r.json()["detail"]
+            assert detail.startswith(field.split(".")[-1] if field == "data" else field) and "cannot be used" in detail
+        assert c.get("/v1/admin/jobs").json() == {"jobs": []}
+
+
+def test_a_reindex_reads_no_file_outside_the_data_roots(world, tmp_path):
+    """A manifest inside a data root naming files outside it (absolute, ../, a symlink): failures, never payloads."""
+    leaky = leaky_root(tmp_path / "leaky")
+    index_root = copy_index(world, tmp_path / "idx")
+    settings = settings_for(world, tmp_path, data_roots=[world.root, leaky.root], index_root=index_root)
+    source = {"manifest": str(leaky.manifest), "captions": True, "media_root": str(leaky.root)}
+    with live(settings) as s, s.client(ADMIN) as admin:
+        job = admin.post("/v1/admin/reindex", json={"source": source, "name": "leaky"}).json()
+        done = s.services.jobs.wait(job["id"], timeout=240)
+    assert done["status"] == "succeeded", done
+    gens = LocalGenerations("leaky", index_root)
+    gen = gens.generations()[-1]
+    failures = [json.loads(line) for line in gens.failures_path(gen).read_text().splitlines()]
+    assert len(failures) == 7 and sum("outside the data roots" in f["error"] for f in failures) == 6
+    assert any(f["item"] == f"{leaky.manifest}:5" and "not an object" in f["error"] for f in failures)
+    with gens.open_store(gen, schema_of(gens.read_meta(gen))) as store:
+        payloads = [p.payload for p in store.retrieve(list(store.iter_ids()))]
+    assert len(payloads) == 2 and not leaked(payloads, leaky)
+    assert {p["uri"] or p["image_uri"] for p in payloads} == {"imgs/img001.png"}
+
 def test_admin_routes_need_the_admin_token(server):
     with server.client() as c:
         assert c.get("/v1/admin/jobs").status_code == 401

@@ -336,6 +336,39 @@ def test_quad_dataset_survives_unreadable_images(tmp_path):
         QuadDataset(sp.records, build_transform(resolve("tiny")))[0]
 
 
+def test_data_roots_refuse_images_outside_them_when_listed_and_when_opened(tmp_path):
+    import os
+
+    from training.data.roots import DataRoots
+    from training.errors import OutsideRootsError
+    from training.trainer import load_splits
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    syn.generate(root / "visu", n=12, seed=1, image_size=32)
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    secret.write_bytes(load_split(root / "visu", "train").records[0].safe_image.read_bytes())
+    roots = DataRoots.of([root])
+    records = load_split(root / "visu", "train", roots=roots).records
+    # listed inside, then swapped for a link outside: refused when opened, the next record stands in
+    records[0].safe_image.unlink()
+    records[0].safe_image.symlink_to(secret)
+    ds = QuadDataset(records, build_transform(resolve("tiny")), roots=roots)
+    assert ds[0]["index"] == 1 and ds.failed == {0}
+    assert QuadDataset(records, build_transform(resolve("tiny")))[0]["index"] == 0  # no roots: read as before
+    # a link made before listing is skipped while listing, and counted
+    splits = load_splits(root / "visu", lambda _: None, roots)
+    assert splits["train"].skipped == {"outside_data_roots": 1} and len(splits["train"]) == len(records) - 1
+    with pytest.raises(OutsideRootsError):
+        roots.read(secret)
+    # a FIFO (or any non-regular file) is refused at once, not waited on
+    os.mkfifo(root / "fifo.jpg")
+    with pytest.raises(OSError, match="not a regular file"):
+        roots.read(root / "fifo.jpg")
+    with pytest.raises(InputError, match="not a directory"):
+        DataRoots.of([tmp_path / "nope"])
+
+
 # ------------------------------------------------------------------------------ the command
 def test_cli_data_synth_writes_a_dataset_the_loader_reads(cli, tmp_path):
     out = tmp_path / "cli-data"

@@ -15,6 +15,10 @@ A real download is described once in ``DIR/visu.json`` (relative paths are taken
 keyword arguments of :func:`load_split` override it. The JSON may be a list of records, a dict keyed by
 id, or either wrapped as ``{"info": ..., "data": ...}``. Records with an empty caption or a missing
 image are skipped and counted per reason rather than failing the run.
+
+With data roots (``training.data.roots``) the dataset root, ``visu.json``, the text file and both image
+roots must lie under them, and a record whose image resolves outside them is skipped
+(``outside_data_roots``); readers of the images check again when they open them.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from typing import Any, Callable, Sequence
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from training.errors import DataError, ImageError
-from training.images import open_image
+from training.data.roots import DataRoots
+from training.errors import DataError, ImageError, OutsideRootsError
+from training.images import decode_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,8 @@ CONFIG_NOTES = ("info", "description", "comment")
 COCO_FOLDERS = ("train2017", "val2017", "test2017")
 LAYOUT_FIELDS = ("split", "incremental_id", "coco_id", "tag")
 #: Skip reasons, in the order they are checked; each skipped record counts under its first reason.
-SKIP_REASONS = ("malformed", "duplicate_id", "empty_safe_caption", "empty_nsfw_caption", "missing_safe_image", "missing_nsfw_image")
+SKIP_REASONS = ("malformed", "duplicate_id", "empty_safe_caption", "empty_nsfw_caption", "missing_safe_image", "missing_nsfw_image",
+                "outside_data_roots")
 
 
 @dataclass(frozen=True)
@@ -92,13 +98,13 @@ class Layout:
     nsfw_layout: str
 
 
-def read_config(root: Path) -> dict[str, str]:
+def read_config(root: Path, roots: DataRoots = DataRoots()) -> dict[str, str]:
     """``root/visu.json`` as a dict (empty when absent); unknown keys are an error, to catch typos."""
     path = root / CONFIG_FILE
     if not path.is_file():
         return {}
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(roots.read(path, what="ViSU config")[0].decode("utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); fix it or delete it to use the default layout") from e
     if not isinstance(cfg, dict):
@@ -117,6 +123,7 @@ def resolve_layout(
     coco_root: str | Path | None = None,
     nsfw_root: str | Path | None = None,
     nsfw_layout: str | None = None,
+    roots: DataRoots = DataRoots(),
 ) -> Layout:
     """Explicit arguments, then ``root/visu.json``, then the defaults; relative paths start at ``root``."""
     root = Path(root)
@@ -126,7 +133,7 @@ def resolve_layout(
             "(or make one with `safe-retrieval data synth --out DIR`)"
         )
     given = {"text_file": text_file, "coco_root": coco_root, "nsfw_root": nsfw_root, "nsfw_layout": nsfw_layout}
-    cfg = {**DEFAULTS, **read_config(root), **{k: str(v) for k, v in given.items() if v is not None}}
+    cfg = {**DEFAULTS, **read_config(root, roots), **{k: str(v) for k, v in given.items() if v is not None}}
     _check_layout(cfg["nsfw_layout"])
     try:
         text = cfg["text_file"].format(split=split)
@@ -151,10 +158,10 @@ def _check_layout(layout: str) -> None:
                         f"it may use only {', '.join('{' + f + '}' for f in LAYOUT_FIELDS)}")
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path, roots: DataRoots = DataRoots()) -> list[dict[str, Any]]:
     """The raw records of a ViSU-Text file: a list, a dict keyed by id, either one under ``"data"``, or JSON lines."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = roots.read(path, what="ViSU-Text file")[0].decode("utf-8")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
     try:
@@ -200,15 +207,29 @@ def load_split(
     coco_root: str | Path | None = None,
     nsfw_root: str | Path | None = None,
     nsfw_layout: str | None = None,
+    roots: DataRoots = DataRoots(),
 ) -> VisuSplit:
     """Read one split (``train``, ``validation``, ``test``, or ``heldout`` for synthetic data).
 
     ``text_file`` is a path or a pattern with ``{split}``; ``nsfw_layout`` is a pattern under ``nsfw_root``
     with ``{split}``, ``{incremental_id}``, ``{coco_id}`` and ``{tag}``. Every record read ends up either
     in ``records`` or counted once in ``skipped`` (under its first problem, see ``SKIP_REASONS``).
-    Raises DataError when the root, the JSON or an image root is missing, or no record is usable.
+    Raises DataError when the root, the JSON or an image root is missing, or no record is usable, and
+    OutsideRootsError when one of them lies outside ``roots``.
     """
-    layout = resolve_layout(root, split, text_file=text_file, coco_root=coco_root, nsfw_root=nsfw_root, nsfw_layout=nsfw_layout)
+    try:
+        return _load_split(root, split, roots, text_file=text_file, coco_root=coco_root, nsfw_root=nsfw_root,
+                           nsfw_layout=nsfw_layout)
+    except (OSError, UnicodeDecodeError) as e:  # a name too long, a symlink loop, a text file that is not UTF-8
+        raise DataError(f"cannot read split {split!r} of the ViSU dataset {str(root)[:200]} ({e}); check its layout") from e
+
+
+def _load_split(root: Path, split: str, roots: DataRoots, **layout_kwargs: Any) -> VisuSplit:
+    roots.check(root, what="ViSU dataset root")
+    layout = resolve_layout(root, split, roots=roots, **layout_kwargs)
+    for what, path in (("ViSU-Text file", layout.text_file), ("COCO image root", layout.coco_root),
+                       ("NSFW image root", layout.nsfw_root)):
+        roots.check(path, what=what)
     if not layout.text_file.is_file():
         found = sorted(p.name for p in Path(root).glob("ViSU-Text_*.json*"))
         raise DataError(
@@ -224,13 +245,16 @@ def load_split(
             key = "coco_root" if what.startswith("COCO") else "nsfw_root"
             raise DataError(f"{what} {path} does not exist; pass {key}=... ({hint}) or set {key} in {Path(root) / CONFIG_FILE}")
 
-    raw = read_records(layout.text_file)
+    raw = read_records(layout.text_file, roots)
     coco = CocoIndex(layout.coco_root)
     records: list[Quadruplet] = []
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     seen: set[int] = set()
     for rec in raw:
         reason, quad = _quadruplet(rec, split, layout, coco, seen)
+        if quad is not None and roots and not all(roots.contains(Path(os.path.realpath(p)))
+                                                  for p in (quad.safe_image, quad.nsfw_image)):
+            reason, quad = "outside_data_roots", None
         if quad is None:
             skipped[reason] += 1
         else:
@@ -289,8 +313,10 @@ class QuadDataset(Dataset):
     unreadable by this process (each DataLoader worker keeps its own).
     """
 
-    def __init__(self, records: Sequence[Quadruplet] | VisuSplit, transform: Callable[[Any], Tensor], *, max_tries: int = 16):
+    def __init__(self, records: Sequence[Quadruplet] | VisuSplit, transform: Callable[[Any], Tensor], *, max_tries: int = 16,
+                 roots: DataRoots = DataRoots()):
         self.records = list(records.records if isinstance(records, VisuSplit) else records)
+        self.roots = roots  # checked again on the file actually opened (a symlink may change after listing)
         if not self.records:
             raise DataError("QuadDataset needs at least one record; load a non-empty split")
         self.transform = transform
@@ -311,8 +337,8 @@ class QuadDataset(Dataset):
                 continue
             r = self.records[i]
             try:
-                safe_image, nsfw_image = open_image(r.safe_image), open_image(r.nsfw_image)
-            except ImageError as e:
+                safe_image, nsfw_image = self._open(r.safe_image), self._open(r.nsfw_image)
+            except (ImageError, OutsideRootsError) as e:
                 self.failed.add(i)
                 log.warning("skipping ViSU record %d (incremental_id %d): %s", i, r.incremental_id, e)
                 continue
@@ -329,3 +355,12 @@ class QuadDataset(Dataset):
             f"{min(self.max_tries, n)} consecutive ViSU records from position {index} have unreadable images "
             f"(first: {self.records[index].safe_image}); check the image roots"
         )
+
+    def _open(self, path: Path):
+        if not self.roots:
+            return open_image(path)
+        try:
+            data = self.roots.read(path, what="image")[0]
+        except OSError as e:
+            raise ImageError(f"cannot read {path}: {e.strerror or e}") from e
+        return decode_image(data, name=str(path))
