@@ -56,6 +56,7 @@ LOG_TAIL_LINES = 20
 JOB_DIR = "{job_dir}"
 #: where an index step reports the generation it staged (``--result-file``)
 INDEX_RESULT = f"{JOB_DIR}/index-result.json"
+BEFORE_COMMIT = 0.99  # the most progress a job shows before its commit point: 1.0 means it succeeded
 TRACE_OMITTED = "(stack trace omitted; the job's log file has it)"
 _PERCENT = re.compile(rb"(\d{1,3})%\|")
 #: run ``safe-retrieval ARGS`` with this interpreter, whether or not the console script is on PATH
@@ -167,20 +168,21 @@ def without_stack_traces(lines: list[str]) -> list[str]:
     """``lines`` with each Python traceback (chained ones included) replaced by ``TRACE_OMITTED``,
     keeping the final error line (``ValueError: ...``). Frames cut at the start of a tail count too."""
     out: list[str] = []
-    in_trace = False
+    in_trace = ended = False  # inside a trace; the last line kept is the one that ended a trace
     for line in lines:
-        starts = line.startswith("Traceback (most recent call last):")
-        if starts or (not out and line.startswith('  File "')):
+        if line.startswith("Traceback (most recent call last):") or (not out and line.startswith('  File "')):
             if not (out and out[-1] == TRACE_OMITTED):
                 out.append(TRACE_OMITTED)
-            in_trace = True
+            in_trace, ended = True, False
         elif in_trace and line[:1].isspace():
             continue  # a frame or its source line
+        elif ended and line.startswith(_CHAINED):
+            out.pop()  # the earlier exception's line belongs to the omitted chain
+            in_trace, ended = True, False
         elif in_trace and line.startswith(_CHAINED):
-            if out and out[-1] != TRACE_OMITTED:
-                out.pop()  # the intermediate exception's line belongs to the omitted chain
+            continue
         else:
-            in_trace = False
+            ended, in_trace = in_trace, False
             out.append(line)
     return out
 
@@ -417,10 +419,11 @@ class JobManager:
                     _kill_group(proc.pid, signal.SIGKILL)
             _, pct = _tail(logfile, lines=1, since=start)
             if pct is not None:
-                self._set(job, progress=(index + pct) / len(job.steps))
+                self._set(job, progress=min((index + pct) / len(job.steps), BEFORE_COMMIT))
         _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group (workers) never outlive their step
         done = rc == 0 and not cancel.is_set()  # a killed step did not finish: its share stays undone
-        self._set(job, pid=None, pid_started=None, **({"progress": (index + 1) / len(job.steps)} if done else {}))
+        progress = {"progress": min((index + 1) / len(job.steps), BEFORE_COMMIT)} if done else {}
+        self._set(job, pid=None, pid_started=None, **progress)
         return rc
 
     def _argv(self, job: JobRecord, argv: list[str]) -> list[str]:
