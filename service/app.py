@@ -137,10 +137,9 @@ class Services:
             if gen:
                 self._switch(self.generations(plan.get("index")), gen)
             return {"swapped": False, "model": plan.get("new_model"), "index": plan.get("index"), "generation": gen}
+        if not gen:
+            raise ConflictError("the job's index step reported no generation (no --result-file); see its log")
         model = Path(plan["model"]) if plan.get("model") else None
-        if not gen:  # nothing staged (a job of an older version): serve what the pointer says
-            changed, ref = self.reload(model)
-            return {"swapped": changed, "model": str(model) if model else None, "index": ref}
         from indexer.search import open_index
 
         gens = self.generations()

@@ -404,3 +404,26 @@ def test_a_staged_generation_that_fails_acceptance_never_moves_the_pointer(world
         record.staged["generation"] = before["generation"]
         assert s.services.job_discarded(record) is False  # the served generation is never deleted
         assert before["generation"] in gens.generations()
+
+
+def test_a_job_interrupted_by_a_stop_is_discarded_unless_its_commit_switched(tmp_path):
+    """At start-up an interrupted job's staged generation and model go, unless the pointer already moved to them."""
+    asked: list[str] = []
+
+    def on_discard(job: JobRecord) -> bool:
+        asked.append(job.id)
+        return job.staged["generation"] != "gallery@20250101T000000000000Z"  # "the current generation"
+
+    models = tmp_path / "state" / "models"
+    saver = manager(tmp_path)  # as the stopped service left them
+    for name, gen in (("20250101-000000-000-aaaaaa", "gallery@20250101T000000000000Z"),
+                      ("20250101-000000-000-bbbbbb", "gallery@20250102T000000000000Z")):
+        (models / name).mkdir(parents=True)
+        saver._save(JobRecord(id=name, kind="retrain", status="running", plan={"new_model": str(models / name)},
+                               staged={"generation": gen, "state": "complete"}))
+    jobs = JobManager(tmp_path / "state", on_success=lambda job: {}, on_discard=on_discard)
+    committed, interrupted = jobs.get("20250101-000000-000-aaaaaa"), jobs.get("20250101-000000-000-bbbbbb")
+    assert sorted(asked) == ["20250101-000000-000-aaaaaa", "20250101-000000-000-bbbbbb"]
+    assert committed["status"] == "succeeded" and (models / "20250101-000000-000-aaaaaa").is_dir()
+    assert interrupted["status"] == "failed" and "restarted" in interrupted["error"]
+    assert not (models / "20250101-000000-000-bbbbbb").exists()
