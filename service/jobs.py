@@ -235,7 +235,7 @@ class JobManager:
                     _kill_group(job.pid, signal.SIGKILL)
                 self._read_staged(job)
                 job.finished_at, job.step, job.pid, job.pid_started = _now(), None, None, None
-                if self._discard_outputs(job, cancelled=False):
+                if self._discard_outputs(job):
                     job.status = "failed"
                     job.error = "the service restarted while this job ran; nothing was changed, submit it again"
                 else:  # its commit had switched the pointer before the stop: what it made is served
@@ -374,7 +374,7 @@ class JobManager:
             with self._lock:  # THE commit point: a cancel either got in before it, or is too late
                 if not cancel.is_set():
                     job.committed = True
-                    self._set(job, step="swap", progress=1.0)
+                    self._set(job, step="swap")
             if not job.committed:
                 self._finish(job, "failed" if job.error else "cancelled", error=job.error)
                 return
@@ -442,10 +442,11 @@ class JobManager:
 
     def _finish(self, job: JobRecord, status: str, *, error: str | None = None, result: dict | None = None) -> None:
         if status != "succeeded":
-            self._discard_outputs(job, cancelled=status == "cancelled")
-        self._set(job, status=status, error=error, result=result or {}, finished_at=_now(), step=None)
+            self._discard_outputs(job)
+        done = {"progress": 1.0} if status == "succeeded" else {}
+        self._set(job, status=status, error=error, result=result or {}, finished_at=_now(), step=None, **done)
 
-    def _discard_outputs(self, job: JobRecord, *, cancelled: bool) -> bool:
+    def _discard_outputs(self, job: JobRecord) -> bool:
         """Delete the staged generation (``on_discard``) and the new model, unless they are already
         served (a commit that switched before the service stopped): then keep both and return False."""
         if self.on_discard is not None and job.staged.get("generation"):
