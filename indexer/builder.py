@@ -10,6 +10,11 @@ complete and optimized (invariant 5):
   generation, change the copy and switch (Edge allows one handle per directory and the service holds
   the current one). On a Qdrant server they change the current collection in place, as Qdrant is
   built for concurrent readers and writers.
+- ``switch=False`` (``--no-switch``, what the service's admin jobs use) stops after the record:
+  the generation is left complete but *staged*, neither switched to nor pruned around, and
+  ``staged(gen)`` has named it as soon as it was chosen. The service switches the pointer when it
+  accepts the job, together with the served model, or deletes the generation when the job is
+  cancelled. Against a Qdrant server ``add``/``delete`` refuse ``switch=False`` (see ``_writable_copy``).
 - Scale-out (server only): under ``torchrun`` each rank (``RANK``/``WORLD_SIZE``) indexes a disjoint
   shard of the items into the same collection; rank 0 takes the lock, picks the generation and, after
   a barrier, optimizes, records and switches once.
@@ -24,7 +29,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from indexer.errors import ModelMismatchError
 from indexer.generations import Generations, LocalGenerations, ServerGenerations, now_iso
@@ -184,13 +189,15 @@ def _resumable(gens: Generations, art: "Artifact", sources: str) -> str | None:
 def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, sources: str = "",
           media_root: Path | None = None, batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2,
           progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
-          roots: DataRoots = DataRoots()) -> JobResult:
+          roots: DataRoots = DataRoots(), switch: bool = True,
+          staged: "Callable[[str], None] | None" = None) -> JobResult:
     """Index ``items`` into a new (or resumed) generation of ``gens.name`` and switch to it.
 
     With ``roots``, an image file outside them is a recorded failure (``indexer.pipeline``).
 
     ``model`` is an artifact or its directory (loaded only once the lock is held, so a busy index
-    fails before any model is loaded).
+    fails before any model is loaded). ``switch=False`` leaves the complete generation staged (no
+    switch, no prune); ``staged`` is called with the generation's name once it is chosen.
     """
     rank, world = dist_env()
     if world > 1 and not isinstance(gens, ServerGenerations):
@@ -211,6 +218,8 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
                 gen = gens.new_name()
                 gens.create_store(gen, schema, index_record(art, name=gens.name, generation=gen, sources=sources)).close()
         gen = d.broadcast(gen if rank == 0 else None)
+        if rank == 0 and staged is not None:
+            staged(gen)
         store = gens.open_store(gen, schema)
         suffix = "" if world == 1 else f".rank{rank}"
         failures = gens.failures_path(gen, suffix)
@@ -229,10 +238,15 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
             return JobResult(gens.name, gen, summary, points=-1, resumed=resumed, failures=str(failures))
         meta = gens.read_meta(gen)
         points = _finish(gens, store, gen, meta, total)
-        gens.switch(gen)
-        pruned = gens.prune(keep, protect={gen})
+        pruned = _switch_and_prune(gens, gen, keep) if switch else []
         d.gather(None)
         return JobResult(gens.name, gen, total, points, resumed=resumed, pruned=pruned, failures=str(failures))
+
+
+def _switch_and_prune(gens: Generations, gen: str, keep: int) -> list[str]:
+    if gens.current() != gen:
+        gens.switch(gen)
+    return gens.prune(keep, protect={gen})
 
 
 def _pixels(max_pixels: int | None) -> dict[str, int]:
@@ -255,6 +269,22 @@ def _load(model: "Artifact | Path | str", device: str) -> "Artifact":
     return artifact.load(model, device=device)
 
 
+def _check_stageable(gens: Generations, switch: bool) -> None:
+    """Refuse ``switch=False`` for an incremental job on a Qdrant server.
+
+    On a Qdrant server an incremental job changes the served collection in place, so it cannot be
+    staged: ``switch=False`` is refused there rather than met with a copy. A copy would stream every
+    vector and payload of the collection through this process (scroll + upsert: the whole index's
+    size in traffic, for what is often a handful of items), and Qdrant offers no server-side clone;
+    a full ``build`` stages a new collection at the same cost and is the honest way to do it.
+    """
+    if not switch and not isinstance(gens, LocalGenerations):
+        raise InputError(
+            f"index {gens.name} lives on a Qdrant server, where adding or deleting changes the served collection "
+            f"in place and cannot be staged; rebuild it instead (a reindex without 'incremental'), or run "
+            f"'safe-retrieval index add/delete' outside the service")
+
+
 def _writable_copy(gens: Generations, cur: str, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The generation an incremental job writes to: a fresh copy (embedded) or the current one (server)."""
     if not isinstance(gens, LocalGenerations):
@@ -269,8 +299,12 @@ def _writable_copy(gens: Generations, cur: str, meta: dict[str, Any]) -> tuple[s
 def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, media_root: Path | None = None,
         batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2, progress: bool = True,
         break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
-        roots: DataRoots = DataRoots()) -> JobResult:
-    """Add ``items`` to the current generation (same model only); stored items are skipped."""
+        roots: DataRoots = DataRoots(), switch: bool = True, staged: "Callable[[str], None] | None" = None) -> JobResult:
+    """Add ``items`` to the current generation (same model only); stored items are skipped.
+
+    ``roots``, ``switch`` and ``staged`` as for ``build`` (``switch=False`` on the embedded backend only).
+    """
+    _check_stageable(gens, switch)
     with gens.lock(break_lock=break_lock):
         cur = gens.require_current()
         meta = gens.read_meta(cur)
@@ -279,6 +313,8 @@ def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, m
         from indexer.pipeline import Job
 
         gen, meta = _writable_copy(gens, cur, meta)
+        if staged is not None and gen != cur:
+            staged(gen)
         store = gens.open_store(gen, schema_of(meta))
         failures = gens.failures_path(gen)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
@@ -290,21 +326,22 @@ def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, m
             store.close()
             raise
         points = _finish(gens, store, gen, meta, summary)
-        if gen != cur:
-            gens.switch(gen)
-        pruned = gens.prune(keep, protect={gen})
+        pruned = _switch_and_prune(gens, gen, keep) if switch else []
         return JobResult(gens.name, gen, summary, points, pruned=pruned, failures=str(failures))
 
 
 def delete(gens: Generations, *, ids: Sequence[str] = (), uris: Sequence[str] = (), keep: int = 2,
-           break_lock: bool = False) -> JobResult:
-    """Delete points by id and/or by ``uri`` payload from the current generation."""
+           break_lock: bool = False, switch: bool = True, staged: "Callable[[str], None] | None" = None) -> JobResult:
+    """Delete points by id and/or by ``uri`` payload from the current generation (``switch``/``staged`` as for ``add``)."""
     if not ids and not uris:
         raise InputError("nothing to delete: give --id and/or --uri")
+    _check_stageable(gens, switch)
     with gens.lock(break_lock=break_lock):
         cur = gens.require_current()
         meta = gens.read_meta(cur)
         gen, meta = _writable_copy(gens, cur, meta)
+        if staged is not None and gen != cur:
+            staged(gen)
         store = gens.open_store(gen, schema_of(meta))
         from indexer.pipeline import Summary
 
@@ -315,7 +352,5 @@ def delete(gens: Generations, *, ids: Sequence[str] = (), uris: Sequence[str] = 
             store.delete_where(Match(uris=tuple(uris)))
         summary = Summary(elapsed_s=(_dt.datetime.now() - t0).total_seconds())
         points = _finish(gens, store, gen, meta, summary)
-        if gen != cur:
-            gens.switch(gen)
-        pruned = gens.prune(keep, protect={gen})
+        pruned = _switch_and_prune(gens, gen, keep) if switch else []
         return JobResult(gens.name, gen, summary, points, pruned=pruned, removed=before - points)

@@ -47,6 +47,10 @@ KEY_OPT = typer.Option(None, "--api-key", envvar="SAFE_RETRIEVAL_QDRANT_API_KEY"
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of text.")
 DATA_ROOT_OPT = typer.Option([], "--data-root", help="Read files only under this directory, after resolving symlinks: "
                              "others are recorded failures (repeatable; none given: no limit).")
+SWITCH_OPT = typer.Option(True, "--switch/--no-switch",
+                          help="Switch NAME to the new generation and prune old ones (--no-switch: leave it staged).")
+RESULT_OPT = typer.Option(None, "--result-file", dir_okay=False,
+                          help="Write the generation (as soon as it is chosen, then the job's result) to this JSON file.")
 
 
 def _roots(dirs: List[Path]):
@@ -98,6 +102,28 @@ def _report(result, json_out: bool) -> None:
         typer.echo(f"  pruned: {', '.join(result.pruned)}")
 
 
+class _ResultFile:
+    """``--result-file``: JSON written atomically, first ``{name, generation, state: building}`` when the
+    generation is chosen, then the whole result with ``state: complete`` (what the service's job runner
+    reads to find, accept or discard the generation a job staged)."""
+
+    def __init__(self, path: Optional[Path], name: str):
+        self.path, self.name = path, name
+
+    def staged(self, generation: str) -> None:
+        self._write({"name": self.name, "generation": generation, "state": "building", "switched": False})
+
+    def done(self, result, switched: bool) -> None:
+        self._write({**result.to_dict(), "state": "complete", "switched": switched})
+
+    def _write(self, obj: dict) -> None:
+        if self.path is not None:
+            from indexer.generations import write_json_atomic
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, obj)
+
+
 def _interrupted(what: str):
     from indexer.errors import JobInterrupted
 
@@ -127,6 +153,8 @@ def build_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Skip larger images as failures (default 40 Mpx)."),
     data_root: List[Path] = DATA_ROOT_OPT,
+    switch: bool = SWITCH_OPT,
+    result_file: Optional[Path] = RESULT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Index a collection into a new generation of NAME and switch NAME to it once complete.
@@ -139,13 +167,15 @@ def build_cmd(
     gens = _gens(name, root, qdrant_url, api_key)
     roots = _roots(data_root)
     items, sig, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots)
+    out = _ResultFile(result_file, gens.name)
     try:
         result = builder.build(gens, model, items, sources=sig, media_root=media, batch_size=batch_size, workers=workers,
                                keep=keep, progress=progress, break_lock=break_lock, device=device, max_pixels=max_pixels,
-                               roots=roots)
+                               roots=roots, switch=switch, staged=out.staged)
     except KeyboardInterrupt:
         raise _interrupted("build") from None
     if result.points >= 0:  # non-zero ranks of a torchrun job have nothing to report
+        out.done(result, switch)
         _report(result, json_out)
 
 
@@ -170,6 +200,8 @@ def add_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Skip larger images as failures (default 40 Mpx)."),
     data_root: List[Path] = DATA_ROOT_OPT,
+    switch: bool = SWITCH_OPT,
+    result_file: Optional[Path] = RESULT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Add items to the current generation of NAME (already stored items are skipped)."""
@@ -178,11 +210,14 @@ def add_cmd(
     gens = _gens(name, root, qdrant_url, api_key)
     roots = _roots(data_root)
     items, _, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots)
+    out = _ResultFile(result_file, gens.name)
     try:
         result = builder.add(gens, model, items, media_root=media, batch_size=batch_size, workers=workers, keep=keep,
-                             progress=progress, device=device, max_pixels=max_pixels, roots=roots)
+                             progress=progress, device=device, max_pixels=max_pixels, roots=roots, switch=switch,
+                             staged=out.staged)
     except KeyboardInterrupt:
         raise _interrupted("add") from None
+    out.done(result, switch)
     _report(result, json_out)
 
 
@@ -195,12 +230,17 @@ def delete_cmd(
     qdrant_url: Optional[str] = URL_OPT,
     api_key: Optional[str] = KEY_OPT,
     keep: int = typer.Option(2, min=1),
+    switch: bool = SWITCH_OPT,
+    result_file: Optional[Path] = RESULT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Delete points from the current generation of NAME by id or uri."""
     from indexer import builder
 
-    result = builder.delete(_gens(name, root, qdrant_url, api_key), ids=id, uris=uri, keep=keep)
+    gens = _gens(name, root, qdrant_url, api_key)
+    out = _ResultFile(result_file, gens.name)
+    result = builder.delete(gens, ids=id, uris=uri, keep=keep, switch=switch, staged=out.staged)
+    out.done(result, switch)
     if json_out:
         _echo_json(result.to_dict())
     else:

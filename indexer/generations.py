@@ -1,14 +1,18 @@
 """Index generations: ``NAME@<timestamp>`` copies of an index, an atomic switch, pruning, a build lock.
 
 A build writes a new generation and, only once it is complete and optimized, switches ``NAME`` to
-it. Readers holding an older generation keep working until they reopen; generations beyond
-``--keep N`` are pruned. Two homes, one interface (``Generations``):
+it (or, with ``--no-switch``, leaves it staged for the service to switch when it accepts the job).
+Readers holding an older generation keep working until they reopen; generations beyond ``--keep N``
+are pruned, but never the current one nor one that a live service *pins* as the generation it
+serves: once the pointer has moved twice the served generation is no longer among the newest, and
+only the pin keeps it. Two homes, one interface (``Generations``):
 
 Embedded (Qdrant Edge)::
 
     ROOT/NAME/
       CURRENT              the current generation's name; replaced by write-temp + os.replace (atomic)
       .lock                flock()ed by the one build/add/delete at work; the kernel drops it if that dies
+      .pin-HOST-PID        the generation that serving process serves; dead once that pid is gone
       NAME@20250101T120000123456Z/
         meta.json          the index record (below); written atomically
         shard/             the EdgeShard directory
@@ -17,7 +21,9 @@ Embedded (Qdrant Edge)::
 
 Server (Qdrant): generation = collection ``NAME@<timestamp>``, ``NAME`` = a collection alias switched
 in one atomic alias request, the record = the collection's metadata, the lock = a collection
-``NAME@lock`` (creating a collection that exists fails on the server, so it is a test-and-set);
+``NAME@lock`` (creating a collection that exists fails on the server, so it is a test-and-set), a
+pin = a collection ``NAME@pin-HOST-PID`` whose metadata names the generation and an expiry that the
+service renews (a server cannot see whether a pid on another machine lives, so a pin is a lease);
 failures and progress files go to ``ROOT/NAME/NAME@<timestamp>/`` on the machine that runs the job.
 
 The record (``meta.json`` / collection metadata): ``name, generation, state ("building" |
@@ -52,6 +58,23 @@ SHARD = "shard"
 FAILURES = "failures.jsonl"
 PROGRESS = "progress.json"
 DEFAULT_KEEP = 2
+PIN_PREFIX = ".pin-"
+PIN_TTL_S = 600.0  # a server pin not renewed for this long belongs to a dead service
+
+
+def pin_holder() -> str:
+    """This process's pin name: host and pid (letters, digits, ``.``, ``_``, ``-`` only)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def proc_start(pid: int) -> str | None:
+    """The start time of ``pid`` (/proc, clock ticks since boot): with the pid, it names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def check_name(name: str) -> str:
@@ -131,6 +154,18 @@ class Generations(ABC):
     def drop_pointer(self) -> None:
         """Remove ``NAME`` itself (called by ``drop`` after every generation is gone)."""
 
+    @abstractmethod
+    def pin(self, gen: str) -> None:
+        """Record that this process serves ``gen`` (replacing its earlier pin): ``prune`` will keep it."""
+
+    @abstractmethod
+    def unpin(self) -> None:
+        """Remove this process's pin (it serves nothing from this index any more)."""
+
+    @abstractmethod
+    def pinned(self) -> set[str]:
+        """Generations pinned by live serving processes; pins of dead ones are removed."""
+
     # -------------------------------------------------------------- concrete
     def exists(self) -> bool:
         return bool(self.generations())
@@ -162,14 +197,15 @@ class Generations(ABC):
     def prune(self, keep: int = DEFAULT_KEEP, *, protect: set[str] = frozenset()) -> list[str]:
         """Delete complete generations beyond the ``keep`` newest, and abandoned partial ones.
 
-        The current generation and ``protect`` are never deleted. Call under the lock.
+        The current generation, every generation a live service pins and ``protect`` are never
+        deleted. Call under the lock.
         """
         if keep < 1:
             raise InputError("--keep must be at least 1 (the current generation)")
         cur = self.current()
         gens = self.generations()
         complete = [g for g in gens if self._state(g) == "complete"]
-        keep_set = set(complete[-keep:]) | {cur} | set(protect)
+        keep_set = set(complete[-keep:]) | {cur} | set(protect) | self.pinned()
         gone = [g for g in gens if g not in keep_set]
         for g in gone:
             self.delete_generation(g)
@@ -271,6 +307,30 @@ class LocalGenerations(Generations):
     def drop_pointer(self) -> None:
         (self.dir / CURRENT).unlink(missing_ok=True)
 
+    def pin(self, gen: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / f"{PIN_PREFIX}{pin_holder()}", {
+            "generation": gen, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
+        })
+
+    def unpin(self) -> None:
+        (self.dir / f"{PIN_PREFIX}{pin_holder()}").unlink(missing_ok=True)
+
+    def pinned(self) -> set[str]:
+        out: set[str] = set()
+        for path in self.dir.glob(f"{PIN_PREFIX}*") if self.dir.is_dir() else ():
+            try:
+                pin = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written, or unreadable: never a reason to delete data
+            if pin.get("host") != socket.gethostname():
+                out.add(pin.get("generation"))  # another machine's process: its liveness is unknown, keep
+            elif pin.get("pid_start") and proc_start(int(pin.get("pid", 0))) == pin["pid_start"]:
+                out.add(pin.get("generation"))
+            else:
+                path.unlink(missing_ok=True)  # that process is gone
+        return {g for g in out if isinstance(g, str)}
+
     def prune(self, keep: int = DEFAULT_KEEP, *, protect: set[str] = frozenset()) -> list[str]:
         """As ``Generations.prune``, plus leftovers of killed jobs (half-copied or half-deleted directories)."""
         gone = super().prune(keep, protect=protect)
@@ -363,6 +423,42 @@ class ServerGenerations(Generations):
         from indexer import server_store as ss
 
         ss.delete_alias(self.client, self.name)
+
+    def _pin_collection(self) -> str:
+        return f"{self.name}@pin-{pin_holder()}"
+
+    def pin(self, gen: str, *, ttl_s: float = PIN_TTL_S) -> None:
+        """Create or renew this process's lease on ``gen``; call again well within ``ttl_s``."""
+        from indexer import server_store as ss
+
+        lease = {"generation": gen, "holder": pin_holder(), "expires": _dt.datetime.now(_dt.timezone.utc).timestamp() + ttl_s}
+        name = self._pin_collection()
+        if name in ss.collection_names(self.client):
+            ss.write_metadata(self.client, name, lease)
+        else:
+            ss.retry(lambda: self.client.create_collection(name, vectors_config={}, metadata=lease),
+                     what=ss.client_url(self.client))
+
+    def unpin(self) -> None:
+        from indexer import server_store as ss
+
+        if self._pin_collection() in ss.collection_names(self.client):
+            ss.drop_collection(self.client, self._pin_collection())
+
+    def pinned(self) -> set[str]:
+        from indexer import server_store as ss
+
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp()
+        out: set[str] = set()
+        for c in ss.collection_names(self.client):
+            if not c.startswith(f"{self.name}@pin-"):
+                continue
+            lease = ss.read_metadata(self.client, c)
+            if float(lease.get("expires") or 0) > now:
+                out.add(lease.get("generation"))
+            else:
+                ss.drop_collection(self.client, c)  # not renewed: its service is gone
+        return {g for g in out if isinstance(g, str)}
 
     @contextmanager
     def lock(self, *, break_lock: bool = False) -> Iterator[None]:

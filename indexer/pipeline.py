@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -90,6 +92,29 @@ class ImageReader(Dataset):
             return {"i": i, "id": None, "pixels": None, "error": str(e)}
         except Exception as e:  # a transform failure on one odd file must not stop the job either
             return {"i": i, "id": None, "pixels": None, "error": f"{item.path}: {e.__class__.__name__}: {e}"}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int, _worker_id: int = 0) -> None:
+    """A DataLoader worker's init: be killed (SIGKILL) when the indexing process dies, even by ``kill -9``.
+
+    Without it the workers notice only when their queue breaks, seconds later, still holding files
+    and memory. Linux only (prctl); elsewhere the DataLoader's own watchdog remains. The signal
+    follows the *thread* that forked the worker, which is the one iterating the loader (``Job.run``).
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not fatal: the worker still ends when its queue breaks
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,7 +242,7 @@ class Job:
         enc = self.art.encoder
         reader = ImageReader(items, enc.transform, known=frozenset(self.seen), max_pixels=self.max_pixels, roots=self.roots)
         loader = DataLoader(reader, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
-                            pin_memory=enc.device.type == "cuda")
+                            pin_memory=enc.device.type == "cuda", worker_init_fn=functools.partial(die_with_parent, os.getpid()))
         for batch in loader:
             rows, j = batch["rows"], -1
             sel: list[int] = []  # rows of batch["pixels"] to encode

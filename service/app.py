@@ -35,6 +35,7 @@ from training.errors import SafeRetrievalError
 
 log = logging.getLogger("safe_retrieval.service")
 STATIC = Path(__file__).parent / "static"
+PIN_RENEW_S = 60.0  # well within indexer.generations.PIN_TTL_S
 
 
 @dataclass(eq=False)
@@ -74,6 +75,14 @@ class Services:
         generation = generations_for(s.index, root=s.index_root, url=s.qdrant_url, api_key=api_key).current()
         return generation != current.info.get("generation")
 
+    def generations(self, name: str | None = None):
+        """The generations of the served index (or of ``name``) where the settings keep them."""
+        from indexer.builder import generations_for
+
+        s = self.settings
+        api_key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
+        return generations_for(name or s.index, root=s.index_root, url=s.qdrant_url, api_key=api_key)
+
     def _install(self, pair: ServedPair) -> None:
         self.state.swap(pair)
         self.metrics.swaps.inc()
@@ -82,6 +91,7 @@ class Services:
             self.settings.state_dir, model=pair.model_path.resolve(), index=self.settings.index,
             generation=pair.info.get("generation"),
         )
+        self.pin()
         log.info("serving %s generation %s with model %s", pair.info.get("name"), pair.info.get("generation"),
                  pair.artifact.fingerprint)
 
@@ -101,14 +111,87 @@ class Services:
         self.metrics.ready.set(0)
         return False
 
+    def pin(self) -> None:
+        """Pin (or renew the pin of) the served generation, so that no prune deletes it while it is served."""
+        pair = self.state.current
+        if pair is None or not pair.info.get("generation"):
+            return
+        try:
+            self.generations().pin(pair.info["generation"])
+        except Exception:  # noqa: BLE001 - serving goes on; the next renewal tries again
+            log.warning("could not pin generation %s", pair.info.get("generation"), exc_info=True)
+
     def job_succeeded(self, job: JobRecord) -> dict[str, Any]:
-        """The jobs' ``on_success``: swap in what the job built when it belongs to the served index."""
+        """The jobs' ``on_success`` (past the job's commit point): accept what the job staged.
+
+        For the served index: open the staged generation itself (not the pointer), check that it
+        was built by the model, and only then switch the pointer and swap the pair, under the swap
+        lock; if anything fails before the switch the pointer has not moved. Another index's
+        staged generation is switched to; a retrain without reindex serves nothing new.
+        """
         plan = job.plan
+        gen = job.staged.get("generation")
+        if gen and job.staged.get("state") != "complete":
+            raise ConflictError(f"the job's generation {gen} is not complete; submit the job again")
         if not plan.get("swap"):
-            return {"swapped": False, "model": plan.get("new_model"), "index": plan.get("index")}
+            if gen:
+                self._switch(self.generations(plan.get("index")), gen)
+            return {"swapped": False, "model": plan.get("new_model"), "index": plan.get("index"), "generation": gen}
+        if not gen:
+            raise ConflictError("the job's index step reported no generation (no --result-file); see its log")
         model = Path(plan["model"]) if plan.get("model") else None
-        changed, ref = self.reload(model)
-        return {"swapped": changed, "model": str(model) if model else None, "index": ref}
+        from indexer.search import open_index
+
+        gens = self.generations()
+        with self.swap_lock:
+            index = open_index(gens.name, root=gens.root, client=getattr(gens, "client", None), generation=gen)
+            pair = self.loader.load(model, index=index)  # closes the index and raises when the model does not match
+            previous = gens.current()
+            try:
+                gens.switch(gen)
+                self._install(pair)
+            except BaseException:
+                if previous is not None:  # never leave the pointer on a pair that is not served
+                    gens.switch(previous)
+                pair.close()
+                raise
+        self._prune(gens, gen)
+        return {"swapped": True, "model": str(model) if model else None, "index": pair.ref}
+
+    def _switch(self, gens, gen: str) -> None:
+        gens.switch(gen)
+        self._prune(gens, gen)
+
+    def _prune(self, gens, gen: str) -> None:
+        """Prune old generations after a switch, if no build holds the lock (its own prune will)."""
+        from indexer.errors import IndexBusyError
+
+        try:
+            with gens.lock():
+                pruned = gens.prune(protect={gen})
+        except IndexBusyError:
+            return
+        except Exception:  # noqa: BLE001 - pruning is housekeeping; what is served is already switched
+            log.warning("pruning %s failed", gens.name, exc_info=True)
+            return
+        if pruned:
+            log.info("pruned %s", ", ".join(pruned))
+
+    def job_discarded(self, job: JobRecord) -> bool:
+        """The jobs' ``on_discard``: delete the generation a cancelled or failed job staged.
+
+        Returns False, deleting nothing, when that generation is the current or a pinned one (a
+        commit switched to it before the service stopped). Partial generations go too: a job that
+        did not succeed leaves nothing behind, and submitting it again starts afresh.
+        """
+        gen = job.staged.get("generation")
+        gens = self.generations(job.plan.get("index"))
+        if gen == gens.current() or gen in gens.pinned():
+            return False
+        with gens.lock():
+            gens.delete_generation(gen)
+        log.info("job %s: deleted its staged generation %s", job.id, gen)
+        return True
 
 
 # ------------------------------------------------------------------ middleware
@@ -237,7 +320,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             torch_threads=settings.torch_threads, metrics=metrics),
         )
         services.jobs = JobManager(
-            settings.state_dir, on_success=services.job_succeeded, cancel_grace_s=settings.job_cancel_grace_s,
+            settings.state_dir, on_success=services.job_succeeded, on_discard=services.job_discarded,
+            cancel_grace_s=settings.job_cancel_grace_s,
             env=job_environment(settings),
             on_change=lambda counts: [metrics.jobs.labels(k).set(v) for k, v in counts.items()],
         )
@@ -252,6 +336,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
             await asyncio.to_thread(services.jobs.shutdown)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(lambda: services.generations().unpin())
             services.batcher.stop()
             services.state.close()
 
@@ -279,8 +365,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def job_environment(settings: Settings) -> dict[str, str]:
-    """The jobs' environment: this process's, plus the Qdrant API key for ``index build``."""
-    env = dict(os.environ)
+    """The jobs' environment: this process's without any ``SAFE_RETRIEVAL_*`` setting (the admin and
+    moderator tokens among them: a job needs none, its steps get every path on their command line),
+    plus the Qdrant API key that ``index build`` needs on a server."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SAFE_RETRIEVAL_")}
     if settings.qdrant_api_key is not None:
         env["SAFE_RETRIEVAL_QDRANT_API_KEY"] = settings.qdrant_api_key.get_secret_value()
     return env
@@ -288,10 +376,14 @@ def job_environment(settings: Settings) -> dict[str, str]:
 
 async def _supervise(services: Services) -> None:
     """Retry loading the served pair while there is none (store down, index not built yet)."""
+    renewed = asyncio.get_running_loop().time()
     while True:
         await asyncio.sleep(services.settings.store_retry_s)
         if services.state.current is None:
             await asyncio.to_thread(services.connect)
+        elif asyncio.get_running_loop().time() - renewed > PIN_RENEW_S:  # a server pin is a lease: renew it
+            renewed = asyncio.get_running_loop().time()
+            await asyncio.to_thread(services.pin)
 
 
 def _version() -> str:

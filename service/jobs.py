@@ -6,9 +6,21 @@ a JSON file in ``STATE_DIR/jobs/ID/``, so ``GET /v1/admin/jobs`` still answers a
 job that was running when the service stopped is ended and marked failed when it starts again.
 Cancelling ends the whole process group (SIGTERM, then SIGKILL after a grace period).
 
-Nothing a job makes is served until every step has succeeded: then ``on_success`` (the app's swap)
-loads the new pair, checks that index and model belong together and swaps them in. A failed or
-cancelled job therefore changes nothing that is served; its unfinished artifact is removed.
+A job builds, it never switches: its ``index build/add/delete`` steps run with ``--no-switch`` and
+``--result-file``, so they leave a complete generation *staged* and name it (``JobRecord.staged``),
+and a retrain writes its new model to ``plan["new_model"]``. Nothing a job makes is served until the
+job's one **commit point** in ``_run``: under the manager's lock, with every step succeeded and no
+cancel requested, the job is marked ``committed``; only then does ``on_success`` (the service's
+acceptance) open the staged generation, check it against the model, switch the pointer and swap
+the served pair together. A cancel that lands before the commit point ends the job ``cancelled``
+and ``on_discard`` deletes the staged generation, as a failure does (the new model is removed too);
+a cancel after it is too late and the job ends ``succeeded``. If acceptance fails, the pointer has
+not moved and the outputs are discarded. So a job that does not end ``succeeded`` changes nothing
+served, at any instant. A job found running at start-up was interrupted: its outputs are discarded,
+unless its commit had already switched the pointer to them (then it ended ``succeeded``).
+
+The API's ``log_tail`` never shows Python stack frames: a traceback becomes one line (the log file
+keeps it whole). Job processes get an environment without the service's tokens (``app.job_environment``).
 """
 
 from __future__ import annotations
@@ -40,6 +52,12 @@ log = logging.getLogger("safe_retrieval.jobs")
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 LOG_TAIL_LINES = 20
+#: argv tokens starting with this are paths in the job's own folder (its id is not known when steps are made)
+JOB_DIR = "{job_dir}"
+#: where an index step reports the generation it staged (``--result-file``)
+INDEX_RESULT = f"{JOB_DIR}/index-result.json"
+BEFORE_COMMIT = 0.99  # the most progress a job shows before its commit point: 1.0 means it succeeded
+TRACE_OMITTED = "(stack trace omitted; the job's log file has it)"
 _PERCENT = re.compile(rb"(\d{1,3})%\|")
 #: run ``safe-retrieval ARGS`` with this interpreter, whether or not the console script is on PATH
 CLI = [sys.executable, "-c", "import sys; from service.cli import main; main(sys.argv[1:])"]
@@ -66,6 +84,8 @@ class JobRecord:
     result: dict[str, Any] = field(default_factory=dict)
     steps: list[list[str]] = field(default_factory=list)  # argv after ``safe-retrieval``
     plan: dict[str, Any] = field(default_factory=dict)  # what on_success needs: model, index, swap
+    staged: dict[str, Any] = field(default_factory=dict)  # the index step's --result-file: the staged generation
+    committed: bool = False  # past the commit point: a cancel is too late, on_success decides
     pid: int | None = None
     pid_started: str | None = None  # /proc start time, so a recycled pid is never killed
 
@@ -156,8 +176,34 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES, size: int = 16384, since: int
         return [], None
     pct = _PERCENT.findall(data)
     text = data.decode("utf-8", "replace").replace("\r", "\n")
-    out = [line.rstrip() for line in text.split("\n") if line.strip()]
+    out = without_stack_traces([line.rstrip() for line in text.split("\n") if line.strip()])
     return out[-lines:], (min(int(pct[-1]), 100) / 100 if pct else None)
+
+
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+def without_stack_traces(lines: list[str]) -> list[str]:
+    """``lines`` with each Python traceback (chained ones included) replaced by ``TRACE_OMITTED``,
+    keeping the final error line (``ValueError: ...``). Frames cut at the start of a tail count too."""
+    out: list[str] = []
+    in_trace = ended = False  # inside a trace; the last line kept is the one that ended a trace
+    for line in lines:
+        if line.startswith("Traceback (most recent call last):") or (not out and line.startswith('  File "')):
+            if not (out and out[-1] == TRACE_OMITTED):
+                out.append(TRACE_OMITTED)
+            in_trace, ended = True, False
+        elif in_trace and line[:1].isspace():
+            continue  # a frame or its source line
+        elif ended and line.startswith(_CHAINED):
+            out.pop()  # the earlier exception's line belongs to the omitted chain
+            in_trace, ended = True, False
+        elif in_trace and line.startswith(_CHAINED):
+            continue
+        else:
+            ended, in_trace = in_trace, False
+            out.append(line)
+    return out
 
 
 def _error_line(lines: list[str]) -> str | None:
@@ -176,6 +222,7 @@ class JobManager:
         state_dir: Path,
         *,
         on_success: Callable[[JobRecord], dict[str, Any]],
+        on_discard: Callable[[JobRecord], bool] | None = None,
         on_change: Callable[[dict[str, int]], None] | None = None,
         cancel_grace_s: float = 10.0,
         env: dict[str, str] | None = None,
@@ -184,6 +231,7 @@ class JobManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.models_dir = Path(state_dir) / "models"
         self.on_success = on_success
+        self.on_discard = on_discard  # deletes a job's staged generation; False: it is already served
         self.on_change = on_change
         self.cancel_grace_s = cancel_grace_s
         self.env = env
@@ -204,9 +252,14 @@ class JobManager:
             if job.status in ACTIVE:  # the service stopped while it ran: end it
                 if _alive(job.pid, job.pid_started):
                     _kill_group(job.pid, signal.SIGKILL)
-                # its artifact (if complete) is kept: the index may already have switched to it
-                job.status, job.finished_at = "failed", _now()
-                job.error = "the service restarted while this job ran; nothing was changed, submit it again"
+                self._read_staged(job)
+                job.finished_at, job.step, job.pid, job.pid_started = _now(), None, None, None
+                if self._discard_outputs(job):
+                    job.status = "failed"
+                    job.error = "the service restarted while this job ran; nothing was changed, submit it again"
+                else:  # its commit had switched the pointer before the stop: what it made is served
+                    job.status, job.error = "succeeded", None
+                    job.result = {"swapped": True, "recovered": True, "index": job.staged.get("generation")}
                 self._save(job)
             self._jobs[job.id] = job
         self._changed()
@@ -269,13 +322,17 @@ class JobManager:
             return self._public(job)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        """Ask a queued/running job to stop; finished jobs are returned unchanged."""
+        """Ask a queued/running job to stop and wait for it to end.
+
+        Before the job's commit point it ends ``cancelled`` and its outputs are deleted; after it the
+        cancel is too late and the job ends as its acceptance decides. Finished jobs are returned unchanged.
+        """
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 raise NotFoundError(f"no job {job_id!r}; GET /v1/admin/jobs lists them")
             event = self._cancel.get(job_id)
-            if job.status in ACTIVE and event is not None:
+            if job.status in ACTIVE and event is not None and not job.committed:  # after the commit: too late
                 event.set()
                 if job.pid is not None:
                     _kill_group(job.pid, signal.SIGTERM)
@@ -291,13 +348,16 @@ class JobManager:
         return self.get(job_id)
 
     def shutdown(self) -> None:
-        """End a running job (the service is stopping): it is marked failed and changes nothing."""
+        """End a running job (the service is stopping): it is marked failed and changes nothing
+        (one past its commit point finishes its acceptance instead)."""
         job = self.running()
         if job is not None:
-            self._cancel[job.id].set()
-            job.error = "the service stopped while this job ran; nothing was changed, submit it again"
-            if job.pid is not None:
-                _kill_group(job.pid, signal.SIGTERM)
+            with self._lock:
+                if not job.committed:
+                    self._cancel[job.id].set()
+                    job.error = "the service stopped while this job ran; nothing was changed, submit it again"
+                    if job.pid is not None:
+                        _kill_group(job.pid, signal.SIGTERM)
             thread = self._threads.get(job.id)
             if thread is not None:
                 thread.join(self.cancel_grace_s + 5)
@@ -319,8 +379,10 @@ class JobManager:
             for i, argv in enumerate(job.steps):
                 if cancel.is_set():
                     break
+                argv = self._argv(job, argv)
                 self._set(job, step="safe-retrieval " + shlex.join(argv))
                 rc = self._run_step(job, argv, logfile, i, cancel)
+                self._read_staged(job)
                 if cancel.is_set():
                     break
                 if rc != 0:
@@ -328,10 +390,13 @@ class JobManager:
                     why = _error_line(tail) or f"'safe-retrieval {argv[0]}' exited with status {rc}; see log_tail"
                     self._finish(job, "failed", error=why)
                     return
-            if cancel.is_set():
+            with self._lock:  # THE commit point: a cancel either got in before it, or is too late
+                if not cancel.is_set():
+                    job.committed = True
+                    self._set(job, step="swap")
+            if not job.committed:
                 self._finish(job, "failed" if job.error else "cancelled", error=job.error)
                 return
-            self._set(job, step="swap", progress=1.0)
             result = self.on_success(job)
             if job.plan.get("source") and job.plan.get("swap"):
                 write_source(self.dir.parent, job.plan["source"])
@@ -373,21 +438,47 @@ class JobManager:
                     _kill_group(proc.pid, signal.SIGKILL)
             _, pct = _tail(logfile, lines=1, since=start)
             if pct is not None:
-                self._set(job, progress=(index + pct) / len(job.steps))
+                self._set(job, progress=min((index + pct) / len(job.steps), BEFORE_COMMIT))
         _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the group (workers) never outlive their step
-        self._set(job, pid=None, pid_started=None, progress=(index + 1) / len(job.steps))
+        done = rc == 0 and not cancel.is_set()  # a killed step did not finish: its share stays undone
+        progress = {"progress": min((index + 1) / len(job.steps), BEFORE_COMMIT)} if done else {}
+        self._set(job, pid=None, pid_started=None, **progress)
         return rc
+
+    def _argv(self, job: JobRecord, argv: list[str]) -> list[str]:
+        folder = str(self.dir / job.id)
+        return [folder + a[len(JOB_DIR):] if a.startswith(JOB_DIR + "/") else a for a in argv]
+
+    def _read_staged(self, job: JobRecord) -> None:
+        """What the index step reported through ``--result-file`` (it may have been killed before writing)."""
+        path = self.dir / job.id / INDEX_RESULT[len(JOB_DIR) + 1:]
+        try:
+            staged = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(staged, dict) and staged != job.staged:
+            self._set(job, staged=staged)
 
     def _finish(self, job: JobRecord, status: str, *, error: str | None = None, result: dict | None = None) -> None:
         if status != "succeeded":
             self._discard_outputs(job)
-        self._set(job, status=status, error=error, result=result or {}, finished_at=_now(), step=None)
+        done = {"progress": 1.0} if status == "succeeded" else {}
+        self._set(job, status=status, error=error, result=result or {}, finished_at=_now(), step=None, **done)
 
-    def _discard_outputs(self, job: JobRecord) -> None:
+    def _discard_outputs(self, job: JobRecord) -> bool:
+        """Delete the staged generation (``on_discard``) and the new model, unless they are already
+        served (a commit that switched before the service stopped): then keep both and return False."""
+        if self.on_discard is not None and job.staged.get("generation"):
+            try:
+                if not self.on_discard(job):
+                    return False
+            except Exception:  # noqa: BLE001 - a leftover generation is never served; pruning removes it later
+                log.exception("job %s: deleting its staged generation failed", job.id)
         out = job.plan.get("new_model")
         if out:  # the unfinished artifact and its run directory (checkpoints, metrics)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(f"{out}.run", ignore_errors=True)
+        return True
 
 
 # ------------------------------------------------------------------ the last indexed source
@@ -440,9 +531,18 @@ def source_args(source: IndexSource, roots: list[Path], default_media_root: Path
 
 def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
                   qdrant_url: str | None, index_root: Path) -> list[list[str]]:
+    """The index step of a job: it stages a generation (``--no-switch``) and reports it (``--result-file``).
+
+    An incremental job on a Qdrant server is refused: there ``index add`` changes the served
+    collection in place, which no cancel could undo (see ``indexer.builder._check_stageable``).
+    """
+    if req.incremental and qdrant_url:
+        raise InputError("an incremental reindex cannot be staged on a Qdrant server (adding changes the served "
+                         "collection in place); submit it without 'incremental' to build a new generation")
     verb = "add" if req.incremental else "build"
     return [["index", verb, "--model", str(model), "--name", name,
-             *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root)]]
+             *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root),
+             "--no-switch", "--result-file", INDEX_RESULT]]
 
 
 def train_step(req: RetrainRequest, *, model: Path, out: Path, roots: list[Path]) -> list[str]:

@@ -127,8 +127,8 @@ def model_candidates(settings: Settings) -> list[Path]:
     """Artifacts that may be served, in order of preference.
 
     The one a job last swapped in (so a restart keeps serving it), then ``--model``, then the other
-    retrained artifacts, newest first: if the service stopped between a reindex switching the index
-    and the swap, the model that index was built with is among them.
+    retrained artifacts, newest first: if the service stopped between a job's acceptance switching
+    the index and recording the swap, the model that index was built with is among them.
     """
     out: list[Path] = []
     record = read_served_record(settings.state_dir)

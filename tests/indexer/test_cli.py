@@ -38,7 +38,22 @@ def progress_of(root):
     return None
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
 def test_killed_build_resumes_to_the_same_points_then_search(tmp_path, art, cli):
+    """``kill -9`` of the build alone: its DataLoader worker dies with it (within 2 s), and the build resumes."""
     folder, root = tmp_path / "imgs", tmp_path / "idx"
     files = write_images(folder, 40)
     args = ["index", "build", "--model", str(art.path), "--name", "col", "--images", str(folder), "--root", str(root),
@@ -49,13 +64,21 @@ def test_killed_build_resumes_to_the_same_points_then_search(tmp_path, art, cli)
         while time.monotonic() < deadline and proc.poll() is None:
             p = progress_of(root)
             if p and p["indexed"] >= 6:
-                os.killpg(proc.pid, signal.SIGKILL)  # the build and its DataLoader worker
+                workers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
+                os.kill(proc.pid, signal.SIGKILL)  # the build only, as an OOM killer or an operator would
                 at_kill = p
                 break
             time.sleep(0.005)
         proc.wait(timeout=30)
+        gone_by = time.monotonic() + 2.0
+        while group_members(proc.pid) and time.monotonic() < gone_by:
+            time.sleep(0.05)
+        survivors = group_members(proc.pid)
+        if survivors:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert at_kill is not None and not at_kill["done"], (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == -signal.SIGKILL
+    assert workers and survivors == [], f"DataLoader workers {survivors} outlived the killed build"
     with pytest.raises(IndexNotFoundError):  # nothing half-built is ever served
         open_index("col", root=root)
 
@@ -142,3 +165,22 @@ def test_data_roots_and_malformed_manifests_through_the_cli(tmp_path, art, cli):
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, proc.stderr)
         assert message in lines[0] and "Traceback" not in proc.stdout + proc.stderr, (args, proc.stderr)
     assert LocalGenerations("col", root).generations() == before
+
+
+def test_no_switch_stages_and_reports_the_generation_in_the_result_file(tmp_path, art):
+    from indexer import builder, sources
+
+    folder, root = tmp_path / "imgs", tmp_path / "idx"
+    files = write_images(folder, 3)
+    gens = LocalGenerations("col", root)
+    served = builder.build(gens, art, sources.folder_items(folder), workers=0, progress=False, media_root=folder)
+    out = CliRunner().invoke(app, ["index", "delete", "--name", "col", "--root", str(root), "--id",
+                                   content_id(files[0].read_bytes()), "--no-switch", "--result-file",
+                                   str(tmp_path / "r" / "result.json")])
+    assert out.exit_code == 0, out.output
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["state"] == "complete" and result["switched"] is False and result["removed"] == 1
+    assert result["generation"] != served.generation and result["points"] == 2
+    assert gens.current() == served.generation  # staged, not switched: the served generation is untouched
+    assert (root / "col" / "CURRENT").read_text().strip() == served.generation
+    assert gens.read_meta(served.generation)["points"] == 3

@@ -131,3 +131,73 @@ def test_names_are_checked():
         with pytest.raises(InputError, match="invalid index name"):
             check_name(bad)
     assert check_name("gallery-v2.1_a") == "gallery-v2.1_a"
+
+
+# ------------------------------------------------------------------ staging and pins
+def test_a_staged_build_neither_switches_nor_prunes(tmp_path, art, few):
+    gens = LocalGenerations("col", tmp_path)
+    items = sources.folder_items(few)
+    first = builder.build(gens, art, items, workers=0, progress=False, media_root=few)
+    named: list[str] = []
+    staged = builder.build(gens, art, items, workers=0, progress=False, media_root=few, keep=1, switch=False,
+                           staged=named.append)
+    assert named == [staged.generation] and staged.pruned == []
+    assert gens.current() == first.generation  # the pointer did not move
+    assert gens.read_meta(staged.generation)["state"] == "complete"
+    added = builder.add(gens, art, items, workers=0, progress=False, media_root=few, switch=False, staged=named.append)
+    assert named[-1] == added.generation != first.generation and gens.current() == first.generation
+    assert set(gens.generations()) == {first.generation, staged.generation, added.generation}
+
+
+def test_prune_never_deletes_a_pinned_generation_even_after_two_switches(tmp_path, art, few):
+    """A service pins what it serves; two later builds with --keep 1 must leave it alone."""
+    gens = LocalGenerations("col", tmp_path)
+    items = sources.folder_items(few)
+    opts = {"workers": 0, "progress": False, "media_root": few, "keep": 1}
+    served = builder.build(gens, art, items, **opts).generation
+    gens.pin(served)  # this test process plays the serving process
+    with open_index("col", root=tmp_path) as reader:
+        second = builder.build(gens, art, items, **opts)
+        third = builder.build(gens, art, items, **opts)
+        assert second.pruned == [] and third.pruned == [second.generation]
+        assert gens.generations() == [served, third.generation] and gens.pinned() == {served}
+        q = art.encoder.encode_text(["query"])[0]
+        assert len(search(reader, art, q, query_modality="text", k=2, safety="off").hits) == 2  # still answers
+    gens.unpin()
+    with gens.lock():
+        assert gens.prune(1) == [served]
+
+
+def test_a_pin_of_a_dead_process_protects_nothing(tmp_path, art, few):
+    import json
+    import subprocess
+
+    gens = LocalGenerations("col", tmp_path)
+    items = sources.folder_items(few)
+    old = builder.build(gens, art, items, workers=0, progress=False, media_root=few).generation
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pin = tmp_path / "col" / ".pin-gone"
+    pin.write_text(json.dumps({"generation": old, "host": __import__("socket").gethostname(), "pid": dead.pid,
+                               "pid_start": "1"}))
+    new = builder.build(gens, art, items, workers=0, progress=False, media_root=few, keep=1)
+    assert new.pruned == [old] and not pin.exists()
+
+
+def test_server_pins_are_leases_and_incremental_jobs_cannot_be_staged(tmp_path, art, few):
+    client = QdrantClient(":memory:")
+    gens = ServerGenerations("col", client, tmp_path)
+    items = sources.folder_items(few)
+    served = builder.build(gens, art, items, workers=0, progress=False, keep=1).generation
+    gens.pin(served)
+    builder.build(gens, art, items, workers=0, progress=False, keep=1)
+    third = builder.build(gens, art, items, workers=0, progress=False, keep=1)
+    assert gens.generations() == [served, third.generation] and gens.pinned() == {served}
+    gens.pin(served, ttl_s=-1)  # a lease nobody renewed
+    assert gens.pinned() == set() and not [c for c in gens.client.get_collections().collections if "@pin-" in c.name]
+    staged = builder.build(gens, art, items, workers=0, progress=False, switch=False)
+    assert gens.current() == third.generation and gens.read_meta(staged.generation)["state"] == "complete"
+    with pytest.raises(InputError, match="in place and cannot be staged"):
+        builder.add(gens, art, items, workers=0, progress=False, switch=False)
+    with pytest.raises(InputError, match="in place and cannot be staged"):
+        builder.delete(gens, ids=["x"], switch=False)

@@ -15,10 +15,12 @@ import pytest
 from indexer.builder import schema_of
 from indexer.generations import LocalGenerations
 from service.errors import ConflictError, ForbiddenError
-from service.jobs import JobManager, JobRecord, _alive, _proc_start, _tail, reindex_steps, resolve_under_roots, train_step
+from service.app import job_environment
+from service.jobs import (TRACE_OMITTED, JobManager, JobRecord, _alive, _proc_start, _tail, reindex_steps,
+                          resolve_under_roots, train_step)
 from service.schemas import IndexSource, ReindexRequest, RetrainRequest
 from tests.indexer.conftest import leaked, leaky_root
-from tests.service.conftest import ADMIN, MODERATOR, copy_index, live, settings_for
+from tests.service.conftest import ADMIN, INDEX, MODERATOR, copy_index, live, settings_for
 from training.errors import InputError
 
 
@@ -57,6 +59,49 @@ def test_progress_and_log_tail_from_a_progress_bar(tmp_path):
     tail, pct = _tail(log)
     assert pct == pytest.approx(0.4)
     assert tail[-1] == "done?" and tail[0] == "start"
+
+
+def test_log_tail_shows_no_stack_frames_but_keeps_the_error_line(tmp_path):
+    jobs = JobManager(tmp_path / "state", on_success=lambda job: {})
+    record = JobRecord(id="20250101-000000-000-abcdef", kind="reindex", status="failed")
+    jobs._save(record)
+    jobs = JobManager(tmp_path / "state", on_success=lambda job: {})  # as after a restart: it reads the record
+    trace = (
+        "$ safe-retrieval index build --manifest m.jsonl\n"
+        "reading m.jsonl\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/indexer/sources.py", line 80, in manifest_items\n'
+        "    row.get('image')\n"
+        "    ^^^^^^^\n"
+        "AttributeError: 'list' object has no attribute 'get'\n"
+        "\n"
+        "During handling of the above exception, another exception occurred:\n"
+        "\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/indexer/cli.py", line 12, in build_cmd\n'
+        "    raise RuntimeError('wrapped')\n"
+        "RuntimeError: wrapped\n"
+    )
+    jobs.log_path(record.id).write_text(trace)
+    tail = jobs.get(record.id)["log_tail"]
+    assert tail == ["$ safe-retrieval index build --manifest m.jsonl", "reading m.jsonl", TRACE_OMITTED,
+                    "RuntimeError: wrapped"]
+    assert not any(line.startswith(("Traceback", "  File")) for line in tail)
+    assert "AttributeError" in jobs.log_path(record.id).read_text()  # the log file keeps it all
+    # a tail that starts in the middle of a trace (the window cut its first line) is cleaned too
+    jobs.log_path(record.id).write_text('  File "/x/a.py", line 1, in f\n    g()\nValueError: bad\nnext line\n')
+    assert jobs.get(record.id)["log_tail"] == [TRACE_OMITTED, "ValueError: bad", "next line"]
+
+
+def test_an_incremental_reindex_on_a_qdrant_server_is_refused(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    req = ReindexRequest(source={"images": "imgs"}, incremental=True)
+    with pytest.raises(InputError, match="cannot be staged on a Qdrant server"):
+        reindex_steps(req, model=tmp_path / "m", name="g", roots=[tmp_path], media_root=None,
+                      qdrant_url="http://127.0.0.1:6333", index_root=tmp_path / "idx")
+    steps = reindex_steps(req, model=tmp_path / "m", name="g", roots=[tmp_path], media_root=None, qdrant_url=None,
+                          index_root=tmp_path / "idx")
+    assert steps[0][:2] == ["index", "add"] and "--no-switch" in steps[0] and "--result-file" in steps[0]
 
 
 # ------------------------------------------------------------------ the manager with real CLI commands
@@ -122,8 +167,55 @@ def test_one_job_at_a_time_and_cancel_ends_the_process_group(tmp_path):
     assert busy.value.job_id == job["id"]
     done = jobs.cancel(job["id"])
     assert done["status"] == "cancelled" and calls == []
+    assert done["progress"] < 1.0  # a killed step did not finish
     assert not _alive(pid, started)
     assert jobs.submit("reindex", {}, [["--help"]], {})["status"] in ("queued", "running", "succeeded")
+
+
+def test_job_processes_get_no_tokens(tmp_path, monkeypatch):
+    """The environment a real step sees (/proc/PID/environ of the running process) holds no token."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("SAFE_RETRIEVAL_ADMIN_TOKEN", ADMIN)
+    monkeypatch.setenv("SAFE_RETRIEVAL_MODERATOR_TOKEN", MODERATOR)
+    monkeypatch.setenv("SAFE_RETRIEVAL_QDRANT_API_KEY", "qdrant-key")
+    settings = Settings(state_dir=tmp_path / "state")
+    assert settings.token("admin") == ADMIN  # the service itself has them
+    jobs = JobManager(tmp_path / "state", on_success=lambda job: {}, cancel_grace_s=2, env=job_environment(settings))
+    job = _long_job(jobs, tmp_path)
+    record = _wait_running(jobs, job["id"])
+    try:
+        environ = Path(f"/proc/{record.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        jobs.cancel(job["id"])
+    assert environ and b"PATH=" in b"\0".join(environ)
+    assert not any(ADMIN.encode() in v or MODERATOR.encode() in v for v in environ)
+    assert not any(v.startswith((b"SAFE_RETRIEVAL_ADMIN", b"SAFE_RETRIEVAL_MODERATOR")) for v in environ)
+    assert b"SAFE_RETRIEVAL_QDRANT_API_KEY=qdrant-key" in environ  # what index build needs on a server
+
+
+def test_a_cancel_after_the_commit_point_is_too_late(tmp_path):
+    """Once every step succeeded and the job is committed, a cancel changes nothing: the job succeeds."""
+    accepting, release = threading.Event(), threading.Event()
+    discarded: list = []
+
+    def on_success(job: JobRecord) -> dict:
+        accepting.set()
+        assert release.wait(30)
+        return {"swapped": True}
+
+    jobs = JobManager(tmp_path / "state", on_success=on_success, on_discard=lambda job: discarded.append(job) or True,
+                      cancel_grace_s=2)
+    job = jobs.submit("reindex", {}, [["data", "synth", "--out", str(tmp_path / "d"), "--n", "3"]], {})
+    assert accepting.wait(60)
+    assert jobs._jobs[job["id"]].committed
+    cancel = threading.Thread(target=jobs.cancel, args=(job["id"],))
+    cancel.start()
+    time.sleep(0.3)
+    release.set()
+    cancel.join(30)
+    done = jobs.get(job["id"])
+    assert done["status"] == "succeeded" and done["result"] == {"swapped": True} and discarded == []
 
 
 def test_a_job_running_when_the_service_stopped_is_ended_and_failed_on_restart(tmp_path):
@@ -297,3 +389,121 @@ def test_retrain_and_reindex_swap_model_and_index_together(world, tmp_path):
         statuses = {j["id"]: j["status"] for j in admin.get("/v1/admin/jobs").json()["jobs"]}
         assert statuses == {cancelled["id"]: "cancelled", job["id"]: "succeeded"}
         assert admin.get("/readyz").json()["index"] == after
+
+
+# ------------------------------------------------------------------ cancel vs commit, on the real service
+def _cancel_once_staged(s, admin, job_id: str, before_gen: str, timeout: float = 300) -> tuple[str, dict]:
+    """Cancel the job the moment its new generation's record says ``complete`` (the instant at which an
+    index step used to switch the pointer); returns that generation and the cancelled job."""
+    folder = s.settings.index_root / INDEX
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for gen in (p.name for p in folder.iterdir() if "@" in p.name and p.name != before_gen):
+            try:
+                state = json.loads((folder / gen / "meta.json").read_text()).get("state")
+            except (OSError, ValueError):
+                continue
+            if state == "complete":
+                return gen, admin.post(f"/v1/admin/jobs/{job_id}/cancel").json()
+        if admin.get(f"/v1/admin/jobs/{job_id}").json()["status"] not in ("queued", "running"):
+            pytest.fail(f"the job ended before its generation was seen: {admin.get(f'/v1/admin/jobs/{job_id}').json()}")
+        time.sleep(0.002)
+    pytest.fail("the job's generation never completed")
+
+
+def _serves_the_old_pair(s, c, before: dict) -> None:
+    assert (s.settings.index_root / INDEX / "CURRENT").read_text().strip() == before["generation"]
+    assert c.post("/v1/search", json={"text": "a cat"}).json()["index"] == before
+    pair = s.services.state.current
+    assert (pair.info["generation"], pair.artifact.fingerprint) == (before["generation"], before["model"])
+
+
+def test_a_reindex_cancelled_as_its_generation_completes_changes_nothing_served(world, tmp_path):
+    """Regression: the cancel used to land after ``index build`` had switched the pointer, which stayed switched."""
+    settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"))
+    with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
+        before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        job = admin.post("/v1/admin/reindex", json={"source": {"visu": "data", "split": "test", "captions": True}}).json()
+        staged, done = _cancel_once_staged(s, admin, job["id"], before["generation"])
+        assert done["status"] == "cancelled", done
+        assert done["progress"] < 1.0
+        _serves_the_old_pair(s, c, before)
+        assert not (settings.index_root / INDEX / staged).exists()  # the staged generation was discarded
+        assert admin.post("/v1/admin/reload").json() == {"changed": False, "index": before}
+        _serves_the_old_pair(s, c, before)
+    with live(settings) as s, s.client() as c:  # and after a restart
+        assert c.get("/readyz").json()["index"] == before
+        _serves_the_old_pair(s, c, before)
+
+
+@pytest.mark.slow
+def test_a_retrain_cancelled_as_its_generation_completes_keeps_serving_the_old_pair(world, tmp_path):
+    """Regression: the pointer moved to the new model's generation while the new model was deleted (503 after a restart)."""
+    settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"))
+    with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
+        before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        job = admin.post("/v1/admin/retrain", json={"data": "data", "epochs": 1, "batch_size": 16, "max_steps": 1,
+                                                    "source": {"visu": "data", "split": "test"}}).json()
+        staged, done = _cancel_once_staged(s, admin, job["id"], before["generation"])
+        assert done["status"] == "cancelled", done
+        assert list((settings.state_dir / "models").iterdir()) == []  # the new model (and its run) deleted
+        assert not (settings.index_root / INDEX / staged).exists()
+        _serves_the_old_pair(s, c, before)
+    with live(settings) as s, s.client() as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["index"] == before
+        _serves_the_old_pair(s, c, before)
+
+
+def test_a_staged_generation_that_fails_acceptance_never_moves_the_pointer(world, tmp_path):
+    """Acceptance opens the staged generation and checks its model before switching; a mismatch switches nothing."""
+    import torch
+
+    from indexer import builder, sources
+    from indexer.errors import ModelMismatchError
+    from training import architectures, artifact
+    from training.encoder import SafetyEncoder
+
+    torch.manual_seed(1)
+    other = artifact.Artifact(SafetyEncoder(architectures.resolve("tiny"), "lorentz"),
+                              provenance=artifact.provenance("test: another model"))
+    artifact.save(other, tmp_path / "other")
+    settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"))
+    with live(settings) as s, s.client() as c:
+        before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        gens = s.services.generations()
+        assert gens.pinned() == {before["generation"]}  # the service pins what it serves
+        items = sources.collect(visu=world.data, split="test")[:4]
+        staged = builder.build(gens, other, items, media_root=world.data, workers=0, progress=False, switch=False)
+        record = JobRecord(id="20250101-000000-000-abcdef", kind="reindex", plan={"swap": True, "model": str(world.model),
+                           "index": INDEX}, staged={"generation": staged.generation, "state": "complete"})
+        with pytest.raises(ModelMismatchError):
+            s.services.job_succeeded(record)
+        _serves_the_old_pair(s, c, before)
+        assert s.services.job_discarded(record) is True and staged.generation not in gens.generations()
+        record.staged["generation"] = before["generation"]
+        assert s.services.job_discarded(record) is False  # the served generation is never deleted
+        assert before["generation"] in gens.generations()
+
+
+def test_a_job_interrupted_by_a_stop_is_discarded_unless_its_commit_switched(tmp_path):
+    """At start-up an interrupted job's staged generation and model go, unless the pointer already moved to them."""
+    asked: list[str] = []
+
+    def on_discard(job: JobRecord) -> bool:
+        asked.append(job.id)
+        return job.staged["generation"] != "gallery@20250101T000000000000Z"  # "the current generation"
+
+    models = tmp_path / "state" / "models"
+    saver = manager(tmp_path)  # as the stopped service left them
+    for name, gen in (("20250101-000000-000-aaaaaa", "gallery@20250101T000000000000Z"),
+                      ("20250101-000000-000-bbbbbb", "gallery@20250102T000000000000Z")):
+        (models / name).mkdir(parents=True)
+        saver._save(JobRecord(id=name, kind="retrain", status="running", plan={"new_model": str(models / name)},
+                               staged={"generation": gen, "state": "complete"}))
+    jobs = JobManager(tmp_path / "state", on_success=lambda job: {}, on_discard=on_discard)
+    committed, interrupted = jobs.get("20250101-000000-000-aaaaaa"), jobs.get("20250101-000000-000-bbbbbb")
+    assert sorted(asked) == ["20250101-000000-000-aaaaaa", "20250101-000000-000-bbbbbb"]
+    assert committed["status"] == "succeeded" and (models / "20250101-000000-000-aaaaaa").is_dir()
+    assert interrupted["status"] == "failed" and "restarted" in interrupted["error"]
+    assert not (models / "20250101-000000-000-bbbbbb").exists()
