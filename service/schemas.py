@@ -22,7 +22,8 @@ Target = Literal["image", "text", "any"]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
-PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+# "format": "path" tells schema readers (and the fuzz tests' path generator) what the string names
+PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096), Field(json_schema_extra={"format": "path"})]
 
 
 class StrictModel(BaseModel):

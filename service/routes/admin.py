@@ -28,6 +28,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"description": "No admin token configured (or no data roots for job paths)."},
     404: {"description": "No such job."},
     409: {"description": "Another job is running; `job_id` names it."},
+    413: {"description": "Body over the size limit."},
+    503: {"description": "No model is served or configured to index with; or the audit log cannot be written."},
 }
 
 
