@@ -18,7 +18,6 @@ into a 503 (fail closed: no unaudited access to unsafe content).
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import json
 import logging
@@ -128,24 +127,34 @@ class AuditLog:
                     handles.append((open(path, "rb"), os.path.getsize(path)))
                 except FileNotFoundError:
                     continue
-        low = as_utc(since) if since is not None else None
-        high = as_utc(until) if until is not None else None
-        kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
-        matched = 0
-        for handle, size in handles:
-            with handle:
-                for line in handle.read(size).splitlines():
+        low = as_utc(since).encode() if since is not None else None
+        high = as_utc(until).encode() if until is not None else None
+        mark = b'"token":' + json.dumps(token).encode() if token is not None else None
+        newest_first: list[dict[str, Any]] = []
+        try:
+            # newest first, stopping at limit + 1 matches; cheap byte checks before a line is parsed
+            for handle, size in reversed(handles):
+                for line in reversed(handle.read(size).splitlines()):
+                    when = line[9:41] if line.startswith(b'{"time":"') else None
+                    if when is not None and ((low and when < low) or (high and when >= high)):
+                        continue
+                    if mark is not None and mark not in line:
+                        continue
                     try:
                         record = json.loads(line)
                     except ValueError:
                         service_log.warning("skipping an unreadable line in the audit log %s", handle.name)
                         continue
-                    when = record.get("time", "")
-                    if (low and when < low) or (high and when >= high) or (token and record.get("token") != token):
+                    stamp = str(record.get("time", "")).encode()
+                    if (low and stamp < low) or (high and stamp >= high) or (token and record.get("token") != token):
                         continue
-                    matched += 1
-                    kept.append(record)
-        return list(kept), matched > len(kept)
+                    newest_first.append(record)
+                    if len(newest_first) > limit:
+                        return newest_first[limit - 1 :: -1], True
+            return newest_first[::-1], False
+        finally:
+            for handle, _ in handles:
+                handle.close()
 
     def close(self) -> None:
         with self._lock:

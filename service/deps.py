@@ -49,9 +49,12 @@ def _matches(given: str | None, expected: str) -> bool:
 
 def moderator_name(settings: Settings, given: str | None) -> str | None:
     """The name of the moderator whose token is ``given``, or None; every token is compared."""
+    if not given:
+        return None
+    digest = _digest(given)
     found = None
     for name, token in settings.moderators().items():
-        hit = _matches(given, token)
+        hit = secrets.compare_digest(digest, _digest(token))
         found = name if hit else found
     return found
 
