@@ -11,7 +11,15 @@ from typing import Iterator
 import pytest
 
 from service.audit import AuditLog
-from tests.service.conftest import ADMIN, MODERATOR, LiveServer, copy_index, live, settings_for, unsafe_caption
+from tests.service.conftest import (
+    ADMIN,
+    MODERATOR,
+    LiveServer,
+    copy_index,
+    live,
+    settings_for,
+    unsafe_caption,
+)
 
 ALICE = "alice-secret-token"
 BOB = "bob-secret-token"

@@ -11,7 +11,6 @@ are driven directly.)
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
