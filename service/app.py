@@ -25,10 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.audit import AuditLog, AuditTrail
 from service.batching import Batcher
 from service.errors import ConflictError, TooLargeError, status_for
 from service.jobs import JobManager, JobRecord
 from service.metrics import Metrics
+from service.middleware import AdminGate
 from service.settings import Settings
 from service.state import PairLoader, ServedPair, ServedState, write_served_record
 from training.errors import SafeRetrievalError
@@ -340,6 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(lambda: services.generations().unpin())
             services.batcher.stop()
             services.state.close()
+            audit.close()
 
     app = FastAPI(
         title="safe-retrieval",
@@ -349,6 +352,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.audit = audit = AuditLog(settings.state_dir / "audit", max_bytes=settings.audit_max_bytes,
+                                       keep=settings.audit_keep)
     app.add_exception_handler(SafeRetrievalError, _on_project_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
@@ -356,6 +361,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (search.router, items.router, admin.router, health.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(AuditTrail, audit=audit)  # innermost: it reads the matched route
+    app.add_middleware(AdminGate, settings=settings)  # before any admin route reads its body
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

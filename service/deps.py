@@ -1,23 +1,29 @@
 """Request dependencies as ``Annotated`` aliases: settings, services, the admin gate and the caller's role.
 
-Tokens are compared with :func:`secrets.compare_digest` so their content cannot be guessed by timing.
-A role whose token is not configured is switched off (403, saying which variable to set); a missing
-or wrong token is 401.
+Tokens are compared in constant time: each is hashed to a fixed length and compared with
+:func:`secrets.compare_digest`, and every configured moderator token is checked (no early exit), so
+timing tells neither a token's content nor which moderator matched. A role whose token is not
+configured is switched off (403, saying which variable to set); a missing or wrong token is 401.
+Error messages never name a moderator.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service import audit
 from service.errors import ForbiddenError, UnauthorizedError
 from service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (admin or moderator).")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+# OpenAPI: a route that works with or without a token (the empty requirement is "anonymous")
+TOKEN_OPTIONAL: dict[str, Any] = {"security": [{}]}
 
 
 def get_settings(request: Request) -> Settings:
@@ -31,47 +37,76 @@ def get_services(request: Request):
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _matches(credentials: HTTPAuthorizationCredentials | None, expected: str) -> bool:
-    if credentials is None or not credentials.credentials:
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _matches(given: str | None, expected: str) -> bool:
+    if not given:
         return False
-    return secrets.compare_digest(credentials.credentials.encode(), expected.encode())
+    return secrets.compare_digest(_digest(given), _digest(expected))
 
 
-def check_token(settings: Settings, credentials: HTTPAuthorizationCredentials | None, role: Literal["admin", "moderator"]) -> None:
-    """Raise 403 when ``role`` has no token configured, 401 when the caller's token is missing or wrong."""
-    expected = settings.token(role)
-    variable = f"SAFE_RETRIEVAL_{role.upper()}_TOKEN"
+def moderator_name(settings: Settings, given: str | None) -> str | None:
+    """The name of the moderator whose token is ``given``, or None; every token is compared."""
+    if not given:
+        return None
+    digest = _digest(given)
+    found = None
+    for name, token in settings.moderators().items():
+        hit = secrets.compare_digest(digest, _digest(token))
+        found = name if hit else found
+    return found
+
+
+def check_admin(settings: Settings, given: str | None) -> None:
+    """Raise 403 when no admin token is configured, 401 when ``given`` is missing or wrong."""
+    expected = settings.token("admin")
     if expected is None:
-        raise ForbiddenError(f"{role} access is disabled on this server; set {variable} to enable it")
-    if not _matches(credentials, expected):
-        what = "missing" if credentials is None else "wrong"
-        raise UnauthorizedError(f"{role} token {what}; send 'Authorization: Bearer <{variable}>'")
+        raise ForbiddenError("admin access is disabled on this server; set SAFE_RETRIEVAL_ADMIN_TOKEN to enable it")
+    if not _matches(given, expected):
+        what = "missing" if given is None else "wrong"
+        raise UnauthorizedError(f"admin token {what}; send 'Authorization: Bearer <SAFE_RETRIEVAL_ADMIN_TOKEN>'")
 
 
 def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
-    check_token(settings, credentials, "admin")
+    check_admin(settings, credentials.credentials if credentials else None)
+
+
+def audited_admin(request: Request, _: Annotated[None, Depends(require_admin)]) -> None:
+    """The admin gate of routes that change things (job submissions, cancels): one audit record each."""
+    audit.privileged(request, audit.ADMIN)
 
 
 class Caller:
-    """Who is asking: an ordinary caller, or a moderator (valid moderator token)."""
+    """Who is asking: an ordinary caller, or a named moderator (a valid moderator token)."""
 
     def __init__(self, settings: Settings, credentials: HTTPAuthorizationCredentials | None):
         self.settings = settings
-        self.credentials = credentials
-        expected = settings.token("moderator")
-        self.is_moderator = expected is not None and _matches(credentials, expected)
+        self.given = credentials.credentials if credentials else None
+        self.moderator = moderator_name(settings, self.given)
+
+    @property
+    def is_moderator(self) -> bool:
+        return self.moderator is not None
 
     def require_moderator(self, why: str) -> None:
         """Raise unless the caller is a moderator; ``why`` names what needed it."""
-        if not self.is_moderator:
-            try:
-                check_token(self.settings, self.credentials, "moderator")
-            except (ForbiddenError, UnauthorizedError) as e:
-                raise type(e)(f"{why} needs the moderator token: {e}") from None
+        if self.is_moderator:
+            return
+        if not self.settings.moderators():
+            raise ForbiddenError(f"{why} needs a moderator token, and moderator access is disabled on this server; "
+                                 "set SAFE_RETRIEVAL_MODERATOR_TOKEN (or _TOKENS / _TOKENS_FILE) to enable it")
+        what = "missing" if self.given is None else "wrong"
+        raise UnauthorizedError(f"{why} needs the moderator token: moderator token {what}; "
+                                "send 'Authorization: Bearer <your moderator token>'")
 
 
-def get_caller(settings: SettingsDep, credentials: Credentials) -> Caller:
-    return Caller(settings, credentials)
+def get_caller(request: Request, settings: SettingsDep, credentials: Credentials) -> Caller:
+    caller = Caller(settings, credentials)
+    if caller.moderator is not None:
+        audit.privileged(request, caller.moderator)
+    return caller
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

@@ -1,7 +1,9 @@
 """Request and response models of the HTTP API, shared by the routes, the OpenAPI document and the tests.
 
 Every request model forbids unknown fields, so a typo (``"safty": "off"``) is a 422 instead of a
-silently ignored option.
+silently ignored option. Integer fields of request bodies are strict (``"k": 67.0`` is a 422), and the
+"exactly one of" rules are also stated in the schema (``oneOf``), so that the OpenAPI document
+describes what the server accepts.
 """
 
 from __future__ import annotations
@@ -20,11 +22,24 @@ Target = Literal["image", "text", "any"]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
-PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+# "format": "path" tells schema readers (and the fuzz tests' path generator) what the string names
+PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096), Field(json_schema_extra={"format": "path"})]
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def exactly_one(among: tuple[str, ...], *choices: tuple[str, ...]) -> dict[str, Any]:
+    """JSON Schema of "exactly one choice is given": its fields not null, the other fields of ``among`` absent or null.
+
+    The branches exclude each other, so ``oneOf`` holds exactly when the model's own validator does.
+    """
+    return {"oneOf": [
+        {"required": list(chosen),
+         "properties": {name: {"not": {"type": "null"}} if name in chosen else {"type": "null"} for name in among}}
+        for chosen in choices
+    ]}
 
 
 def _not_blank(value: str | None) -> str | None:
@@ -40,8 +55,8 @@ class SearchFilter(StrictModel):
 
 class SearchOptions(StrictModel):
     target: Target = Field("image", description="What to search: images, captions, or both.")
-    k: int = Field(10, ge=1, le=MAX_K, description="Number of results.")
-    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Results to skip (paging).")
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="Number of results.")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, strict=True, description="Results to skip (paging).")
     safety: Safety = Field(
         "strict",
         description="strict: traverse unsafe queries and drop unsafe items; traverse: only move the query; "
@@ -53,6 +68,7 @@ class SearchOptions(StrictModel):
 class SearchRequest(SearchOptions):
     """Exactly one of ``text``, ``image`` (base64) or ``item_id`` (more like this item)."""
 
+    model_config = ConfigDict(json_schema_extra=exactly_one(("text", "image", "item_id"), ("text",), ("image",), ("item_id",)))
     text: QueryText | None = None
     image: str | None = Field(None, description="Base64 image bytes (a data: URI prefix is accepted).")
     item_id: ItemId | None = None
@@ -107,6 +123,9 @@ class SearchResponse(BaseModel):
 
 # ------------------------------------------------------------------ embed / items
 class EmbedRequest(StrictModel):
+    """Exactly one of ``text`` or ``image`` (base64)."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one(("text", "image"), ("text",), ("image",)))
     text: QueryText | None = None
     image: str | None = Field(None, description="Base64 image bytes.")
 
@@ -153,6 +172,9 @@ class Readiness(BaseModel):
 class IndexSource(StrictModel):
     """What to index: exactly one of ``images``, ``manifest`` or ``visu`` (+ ``split``); paths under the data roots."""
 
+    model_config = ConfigDict(json_schema_extra=exactly_one(("images", "manifest", "visu", "split"),
+                                                            ("images",), ("manifest",), ("visu", "split")))
+
     images: PathText | None = Field(None, description="A folder of images (searched recursively).")
     manifest: PathText | None = Field(None, description="A CSV/JSONL/Parquet manifest with an image column.")
     visu: PathText | None = Field(None, description="A ViSU-layout dataset (real or synthetic).")
@@ -183,15 +205,15 @@ class RetrainRequest(StrictModel):
     method: Literal["hysac", "safeclip", "clip"] = "hysac"
     data: PathText = Field(description="ViSU-layout dataset to train on.")
     preset: Literal["demo"] | None = None
-    epochs: int | None = Field(None, ge=1, le=1000)
-    batch_size: int | None = Field(None, ge=1, le=65536)
+    epochs: int | None = Field(None, ge=1, le=1000, strict=True)
+    batch_size: int | None = Field(None, ge=1, le=65536, strict=True)
     lr: float | None = Field(None, gt=0, le=1)
-    lora_rank: int | None = Field(None, ge=1, le=1024)
+    lora_rank: int | None = Field(None, ge=1, le=1024, strict=True)
     full_finetune: bool = False
     eta: float | None = Field(None, ge=0, le=100)
     precision: Literal["fp32", "bf16"] | None = None
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, strict=True)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, strict=True, description="Stop after this many optimizer steps.")
     reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
     source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
 
@@ -221,3 +243,23 @@ class JobList(BaseModel):
 class Reload(BaseModel):
     changed: bool
     index: IndexRef
+
+
+class AuditRecord(BaseModel):
+    """One privileged request (see ``service.audit``)."""
+
+    time: str = Field(description="UTC, ISO 8601 with microseconds.")
+    token: str = Field(description="Name of the token used (`admin` for admin requests), never the token.")
+    method: str | None = None
+    route: str | None = Field(None, description="The route template, e.g. /v1/items/{item_id}.")
+    status: int | None = Field(None, description="HTTP status of the response.")
+    safety: str | None = None
+    query: dict[str, Any] | None = Field(None, description="text, image_sha256 or item_id; a job request's body.")
+    unsafe_ids: list[str] = Field([], description="Ids of the items flagged unsafe that the response carried.")
+    client: str | None = Field(None, description="The client's address.")
+    job: str | None = None
+
+
+class AuditPage(BaseModel):
+    records: list[AuditRecord]
+    truncated: bool = Field(description="Older matching records were left out: ask again with `until`.")

@@ -2,16 +2,28 @@
 
 ``safe-retrieval serve --model DIR`` and ``SAFE_RETRIEVAL_MODEL=DIR safe-retrieval serve`` are the same
 thing; command-line values win over the environment. List values (``DATA_ROOTS``, ``CORS_ORIGINS``) are
-JSON arrays in the environment, e.g. ``SAFE_RETRIEVAL_DATA_ROOTS='["/data"]'``.
+JSON arrays in the environment, e.g. ``SAFE_RETRIEVAL_DATA_ROOTS='["/data"]'``; ``MODERATOR_TOKENS`` is a
+JSON object, ``'{"alice": "...", "bob": "..."}'``.
+
+Moderator tokens are checked when the settings are made, so a malformed tokens file stops the server at
+start-up with a message naming the file and line (never a token).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import stat
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.errors import InputError
+
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+LEGACY_MODERATOR = "moderator"  # the name the single SAFE_RETRIEVAL_MODERATOR_TOKEN is audited under
 
 
 class Settings(BaseSettings):
@@ -43,7 +55,13 @@ class Settings(BaseSettings):
     # --- access
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /v1/admin routes (they answer 403 when unset).")
     moderator_token: SecretStr | None = Field(
-        None, description="Bearer token that may ask for safety=off and receive items flagged unsafe."
+        None, description="Bearer token that may ask for safety=off and receive items flagged unsafe (audited as \"moderator\")."
+    )
+    moderator_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Named moderator tokens, a JSON object name -> token; the name is what the audit log records."
+    )
+    moderator_tokens_file: Path | None = Field(
+        None, description="File of named moderator tokens: one `name:token` per line (# comments) or a JSON object; not readable by others."
     )
 
     # --- query encoding
@@ -65,8 +83,90 @@ class Settings(BaseSettings):
     )
     job_cancel_grace_s: float = Field(10.0, ge=0, description="Seconds a cancelled job gets to stop before SIGKILL.")
 
+    # --- audit trail of privileged requests (STATE_DIR/audit/audit.jsonl)
+    audit_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Size at which the audit log is rotated.")
+    audit_keep: int = Field(10, ge=1, le=1000, description="Rotated audit files kept (the oldest is deleted beyond).")
+
+    _moderators: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _collect_moderators(self) -> "Settings":
+        tokens: dict[str, str] = {}
+        admin = self.token("admin")
+
+        def add(name: str, token: str, where: str) -> None:
+            # messages name the setting and the name, never a token
+            if not TOKEN_NAME.match(name):
+                raise InputError(f"moderator name {name!r} in {where} is not valid: use letters, digits and _.@- "
+                                 "(at most 64, starting with a letter or digit)")
+            if name in tokens:
+                raise InputError(f"moderator name {name!r} is given twice ({where}); each moderator needs one name")
+            if not token or any(c.isspace() for c in token):
+                raise InputError(f"the token of moderator {name!r} in {where} is empty or contains spaces")
+            if token in tokens.values() or token == admin:
+                raise InputError(f"the token of moderator {name!r} in {where} is already used by another moderator "
+                                 "or the admin; give every name its own token so the audit log can tell them apart")
+            tokens[name] = token
+
+        if self.token("moderator") is not None:
+            add(LEGACY_MODERATOR, self.token("moderator"), "SAFE_RETRIEVAL_MODERATOR_TOKEN")
+        for name, secret in self.moderator_tokens.items():
+            add(name, secret.get_secret_value(), "SAFE_RETRIEVAL_MODERATOR_TOKENS")
+        if self.moderator_tokens_file is not None:
+            for name, token, where in read_tokens_file(self.moderator_tokens_file):
+                add(name, token, where)
+        self._moderators = tokens
+        return self
+
     def token(self, role: Literal["admin", "moderator"]) -> str | None:
         """The configured token of ``role`` as plain text, or None when unset or empty."""
         secret = self.admin_token if role == "admin" else self.moderator_token
         value = secret.get_secret_value() if secret is not None else ""
         return value or None
+
+    def moderators(self) -> dict[str, str]:
+        """Every moderator token by name: the single setting (as ``moderator``), the JSON object and the file."""
+        return dict(self._moderators)
+
+
+def read_tokens_file(path: Path) -> list[tuple[str, str, str]]:
+    """``(name, token, where)`` of each entry of a moderator tokens file; InputError says what is wrong and where.
+
+    The file is refused when others may read or write it: a token file anyone can edit lets anyone
+    become a moderator, and one anyone can read gives the tokens away.
+    """
+    variable = "SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE"
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the moderator tokens file {path} ({variable}): {e}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise InputError(f"the moderator tokens file {path} ({variable}) is readable or writable by every user; "
+                         f"run 'chmod o-rw {path}' (0600 or 0640; in Kubernetes set the secret's defaultMode to 0440)")
+    if text.lstrip().startswith("{"):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"the moderator tokens file {path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+        if not all(isinstance(v, str) for v in entries.values()):
+            raise InputError(f"the moderator tokens file {path} must map names to token strings")
+        found = [(name, token, f"{path}") for name, token in entries.items()]
+    else:
+        found = _token_lines(text, path)
+    if not found:
+        raise InputError(f"the moderator tokens file {path} ({variable}) holds no tokens; add 'name:token' lines")
+    return found
+
+
+def _token_lines(text: str, path: Path) -> list[tuple[str, str, str]]:
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        if not sep:
+            raise InputError(f"line {number} of the moderator tokens file {path} is not 'name:token'")
+        found.append((name.strip(), token.strip(), f"{path} line {number}"))
+    return found

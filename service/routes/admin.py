@@ -1,17 +1,23 @@
-"""``/v1/admin/*``: reindex and retrain jobs, their status and cancellation, and a reload (admin token)."""
+"""``/v1/admin/*``: reindex and retrain jobs, their status and cancellation, a reload, and the audit log (admin token).
+
+Job submissions and cancels are privileged requests: each leaves an audit record (token name ``admin``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
-from service.deps import require_admin
+from service import audit
+from service.deps import audited_admin, require_admin
 from service.errors import UnavailableError
 from service.jobs import read_source, reindex_steps, train_step
-from service.schemas import IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
+from service.schemas import AuditPage, IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
+from service.settings import TOKEN_NAME
 from service.state import model_candidates
 from training.errors import InputError
 
@@ -22,6 +28,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"description": "No admin token configured (or no data roots for job paths)."},
     404: {"description": "No such job."},
     409: {"description": "Another job is running; `job_id` names it."},
+    413: {"description": "Body over the size limit."},
+    503: {"description": "No model is served or configured to index with; or the audit log cannot be written."},
 }
 
 
@@ -35,9 +43,11 @@ def _served_model(request: Request):
     return candidates[0]
 
 
-@router.post("/reindex", response_model=Job, status_code=202, responses=ERRORS, summary="Build a new index generation")
+@router.post("/reindex", response_model=Job, status_code=202, responses=ERRORS, summary="Build a new index generation",
+             dependencies=[Depends(audited_admin)])
 async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
     """Index ``source`` with the served model; when ``name`` is the served index, the new generation is swapped in."""
+    audit.note(request, query=body.model_dump(exclude_none=True))
     services = request.app.state.services
     settings = services.settings
     name = body.name or settings.index
@@ -46,12 +56,16 @@ async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
     steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
                           qdrant_url=settings.qdrant_url, index_root=settings.index_root)
     plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
-    return services.jobs.submit("reindex", body.model_dump(exclude_none=True), steps, plan)
+    job = services.jobs.submit("reindex", body.model_dump(exclude_none=True), steps, plan)
+    audit.note(request, job=job["id"])
+    return job
 
 
-@router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model")
+@router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model",
+             dependencies=[Depends(audited_admin)])
 async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
     """Train from the served model; with ``reindex`` the served index is rebuilt with the new model and both swap together."""
+    audit.note(request, query=body.model_dump(exclude_none=True))
     services = request.app.state.services
     settings = services.settings
     model = _served_model(request)
@@ -70,7 +84,9 @@ async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
                                media_root=settings.media_root, qdrant_url=settings.qdrant_url,
                                index_root=settings.index_root)
         plan["source"] = source.model_dump(exclude_none=True)
-    return services.jobs.submit("retrain", body.model_dump(exclude_none=True), steps, plan)
+    job = services.jobs.submit("retrain", body.model_dump(exclude_none=True), steps, plan)
+    audit.note(request, job=job["id"])
+    return job
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
@@ -83,9 +99,11 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return request.app.state.services.jobs.get(job_id)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job")
+@router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job",
+             dependencies=[Depends(audited_admin)])
 async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     """End the job's process group; what is served does not change."""
+    audit.note(request, job=job_id)
     return await asyncio.to_thread(request.app.state.services.jobs.cancel, job_id)
 
 
@@ -95,3 +113,18 @@ async def reload(request: Request) -> dict[str, Any]:
     """Reopen the served index's current generation with its model (after an out-of-band `index build`)."""
     changed, ref = await asyncio.to_thread(request.app.state.services.reload)
     return {"changed": changed, "index": ref}
+
+
+@router.get("/audit", response_model=AuditPage, responses=ERRORS, summary="Records of privileged requests")
+async def read_audit(
+    request: Request,
+    since: Annotated[datetime | None, Query(description="Only records at or after this time (ISO 8601; UTC when no zone).")] = None,
+    until: Annotated[datetime | None, Query(description="Only records before this time (page back: the first record's time).")] = None,
+    token: Annotated[str | None, Query(pattern=TOKEN_NAME.pattern, description="Only records of this token name.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many records: the newest that match.")] = 100,
+) -> dict[str, Any]:
+    """The audit log across its rotated files, **oldest first (newest last)**: the newest ``limit`` matching
+    records; ``truncated`` says older matching ones were left out."""
+    records, truncated = await asyncio.to_thread(request.app.state.audit.read, since=since, until=until,
+                                                 token=token, limit=limit)
+    return {"records": records, "truncated": truncated}

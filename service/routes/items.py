@@ -14,7 +14,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CallerDep
+from service import audit
+from service.deps import TOKEN_OPTIONAL, CallerDep
 from service.errors import NotFoundError, UnavailableError
 from service.routes.search import item_vector, parse_item_id
 from service.schemas import Item
@@ -42,18 +43,21 @@ async def fetch_item(request: Request, pair: ServedPair, item_id: str, *, with_v
     return record
 
 
-@router.get("/items/{item_id}", response_model=Item, responses=ERRORS, summary="An indexed item's payload")
+@router.get("/items/{item_id}", response_model=Item, responses=ERRORS, summary="An indexed item's payload",
+            openapi_extra=TOKEN_OPTIONAL)
 async def get_item(
     item_id: str,
     request: Request,
     caller: CallerDep,
     with_vector: bool = Query(False, description="Add the stored vector (space components or unit vector)."),
 ) -> dict[str, Any]:
+    await audit.note_query(request, item_id=item_id)
     with request.app.state.services.state.lease() as pair:
         record = await fetch_item(request, pair, item_id, with_vector=with_vector)
     payload = dict(record.get("payload") or {})
     if payload.get("unsafe") is True:
         caller.require_moderator("an item flagged unsafe")
+        audit.note(request, unsafe_ids=[str(record.get("id", item_id))])
     return {
         "id": str(record.get("id", item_id)),
         "kind": payload.get("kind", "image"),
@@ -71,14 +75,17 @@ async def get_item(
     response_class=FileResponse,
     responses={**ERRORS, 200: {"content": {"image/*": {}}, "description": "The image file."}},
     summary="An indexed image's bytes",
+    openapi_extra=TOKEN_OPTIONAL,
 )
 async def get_media(item_id: str, request: Request, caller: CallerDep) -> FileResponse:
     settings = request.app.state.settings
+    await audit.note_query(request, item_id=item_id)
     with request.app.state.services.state.lease() as pair:
         record = await fetch_item(request, pair, item_id, with_vector=False)
     payload = record.get("payload") or {}
     if payload.get("unsafe") is True:
         caller.require_moderator("an item flagged unsafe")
+        audit.note(request, unsafe_ids=[str(record.get("id", item_id))])
     uri = payload.get("uri")
     if payload.get("kind", "image") != "image" or not uri:
         raise NotFoundError(f"item {item_id!r} has no image")

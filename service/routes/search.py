@@ -19,7 +19,8 @@ import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import Caller, CallerDep
+from service import audit
+from service.deps import TOKEN_OPTIONAL, Caller, CallerDep
 from service.errors import NotFoundError, UnavailableError
 from service.schemas import (
     MAX_K,
@@ -128,6 +129,8 @@ async def run_search(
     metrics = services.metrics
     if opts.safety == "off":
         caller.require_moderator("safety=off")
+    await audit.note_query(request, text=text, image=image, item_id=item_id)
+    audit.note(request, safety=opts.safety)
     t0 = time.perf_counter()
     with services.state.lease() as pair:
         try:
@@ -150,6 +153,7 @@ async def run_search(
             raise UnavailableError(f"the vector store is not answering: {e}", services.settings.store_retry_s) from e
         t2 = time.perf_counter()
         hits = [h for h in result.hits if caller.is_moderator or h.unsafe is not True]
+        audit.note(request, unsafe_ids=[h.id for h in hits if h.unsafe is True])
         query = dict(result.query)
         ref = pair.ref
     metrics.stage_seconds.labels("encode").observe(t1 - t0)
@@ -173,14 +177,16 @@ async def run_search(
     }
 
 
-@router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Search by text, image or item")
+@router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Search by text, image or item",
+             openapi_extra=TOKEN_OPTIONAL)
 async def search(body: SearchRequest, request: Request, caller: CallerDep) -> dict[str, Any]:
     """Exactly one of ``text``, ``image`` (base64) or ``item_id``; results come with the query's safety report."""
     image = await run_in_threadpool(decode_base64, body.image) if body.image is not None else None
     return await run_search(request, caller, body, text=body.text, image=image, item_id=body.item_id)
 
 
-@router.post("/search/upload", response_model=SearchResponse, responses=ERRORS, summary="Search by an uploaded image")
+@router.post("/search/upload", response_model=SearchResponse, responses=ERRORS, summary="Search by an uploaded image",
+             openapi_extra=TOKEN_OPTIONAL)
 async def search_upload(
     request: Request,
     caller: CallerDep,
@@ -199,11 +205,16 @@ async def search_upload(
     return await run_search(request, caller, opts, image=data)
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=ERRORS, summary="Embed a text or image")
-async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
-    """The query's embedding and safety report: geometry, curvature, vector, distance to the origin, unsafe."""
+@router.post("/embed", response_model=EmbedResponse, responses=ERRORS, summary="Embed a text or image",
+             openapi_extra=TOKEN_OPTIONAL)
+async def embed(body: EmbedRequest, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """The query's embedding and safety report: geometry, curvature, vector, distance to the origin, unsafe.
+
+    No token is needed; a moderator's token makes the request privileged (audited) like their searches.
+    """
     services = request.app.state.services
     image = await run_in_threadpool(decode_base64, body.image) if body.image is not None else None
+    await audit.note_query(request, text=body.text, image=image)
     with services.state.lease() as pair:
         encoded, modality = await encode_query(request, pair, text=body.text, image=image)
         art = pair.artifact

@@ -284,6 +284,47 @@ def test_invalid_json_is_422(server):
     assert_no_trace(r)
 
 
+def test_integer_fields_are_strict(server, world):
+    with server.client() as c:
+        for body in ({"text": "a", "k": 67.0}, {"text": "a", "k": "5"}, {"text": "a", "offset": 1.0}, {"text": "a", "k": True}):
+            r = c.post("/v1/search", json=body)
+            assert r.status_code == 422, (body, r.text)
+        assert c.post("/v1/search", json={"text": "a", "k": 67}).status_code == 200
+        # the upload form's fields are text by nature: "5" stays a valid k there
+        upload = c.post("/v1/search/upload", files={"image": ("q.jpg", jpeg_bytes(world), "image/jpeg")}, data={"k": "5"})
+        assert upload.status_code == 200, upload.text
+
+
+def test_openapi_states_exactly_one_query_and_the_optional_token(server):
+    import jsonschema_rs  # schemathesis' own validator
+
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+
+    def validator(name: str):
+        return jsonschema_rs.Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": spec["components"]})
+
+    search = validator("SearchRequest")
+    for body in ({"text": "a"}, {"image": "AAAA"}, {"item_id": "x"}, {"text": "a", "image": None, "k": 3}):
+        assert search.is_valid(body), body
+    for body in ({}, {"k": 3}, {"text": "a", "image": "AAAA"}, {"text": "a", "item_id": "x"}, {"text": None}):
+        assert not search.is_valid(body), body
+    embed = validator("EmbedRequest")
+    assert embed.is_valid({"text": "a"}) and not embed.is_valid({"text": "a", "image": "AAAA"}) and not embed.is_valid({})
+    source = validator("IndexSource")
+    assert source.is_valid({"images": "x"}) and source.is_valid({"visu": "d", "split": "test"})
+    for body in ({"images": "x", "visu": "d", "split": "test"}, {"visu": "d"}, {"images": "x", "split": "test"}, {}):
+        assert not source.is_valid(body), body
+    assert spec["components"]["schemas"]["SearchRequest"]["properties"]["k"]["type"] == "integer"
+    # a token is optional where ordinary callers are served: the empty requirement means "anonymous is fine"
+    for method, path in (("post", "/v1/search"), ("post", "/v1/search/upload"), ("post", "/v1/embed"),
+                         ("get", "/v1/items/{item_id}"), ("get", "/v1/media/{item_id}")):
+        security = spec["paths"][path][method]["security"]
+        assert {} in security and {"HTTPBearer": []} in security, (path, security)
+    for method, path in (("post", "/v1/admin/reindex"), ("get", "/v1/admin/audit")):
+        assert spec["paths"][path][method]["security"] == [{"HTTPBearer": []}], path
+
+
 @pytest.mark.parametrize(
     "image, words",
     [

@@ -96,3 +96,21 @@ def test_demo_remakes_data_and_models_of_an_older_recipe(tmp_path):
     (work / "recipe.json").write_text(json.dumps({"recipe": demo.RECIPE - 1}))
     demo.check_recipe(work)
     assert not (work / "data").exists()
+
+
+def test_serve_refuses_a_malformed_moderator_tokens_file_at_start_up(tmp_path):
+    tokens = tmp_path / "moderators"
+    tokens.write_text("alice:alice-token\nbob bob-token\n")
+    tokens.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFE_RETRIEVAL_")}
+    env.update(SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE=str(tokens), SAFE_RETRIEVAL_STATE_DIR=str(tmp_path / "state"))
+    cmd = [sys.executable, "-c", "import sys; from service.cli import main; main(sys.argv[1:])", "serve", "--port", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"line 2 of the moderator tokens file {tokens}" in done.stderr
+    assert "Traceback" not in done.stderr and "alice-token" not in done.stderr
+    env["SAFE_RETRIEVAL_MODERATOR_TOKENS"] = '{"alice": ["zebra-secret"]}'
+    del env["SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "moderator_tokens.alice" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "zebra-secret" not in done.stderr

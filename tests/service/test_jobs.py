@@ -507,3 +507,26 @@ def test_a_job_interrupted_by_a_stop_is_discarded_unless_its_commit_switched(tmp
     assert committed["status"] == "succeeded" and (models / "20250101-000000-000-aaaaaa").is_dir()
     assert interrupted["status"] == "failed" and "restarted" in interrupted["error"]
     assert not (models / "20250101-000000-000-bbbbbb").exists()
+
+
+def test_admin_routes_check_the_token_before_the_body(server):
+    bad_bodies = [
+        (b"{not json", "application/json"),
+        (b'{"source": {"images": 7}, "surprise": true}', "application/json"),
+        (b'{"data": "x", "epochs": 1.5}', "application/json"),
+        (b"[" + b"1," * 2_000_000 + b"1]", "application/json"),  # 4 MB, under the 10 MB body limit
+        (b"a=b", "application/x-www-form-urlencoded"),
+    ]
+    for token in (None, "wrong", MODERATOR):
+        with server.client(token) as c:
+            for route in ("/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/jobs/x/cancel", "/v1/admin/reload"):
+                for body, kind in bad_bodies:
+                    r = c.post(route, content=body, headers={"content-type": kind})
+                    assert r.status_code == 401, (token, route, body[:20], r.text)
+                    assert r.headers["www-authenticate"] == "Bearer" and r.json()["error"] == "UnauthorizedError"
+            assert c.get("/v1/admin/audit", params={"limit": "lots"}).status_code == 401
+            assert c.get("/v1/admin/nothing-here").status_code == 401  # no route is revealed without the token
+    with server.client(ADMIN) as c:  # with the token, the body is judged
+        assert c.post("/v1/admin/reindex", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        assert c.post("/v1/admin/retrain", json={"data": "x", "epochs": 1.5}).status_code == 422
+        assert c.get("/v1/admin/nothing-here").status_code == 404

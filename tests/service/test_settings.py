@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
+from training.errors import InputError
 
 
 def test_environment_variables(monkeypatch):
@@ -34,3 +35,75 @@ def test_defaults_and_validation(monkeypatch):
     monkeypatch.setenv("SAFE_RETRIEVAL_PORT", "not-a-port")
     with pytest.raises(ValidationError):
         Settings()
+
+
+# ------------------------------------------------------------------ moderator tokens
+def _clean(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("SAFE_RETRIEVAL_"):
+            monkeypatch.delenv(key)
+
+
+def _token_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "moderators"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_named_moderator_tokens_from_the_environment_and_a_file(monkeypatch, tmp_path):
+    _clean(monkeypatch)
+    monkeypatch.setenv("SAFE_RETRIEVAL_MODERATOR_TOKEN", "legacy-token")
+    monkeypatch.setenv("SAFE_RETRIEVAL_MODERATOR_TOKENS", '{"alice": "alice-token", "bob": "bob-token"}')
+    lines = _token_file(tmp_path, "# the night shift\ncarol: carol-token\n\n dave:dave-token \n")
+    monkeypatch.setenv("SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE", str(lines))
+    s = Settings()
+    assert s.moderators() == {"moderator": "legacy-token", "alice": "alice-token", "bob": "bob-token",
+                              "carol": "carol-token", "dave": "dave-token"}
+    assert "alice-token" not in repr(s) and "carol-token" not in repr(s)
+    as_json = _token_file(tmp_path, '{"erin": "erin-token"}', 0o640)
+    assert Settings(moderator_tokens_file=as_json).moderators()["erin"] == "erin-token"
+    monkeypatch.delenv("SAFE_RETRIEVAL_MODERATOR_TOKEN")
+    monkeypatch.delenv("SAFE_RETRIEVAL_MODERATOR_TOKENS")
+    monkeypatch.delenv("SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE")
+    assert Settings().moderators() == {}
+    assert Settings(moderator_token="only").moderators() == {"moderator": "only"}  # the single setting still works
+
+
+@pytest.mark.parametrize(
+    "text, mode, words",
+    [
+        ("carol carol-token\n", 0o600, "line 1"),  # no colon
+        ("ok:ok-token\n:nameless-token\n", 0o600, "not valid"),
+        ("carol:\n", 0o600, "empty"),
+        ("carol:two words\n", 0o600, "spaces"),
+        ("carol:same-token\ndave:same-token\n", 0o600, "already used"),
+        ("carol:c-token\ncarol:d-token\n", 0o600, "twice"),
+        ("admin:admin-token\n", 0o600, "already used"),  # the admin's token is no moderator's
+        ("moderator:x-token\n", 0o600, "twice"),  # the single setting's name is taken
+        ('{"carol": "c-token",}', 0o600, "not valid JSON"),
+        ('{"carol": 7}', 0o600, "token strings"),
+        ("# only a comment\n", 0o600, "holds no tokens"),
+        ("carol:carol-token\n", 0o644, "chmod o-rw"),  # readable by every user
+        ("carol:carol-token\n", 0o602, "chmod o-rw"),  # writable by every user
+    ],
+)
+def test_a_malformed_tokens_file_stops_start_up_with_a_clear_message(monkeypatch, tmp_path, text, mode, words):
+    _clean(monkeypatch)
+    path = _token_file(tmp_path, text, mode)
+    with pytest.raises(InputError, match=words) as caught:
+        Settings(admin_token="admin-token", moderator_token="legacy-token", moderator_tokens_file=path)
+    message = str(caught.value)
+    assert str(path) in message or "moderator" in message
+    for token in ("carol-token", "same-token", "c-token", "d-token", "admin-token", "x-token", "nameless-token"):
+        assert token not in message  # names may appear in a start-up error, tokens never
+
+
+def test_a_missing_tokens_file_and_bad_names_are_refused(monkeypatch, tmp_path):
+    _clean(monkeypatch)
+    with pytest.raises(InputError, match="cannot read"):
+        Settings(moderator_tokens_file=tmp_path / "absent")
+    with pytest.raises(InputError, match="not valid"):
+        Settings(moderator_tokens={"has space": "t-token"})
+    with pytest.raises(InputError, match="already used"):
+        Settings(moderator_tokens={"a": "t-token", "b": "t-token"})

@@ -1,0 +1,260 @@
+"""The audit trail of privileged access: who saw unsafe content, when, and with what query.
+
+A *privileged request* is one authenticated with a moderator token on the search, items, media and
+embed routes (whether or not unsafe items came back), or an admin job submission or cancel (token
+name ``admin``). Each leaves exactly one record; ordinary requests leave none. A record holds the
+time (UTC), the token's name (never the token), method, route, response status, safety mode, the
+query (its text, the image's sha256 or the item id), the ids of the unsafe items returned, the
+client address, and for admin requests the job.
+
+Records are JSON lines appended to ``STATE_DIR/audit/audit.jsonl``, rotated by size to
+``audit.jsonl.1`` (newest) ... ``audit.jsonl.N`` (oldest kept), and also emitted on the
+``safe_retrieval.audit`` logger. Routes only *note* what they did (:func:`privileged`, :func:`note`);
+the :class:`AuditTrail` middleware writes the record when the response starts, so the client cannot
+see a response whose record is not written, and a record that cannot be written turns the response
+into a 503 (fail closed: no unaudited access to unsafe content).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ADMIN = "admin"
+SCOPE_KEY = "safe_retrieval.audit"  # this request's notes, in the ASGI scope
+FILE_NAME = "audit.jsonl"
+log = logging.getLogger("safe_retrieval.audit")
+service_log = logging.getLogger("safe_retrieval.service")
+
+
+def now() -> str:
+    """The records' time format: UTC, microseconds; strings of this form sort in time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def as_utc(when: datetime) -> str:
+    """``when`` in the records' time format (a naive time is taken as UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+class AuditLog:
+    """An append-only JSON-lines file rotated by size; thread-safe, one flushed line per record."""
+
+    def __init__(self, directory: Path, *, max_bytes: int, keep: int):
+        self.directory = Path(directory)
+        self.path = self.directory / FILE_NAME
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._file = None
+        self._size = 0
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self._file = None
+        oldest = self.directory / f"{FILE_NAME}.{self.keep}"
+        oldest.unlink(missing_ok=True)
+        for n in range(self.keep - 1, 0, -1):
+            older = self.directory / f"{FILE_NAME}.{n}"
+            if older.exists():
+                older.rename(self.directory / f"{FILE_NAME}.{n + 1}")
+        self.path.rename(self.directory / f"{FILE_NAME}.1")
+        self._open()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (blocking; :meth:`awrite` from the event loop). OSError when it cannot be written."""
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        size = len(line.encode())
+        with self._lock:
+            try:
+                if self._file is None:
+                    self._open()
+                if self._size and self._size + size > self.max_bytes:
+                    self._rotate()
+                self._file.write(line)
+                self._file.flush()
+                self._size += size
+            except OSError:
+                if self._file is not None:  # reopen on the next write, wherever this one stopped
+                    self._file.close()
+                    self._file = None
+                raise
+        log.info("%s", line.rstrip("\n"))
+
+    async def awrite(self, record: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.write, record)
+
+    def files(self) -> list[Path]:
+        """The log's files, oldest first."""
+        rotated = sorted(
+            (p for p in self.directory.glob(f"{FILE_NAME}.*") if p.suffix[1:].isdigit()),
+            key=lambda p: int(p.suffix[1:]), reverse=True,
+        )
+        return rotated + ([self.path] if self.path.exists() else [])
+
+    def read(self, *, since: datetime | None = None, until: datetime | None = None, token: str | None = None,
+             limit: int = 100) -> tuple[list[dict[str, Any]], bool]:
+        """The newest ``limit`` records with ``since <= time < until`` (and of ``token``), oldest first.
+
+        Returns ``(records, truncated)``; ``truncated`` says older matching records were left out
+        (ask again with ``until`` = the first record's time). Blocking: call it from a worker thread.
+        """
+        # open every file under the lock (a rotation then cannot move records between our reads),
+        # and read the current file only up to its size now (a line being appended is never half-read)
+        with self._lock:
+            handles = []
+            for path in self.files():
+                try:
+                    handles.append((open(path, "rb"), os.path.getsize(path)))
+                except FileNotFoundError:
+                    continue
+        low = as_utc(since).encode() if since is not None else None
+        high = as_utc(until).encode() if until is not None else None
+        mark = b'"token":' + json.dumps(token).encode() if token is not None else None
+        newest_first: list[dict[str, Any]] = []
+        try:
+            # newest first, stopping at limit + 1 matches; cheap byte checks before a line is parsed
+            for handle, size in reversed(handles):
+                for line in reversed(handle.read(size).splitlines()):
+                    when = line[9:41] if line.startswith(b'{"time":"') else None
+                    if when is not None and ((low and when < low) or (high and when >= high)):
+                        continue
+                    if mark is not None and mark not in line:
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        service_log.warning("skipping an unreadable line in the audit log %s", handle.name)
+                        continue
+                    stamp = str(record.get("time", "")).encode()
+                    if (low and stamp < low) or (high and stamp >= high) or (token and record.get("token") != token):
+                        continue
+                    newest_first.append(record)
+                    if len(newest_first) > limit:
+                        return newest_first[limit - 1 :: -1], True
+            return newest_first[::-1], False
+        finally:
+            for handle, _ in handles:
+                handle.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+# ------------------------------------------------------------------ what the routes note
+def privileged(request: Request, token_name: str) -> None:
+    """Mark this request as privileged, by the token named ``token_name``: it will leave one record."""
+    notes = request.scope.get(SCOPE_KEY)
+    if notes is not None:
+        notes["token"] = token_name
+
+
+def is_privileged(request: Request) -> bool:
+    return "token" in (request.scope.get(SCOPE_KEY) or {})
+
+
+def note(request: Request, **fields: Any) -> None:
+    """Add ``fields`` (query, safety, unsafe_ids, job) to this request's record; nothing for ordinary requests."""
+    notes = request.scope.get(SCOPE_KEY)
+    if notes is not None and "token" in notes:
+        notes.update(fields)
+
+
+async def note_query(request: Request, *, text: str | None = None, image: bytes | None = None,
+                     item_id: str | None = None) -> None:
+    """Note the query of a privileged request: its text, the image's sha256, or the item id."""
+    if not is_privileged(request):
+        return
+    if text is not None:
+        query: dict[str, Any] = {"text": text}
+    elif image is not None:
+        query = {"image_sha256": await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())}
+    else:
+        query = {"item_id": item_id}
+    note(request, query=query)
+
+
+# ------------------------------------------------------------------ the writer
+def _record(scope: Scope, notes: dict[str, Any], status: int) -> dict[str, Any]:
+    route = scope.get("route")
+    client = scope.get("client")
+    record = {
+        "time": now(),
+        "token": notes["token"],
+        "method": scope.get("method"),
+        "route": getattr(route, "path", scope.get("path")),
+        "status": status,
+        "safety": notes.get("safety"),
+        "query": notes.get("query"),
+        "unsafe_ids": list(notes.get("unsafe_ids") or []),
+        "client": client[0] if client else None,
+    }
+    if "job" in notes:
+        record["job"] = notes["job"]
+    return record
+
+
+class AuditTrail:
+    """ASGI middleware: one record per privileged request, written before its response starts."""
+
+    def __init__(self, app: ASGIApp, audit: AuditLog):
+        self.app = app
+        self.audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        notes: dict[str, Any] = {}
+        scope[SCOPE_KEY] = notes
+        written = refused = False
+
+        async def audited(message: Message) -> None:
+            nonlocal written, refused
+            if refused:
+                return  # the rest of a response replaced by the 503 below
+            if message["type"] == "http.response.start" and "token" in notes and not written:
+                written = True
+                try:
+                    await self.audit.awrite(_record(scope, notes, message["status"]))
+                except OSError:
+                    service_log.exception("could not write the audit record of %s %s", scope.get("method"),
+                                          scope.get("path"))
+                    refused = True
+                    response = JSONResponse({"error": "UnavailableError", "detail":
+                                             "the audit log cannot be written, so privileged requests are refused; "
+                                             "check the disk of the state directory"}, status_code=503)
+                    await response(scope, receive, send)
+                    return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited)
+        finally:
+            if "token" in notes and not written:  # an unhandled error: the 500 is sent outside this middleware
+                try:
+                    await self.audit.awrite(_record(scope, notes, 500))
+                except OSError:
+                    service_log.exception("could not write the audit record of a failed request")
