@@ -30,6 +30,7 @@ from service.errors import ConflictError, TooLargeError, status_for
 from service.jobs import JobManager, JobRecord
 from service.metrics import Metrics
 from service.settings import Settings
+from service.startup import check_model, check_page, listen
 from service.state import PairLoader, ServedPair, ServedState, write_served_record
 from training.errors import SafeRetrievalError
 
@@ -269,6 +270,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     for router in (search.router, items.router, admin.router, health.router):
         app.include_router(router)
+    check_page(STATIC)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -308,6 +310,18 @@ def serve(settings: Settings) -> None:
     """Run the app under uvicorn until interrupted (one worker: jobs and swaps belong to one process)."""
     import uvicorn
 
+    app = create_app(settings)
+    check_model(settings)
+    sock = listen(settings.host, settings.port)  # before the model loads: a taken port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log, timeout_graceful_shutdown=10, server_header=False)
+    config = uvicorn.Config(app, log_level="info", access_log=settings.access_log, timeout_graceful_shutdown=10,
+                            server_header=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        raise SafeRetrievalError("the server did not start; the log above says why")

@@ -40,11 +40,11 @@ def serve(
 ) -> None:
     """Serve the HTTP API and the web page (uvicorn); every other option comes from SAFE_RETRIEVAL_* variables."""
     from service.app import serve as run_server
-    from service.settings import Settings
+    from service.startup import settings_from
 
     given = {"model": model, "index": index, "qdrant_url": qdrant_url, "index_root": index_root,
              "media_root": media_root, "host": host, "port": port}
-    run_server(Settings(**{k: v for k, v in given.items() if v is not None}))
+    run_server(settings_from({k: v for k, v in given.items() if v is not None}))
 
 
 @app.command("demo")
