@@ -46,8 +46,12 @@ def settings_from(given: dict[str, Any]) -> Settings:
                          f"SAFE_RETRIEVAL_{name.upper()}='[\"/data\"]'") from None
 
 
+SERVE_OPTIONS = {"model", "index", "qdrant_url", "index_root", "media_root", "host", "port"}  # serve's flags
+
+
 def _names(field: str) -> str:
-    return f"--{field.replace('_', '-')} / SAFE_RETRIEVAL_{field.upper()}"
+    flag = f"--{field.replace('_', '-')} / " if field in SERVE_OPTIONS else ""
+    return f"{flag}SAFE_RETRIEVAL_{field.upper()}"
 
 
 def check_page(static: Path) -> None:
