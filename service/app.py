@@ -79,10 +79,11 @@ class Services:
         self.state.swap(pair)
         self.metrics.swaps.inc()
         self.metrics.ready.set(1)
-        write_served_record(
-            self.settings.state_dir, model=pair.model_path.resolve(), index=self.settings.index,
-            generation=pair.info.get("generation"),
-        )
+        if self.settings.run_jobs:  # one writer per state volume: the job runner
+            write_served_record(
+                self.settings.state_dir, model=pair.model_path.resolve(), index=self.settings.index,
+                generation=pair.info.get("generation"),
+            )
         log.info("serving %s generation %s with model %s", pair.info.get("name"), pair.info.get("generation"),
                  pair.artifact.fingerprint)
 
@@ -101,6 +102,13 @@ class Services:
             self.state.problem = f"loading the model or index failed ({e.__class__.__name__}); see the server log"
         self.metrics.ready.set(0)
         return False
+
+    def follow(self) -> None:
+        """On a replica without jobs: serve the generation the job runner switched the index to."""
+        try:
+            self.reload()
+        except Exception as e:  # noqa: BLE001 - keep serving the previous pair; the next round tries again
+            log.warning("could not follow index %s to its current generation: %s", self.settings.index, e)
 
     def job_succeeded(self, job: JobRecord) -> dict[str, Any]:
         """The jobs' ``on_success``: swap in what the job built when it belongs to the served index."""
@@ -237,11 +245,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             cache_size=settings.cache_size, dtype=settings.inference_dtype,
                             torch_threads=settings.torch_threads, metrics=metrics),
         )
-        services.jobs = JobManager(
-            settings.state_dir, on_success=services.job_succeeded, cancel_grace_s=settings.job_cancel_grace_s,
-            env=job_environment(settings),
-            on_change=lambda counts: [metrics.jobs.labels(k).set(v) for k, v in counts.items()],
-        )
+        if settings.run_jobs:
+            services.jobs = JobManager(
+                settings.state_dir, on_success=services.job_succeeded, cancel_grace_s=settings.job_cancel_grace_s,
+                env=job_environment(settings),
+                on_change=lambda counts: [metrics.jobs.labels(k).set(v) for k, v in counts.items()],
+            )
         app.state.services = services
         services.batcher.start()
         await asyncio.to_thread(services.connect)
@@ -252,7 +261,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
-            await asyncio.to_thread(services.jobs.shutdown)
+            if services.jobs is not None:
+                await asyncio.to_thread(services.jobs.shutdown)
             services.batcher.stop()
             services.state.close()
 
@@ -289,11 +299,14 @@ def job_environment(settings: Settings) -> dict[str, str]:
 
 
 async def _supervise(services: Services) -> None:
-    """Retry loading the served pair while there is none (store down, index not built yet)."""
+    """Retry loading the served pair while there is none (store down, index not built yet); on a replica
+    without jobs, also follow the index pointer that the job runner switches."""
     while True:
         await asyncio.sleep(services.settings.store_retry_s)
         if services.state.current is None:
             await asyncio.to_thread(services.connect)
+        elif not services.settings.run_jobs:
+            await asyncio.to_thread(services.follow)
 
 
 def _version() -> str:

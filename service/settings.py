@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Directories that paths in admin job requests must lie under."
     )
     job_cancel_grace_s: float = Field(10.0, ge=0, description="Seconds a cancelled job gets to stop before SIGKILL.")
+    run_jobs: bool = Field(
+        True, description="Run admin jobs and write the served-pair record. False on extra replicas that share the "
+        "state volume: they write nothing there and follow the index to each generation the job runner switches to."
+    )
 
     def token(self, role: Literal["admin", "moderator"]) -> str | None:
         """The configured token of ``role`` as plain text, or None when unset or empty."""
