@@ -64,6 +64,11 @@ check_image() {
         || fail "the image holds the source tree or the wheel"
     docker image inspect "$IMAGE" --format '{{json .Config.Healthcheck.Test}}' | grep -q readyz \
         || fail "the image's HEALTHCHECK does not ask /readyz"
+    # a start-up mistake is one line and a non-zero exit, not a traceback
+    local out rc=0
+    out=$(docker run --rm --network host -e SAFE_RETRIEVAL_PORT=99999 "$IMAGE" 2>&1) || rc=$?
+    [ "$rc" -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && [[ $out == "error: bad setting"*PORT* ]] \
+        || fail "a bad setting gave (exit $rc): $out"
 }
 step image check_image
 
