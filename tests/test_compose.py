@@ -115,3 +115,18 @@ def test_docker_compose_accepts_the_file(compose, tmp_path):
     del env["QDRANT_API_KEY"]  # required: the store must not run open
     missing = subprocess.run(["docker-compose", "-f", str(copy), "config", "-q"], capture_output=True, text=True, env=env)
     assert missing.returncode != 0 and "QDRANT_API_KEY" in missing.stderr
+
+
+def test_the_dockerfile_runs_unprivileged_checks_readiness_and_sends_a_small_context():
+    text = DOCKERFILE.read_text()
+    final = text[text.rindex("\nFROM "):]  # the runtime stage
+    assert re.search(r"^USER (?!root\b|0\b)\S+", final, re.M), "the runtime stage runs as root"
+    assert "HEALTHCHECK" in final and "/readyz" in final
+    assert "TORCH_INDEX_URL" in text  # where the CPU-only wheel index goes
+    # the classic builder reads only <context>/.dockerignore: it must exclude everything but the sources
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("**")] == "**" and not (REPO / "docker" / "Dockerfile.dockerignore").exists()
+    copied = {src for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M) for src in line.split()[:-1]}
+    assert {"pyproject.toml", "README.md", "training", "indexer", "service"} <= copied
+    for source in copied:
+        assert f"!{source}" in ignore or f"!{source}/**" in ignore, f"{source} is copied but ignored"
