@@ -30,7 +30,7 @@ from service.errors import ConflictError, TooLargeError, status_for
 from service.jobs import JobManager, JobRecord
 from service.metrics import Metrics
 from service.settings import Settings
-from service.startup import check_model, check_page, listen
+from service.startup import check_model, check_page, check_state_dir, listen
 from service.state import PairLoader, ServedPair, ServedState, write_served_record
 from training.errors import SafeRetrievalError
 
@@ -325,6 +325,7 @@ def serve(settings: Settings) -> None:
 
     app = create_app(settings)
     check_model(settings)
+    check_state_dir(settings)
     sock = listen(settings.host, settings.port)  # before the model loads: a taken port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(app, log_level="info", access_log=settings.access_log, timeout_graceful_shutdown=10,

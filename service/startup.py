@@ -10,8 +10,10 @@ service starts, ``/readyz`` says what is missing, and the supervisor retries.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,21 @@ def check_model(settings: Settings) -> None:
     except OSError as e:
         raise ArtifactError(f"cannot read the model {path}: {e.strerror}; check the path and its permissions "
                             "(--model / SAFE_RETRIEVAL_MODEL)") from None
+
+
+def check_state_dir(settings: Settings) -> None:
+    """The job runner writes job records, models and the served-pair record: its state directory must be writable."""
+    if not settings.run_jobs:
+        return
+    path = settings.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write the state directory {path} ({e.strerror}): give this user (uid {os.getuid()}) "
+                         "write access, or set SAFE_RETRIEVAL_STATE_DIR (SAFE_RETRIEVAL_RUN_JOBS=false on "
+                         "replicas that only search)") from None
 
 
 def listen(host: str, port: int) -> socket.socket:

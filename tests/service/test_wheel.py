@@ -165,6 +165,13 @@ def test_an_unreadable_model_is_one_line(target, tmp_path):
     assert_one_error_line(run, str(broken))
 
 
+def test_an_unwritable_state_directory_is_one_line(target, world, tmp_path):
+    (tmp_path / "file").write_text("")  # not a directory: refused even to root
+    run = serve_once(target, tmp_path, "--model", str(world.model), "--port", str(free_port()),
+                     SAFE_RETRIEVAL_STATE_DIR=str(tmp_path / "file" / "state"))
+    assert_one_error_line(run, "state directory", "SAFE_RETRIEVAL_STATE_DIR")
+
+
 def test_a_port_in_use_is_one_line(target, world, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
