@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv browser test gates demo clean
+.PHONY: venv browser test gates demo docker-smoke clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ gates: venv
 
 demo: venv
 	$(VENV)/bin/safe-retrieval demo --workdir $(DEMO_DIR)
+
+# The image on a real Docker engine (installs docker.io and debootstrap when missing; root): build,
+# serve a demo gallery, search, media, a retrain job through the admin API. Not part of `make test`.
+docker-smoke:
+	bash docker/smoke.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -56,15 +56,22 @@ def default_root() -> Path:
 
 
 def generations_for(name: str, *, root: Path | None = None, url: str | None = None, api_key: str | None = None,
-                    client=None, **edge_config) -> Generations:
-    """The generations of index ``name``: on a Qdrant server (``url`` or an injected ``client``), else embedded under ``root``."""
+                    client=None, shards: int | None = None, replicas: int | None = None,
+                    **edge_config) -> Generations:
+    """The generations of index ``name``: on a Qdrant server (``url`` or an injected ``client``), else embedded under ``root``.
+
+    ``shards`` and ``replicas`` lay out new generations' collections across a Qdrant cluster's nodes.
+    """
     root = Path(root) if root is not None else default_root()
     if client is None and url:
         from indexer.server_store import connect
 
         client = connect(url, api_key)
     if client is not None:
-        return ServerGenerations(name, client, root)
+        return ServerGenerations(name, client, root, shards=shards, replicas=replicas)
+    if shards is not None or replicas is not None:
+        raise InputError("--shards and --replicas lay out a Qdrant server's collections; the embedded store is one "
+                         "shard on this machine. Add --qdrant-url, or leave them out")
     return LocalGenerations(name, root, **edge_config)
 
 

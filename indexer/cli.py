@@ -63,11 +63,11 @@ def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _gens(name: str, root: Optional[Path], url: Optional[str], api_key: Optional[str]):
+def _gens(name: str, root: Optional[Path], url: Optional[str], api_key: Optional[str], **layout: Optional[int]):
     from indexer.builder import generations_for
     from indexer.generations import check_name
 
-    return generations_for(check_name(name), root=root, url=url, api_key=api_key)
+    return generations_for(check_name(name), root=root, url=url, api_key=api_key, **layout)
 
 
 def _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots):
@@ -145,6 +145,12 @@ def build_cmd(
     root: Optional[Path] = ROOT_OPT,
     qdrant_url: Optional[str] = URL_OPT,
     api_key: Optional[str] = KEY_OPT,
+    shards: Optional[int] = typer.Option(
+        None, min=1, help="Qdrant server: shards of the new generation's collection, spread over the cluster's nodes "
+        "(default: the current generation's, else 1)."),
+    replicas: Optional[int] = typer.Option(
+        None, min=1, help="Qdrant server: copies of each shard on different nodes; 2 survives one node down "
+        "(default: the current generation's, else 1)."),
     batch_size: int = typer.Option(64, min=1, help="Images per encode/upsert batch."),
     workers: int = typer.Option(_workers(), min=0, help="Decode/preprocess worker processes (0: in the main process)."),
     keep: int = typer.Option(2, min=1, help="Complete generations to keep (older ones are pruned)."),
@@ -164,7 +170,7 @@ def build_cmd(
     """
     from indexer import builder
 
-    gens = _gens(name, root, qdrant_url, api_key)
+    gens = _gens(name, root, qdrant_url, api_key, shards=shards, replicas=replicas)
     roots = _roots(data_root)
     items, sig, media = _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots)
     out = _ResultFile(result_file, gens.name)

@@ -41,6 +41,7 @@ import re
 import shutil
 import socket
 from abc import ABC, abstractmethod
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -372,9 +373,21 @@ class LocalGenerations(Generations):
 class ServerGenerations(Generations):
     """Server home: one collection per generation, ``NAME`` as an alias, metadata in the collection."""
 
-    def __init__(self, name: str, client, root: Path):
+    def __init__(self, name: str, client, root: Path, *, shards: int | None = None, replicas: int | None = None):
         super().__init__(name, root)
         self.client = client
+        self.shards = shards
+        self.replicas = replicas
+
+    def layout(self) -> dict[str, int]:
+        """Shards and replicas of a new generation: as asked, else as the current generation's (so a
+        reindex by an admin job keeps the cluster layout), else the server's defaults (left out)."""
+        asked = {"shard_number": self.shards, "replication_factor": self.replicas}
+        inherited: dict[str, int] = {}
+        if None in asked.values() and (cur := self.current()) is not None:
+            with contextlib.suppress(IndexNotFoundError):
+                inherited = self.read_meta(cur).get("layout") or {}
+        return {k: v if v is not None else inherited[k] for k, v in asked.items() if v is not None or k in inherited}
 
     def generations(self) -> list[str]:
         from indexer import server_store as ss
@@ -401,7 +414,9 @@ class ServerGenerations(Generations):
     def create_store(self, gen: str, schema: Schema, meta: dict[str, Any]) -> VectorStore:
         from indexer.server_store import ServerStore
 
-        return ServerStore.create(self.client, gen, schema, metadata=meta)
+        layout = self.layout()
+        meta = {**meta, "layout": layout} if layout else meta  # recorded: the next generation inherits it
+        return ServerStore.create(self.client, gen, schema, metadata=meta, **layout)
 
     def open_store(self, gen: str, schema: Schema) -> VectorStore:
         from indexer.server_store import ServerStore

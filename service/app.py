@@ -32,6 +32,7 @@ from service.jobs import JobManager, JobRecord
 from service.metrics import Metrics
 from service.middleware import AdminGate
 from service.settings import Settings
+from service.startup import check_model, check_page, check_state_dir, listen
 from service.state import PairLoader, ServedPair, ServedState, write_served_record
 from training.errors import SafeRetrievalError
 
@@ -89,10 +90,11 @@ class Services:
         self.state.swap(pair)
         self.metrics.swaps.inc()
         self.metrics.ready.set(1)
-        write_served_record(
-            self.settings.state_dir, model=pair.model_path.resolve(), index=self.settings.index,
-            generation=pair.info.get("generation"),
-        )
+        if self.settings.run_jobs:  # one writer per state volume: the job runner
+            write_served_record(
+                self.settings.state_dir, model=pair.model_path.resolve(), index=self.settings.index,
+                generation=pair.info.get("generation"),
+            )
         self.pin()
         log.info("serving %s generation %s with model %s", pair.info.get("name"), pair.info.get("generation"),
                  pair.artifact.fingerprint)
@@ -122,6 +124,13 @@ class Services:
             self.generations().pin(pair.info["generation"])
         except Exception:  # noqa: BLE001 - serving goes on; the next renewal tries again
             log.warning("could not pin generation %s", pair.info.get("generation"), exc_info=True)
+
+    def follow(self) -> None:
+        """On a replica without jobs: serve the generation the job runner switched the index to."""
+        try:
+            self.reload()
+        except Exception as e:  # noqa: BLE001 - keep serving the previous pair; the next round tries again
+            log.warning("could not follow index %s to its current generation: %s", self.settings.index, e)
 
     def job_succeeded(self, job: JobRecord) -> dict[str, Any]:
         """The jobs' ``on_success`` (past the job's commit point): accept what the job staged.
@@ -321,12 +330,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             cache_size=settings.cache_size, dtype=settings.inference_dtype,
                             torch_threads=settings.torch_threads, metrics=metrics),
         )
-        services.jobs = JobManager(
-            settings.state_dir, on_success=services.job_succeeded, on_discard=services.job_discarded,
-            cancel_grace_s=settings.job_cancel_grace_s,
-            env=job_environment(settings),
-            on_change=lambda counts: [metrics.jobs.labels(k).set(v) for k, v in counts.items()],
-        )
+        if settings.run_jobs:
+            services.jobs = JobManager(
+                settings.state_dir, on_success=services.job_succeeded, on_discard=services.job_discarded,
+                cancel_grace_s=settings.job_cancel_grace_s,
+                env=job_environment(settings),
+                on_change=lambda counts: [metrics.jobs.labels(k).set(v) for k, v in counts.items()],
+            )
         app.state.services = services
         services.batcher.start()
         await asyncio.to_thread(services.connect)
@@ -337,7 +347,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
-            await asyncio.to_thread(services.jobs.shutdown)
+            if services.jobs is not None:
+                await asyncio.to_thread(services.jobs.shutdown)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lambda: services.generations().unpin())
             services.batcher.stop()
@@ -360,6 +371,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     for router in (search.router, items.router, admin.router, health.router):
         app.include_router(router)
+    check_page(STATIC)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(AuditTrail, audit=audit)  # innermost: it reads the matched route
     app.add_middleware(AdminGate, settings=settings)  # before any admin route reads its body
@@ -382,7 +394,8 @@ def job_environment(settings: Settings) -> dict[str, str]:
 
 
 async def _supervise(services: Services) -> None:
-    """Retry loading the served pair while there is none (store down, index not built yet)."""
+    """Retry loading the served pair while there is none (store down, index not built yet); renew the
+    served generation's pin; on a replica without jobs, also follow the index pointer the job runner switches."""
     renewed = asyncio.get_running_loop().time()
     while True:
         await asyncio.sleep(services.settings.store_retry_s)
@@ -391,6 +404,8 @@ async def _supervise(services: Services) -> None:
         elif asyncio.get_running_loop().time() - renewed > PIN_RENEW_S:  # a server pin is a lease: renew it
             renewed = asyncio.get_running_loop().time()
             await asyncio.to_thread(services.pin)
+        if services.state.current is not None and not services.settings.run_jobs:
+            await asyncio.to_thread(services.follow)
 
 
 def _version() -> str:
@@ -407,6 +422,19 @@ def serve(settings: Settings) -> None:
     """Run the app under uvicorn until interrupted (one worker: jobs and swaps belong to one process)."""
     import uvicorn
 
+    app = create_app(settings)
+    check_model(settings)
+    check_state_dir(settings)
+    sock = listen(settings.host, settings.port)  # before the model loads: a taken port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log, timeout_graceful_shutdown=10, server_header=False)
+    config = uvicorn.Config(app, log_level="info", access_log=settings.access_log, timeout_graceful_shutdown=10,
+                            server_header=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        raise SafeRetrievalError("the server did not start; the log above says why")

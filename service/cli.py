@@ -39,22 +39,12 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (default 8000). [env SAFE_RETRIEVAL_PORT]"),
 ) -> None:
     """Serve the HTTP API and the web page (uvicorn); every other option comes from SAFE_RETRIEVAL_* variables."""
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    from service.settings import Settings
-    from training.errors import InputError
+    from service.startup import settings_from
 
     given = {"model": model, "index": index, "qdrant_url": qdrant_url, "index_root": index_root,
              "media_root": media_root, "host": host, "port": port}
-    try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as e:  # each field and why, never the value given (it may be a token)
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
-        raise InputError(f"invalid settings (SAFE_RETRIEVAL_* variables or options): {problems}") from None
-    except SettingsError as e:
-        raise InputError(f"invalid settings: {e}") from None
-    from service.app import serve as run_server  # after the settings: a bad one fails before torch loads
+    settings = settings_from({k: v for k, v in given.items() if v is not None})
+    from service.app import serve as run_server  # after the settings: a bad one fails before the app is built
 
     run_server(settings)
 

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Directories that paths in admin job requests must lie under."
     )
     job_cancel_grace_s: float = Field(10.0, ge=0, description="Seconds a cancelled job gets to stop before SIGKILL.")
+    run_jobs: bool = Field(
+        True, description="Run admin jobs and write the served-pair record. False on extra replicas that share the "
+        "state volume: they write nothing there and follow the index to each generation the job runner switches to."
+    )
 
     # --- audit trail of privileged requests (STATE_DIR/audit/audit.jsonl)
     audit_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Size at which the audit log is rotated.")

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from service import audit
 from service.deps import audited_admin, require_admin
-from service.errors import UnavailableError
+from service.errors import ForbiddenError, UnavailableError
 from service.jobs import read_source, reindex_steps, train_step
 from service.schemas import AuditPage, IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
 from service.settings import TOKEN_NAME
@@ -31,6 +31,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body over the size limit."},
     503: {"description": "No model is served or configured to index with; or the audit log cannot be written."},
 }
+
+
+def _jobs(request: Request):
+    """The job manager; a replica started with SAFE_RETRIEVAL_RUN_JOBS=false has none."""
+    jobs = request.app.state.services.jobs
+    if jobs is None:
+        raise ForbiddenError("this replica runs no jobs (SAFE_RETRIEVAL_RUN_JOBS=false): send job requests to the "
+                             "replica that runs them")
+    return jobs
 
 
 def _served_model(request: Request):
@@ -56,7 +65,7 @@ async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
     steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
                           qdrant_url=settings.qdrant_url, index_root=settings.index_root)
     plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
-    job = services.jobs.submit("reindex", body.model_dump(exclude_none=True), steps, plan)
+    job = _jobs(request).submit("reindex", body.model_dump(exclude_none=True), steps, plan)
     audit.note(request, job=job["id"])
     return job
 
@@ -69,7 +78,7 @@ async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
     services = request.app.state.services
     settings = services.settings
     model = _served_model(request)
-    out = services.jobs.models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
+    out = _jobs(request).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
     steps = [train_step(body, model=model, out=out, roots=settings.data_roots)]
     plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
     if body.reindex:
@@ -84,19 +93,19 @@ async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
                                media_root=settings.media_root, qdrant_url=settings.qdrant_url,
                                index_root=settings.index_root)
         plan["source"] = source.model_dump(exclude_none=True)
-    job = services.jobs.submit("retrain", body.model_dump(exclude_none=True), steps, plan)
+    job = _jobs(request).submit("retrain", body.model_dump(exclude_none=True), steps, plan)
     audit.note(request, job=job["id"])
     return job
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
 async def list_jobs(request: Request) -> dict[str, Any]:
-    return {"jobs": request.app.state.services.jobs.list()}
+    return {"jobs": _jobs(request).list()}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="One job's status, progress and log tail")
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    return request.app.state.services.jobs.get(job_id)
+    return _jobs(request).get(job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job",
@@ -104,7 +113,7 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
 async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     """End the job's process group; what is served does not change."""
     audit.note(request, job=job_id)
-    return await asyncio.to_thread(request.app.state.services.jobs.cancel, job_id)
+    return await asyncio.to_thread(_jobs(request).cancel, job_id)
 
 
 @router.post("/reload", response_model=Reload, responses={**ERRORS, 503: {"description": "Could not load."}},

@@ -201,3 +201,48 @@ def test_server_pins_are_leases_and_incremental_jobs_cannot_be_staged(tmp_path, 
         builder.add(gens, art, items, workers=0, progress=False, switch=False)
     with pytest.raises(InputError, match="in place and cannot be staged"):
         builder.delete(gens, ids=["x"], switch=False)
+
+
+class RecordingClient(QdrantClient):
+    """The real local-mode client, remembering the layout each collection was created with.
+
+    Local mode accepts ``shard_number``/``replication_factor`` but keeps one shard (it is one
+    process); what a cluster would receive is what this records.
+    """
+
+    def __init__(self):
+        super().__init__(":memory:")
+        self.layouts: dict[str, tuple] = {}
+
+    def create_collection(self, collection_name, *args, **kwargs):
+        self.layouts[collection_name] = (kwargs.get("shard_number"), kwargs.get("replication_factor"))
+        return super().create_collection(collection_name, *args, **kwargs)
+
+
+def test_server_generations_spread_over_a_cluster_and_keep_their_layout(tmp_path, art, few):
+    client = RecordingClient()
+    items = sources.folder_items(few)
+    first = builder.build(ServerGenerations("col", client, tmp_path, shards=3, replicas=2), art, items,
+                          workers=0, progress=False)
+    assert client.layouts[first.generation] == (3, 2)
+    gens = ServerGenerations("col", client, tmp_path)
+    assert gens.read_meta(first.generation)["layout"] == {"shard_number": 3, "replication_factor": 2}
+    with open_index("col", client=client) as index:  # a collection over shards searches like one
+        q = art.encoder.encode_text(["a photo"])[0]
+        assert len(search(index, art, q, query_modality="text", k=10, safety="off").hits) == 4
+    # a reindex that says nothing about the layout (an admin job) keeps the cluster's
+    second = builder.build(gens, art, items, workers=0, progress=False)
+    assert client.layouts[second.generation] == (3, 2)
+    third = builder.build(ServerGenerations("col", client, tmp_path, shards=6), art, items, workers=0, progress=False)
+    assert client.layouts[third.generation] == (6, 2)
+    # without a layout anywhere, the server's defaults apply (nothing is sent)
+    plain = builder.build(ServerGenerations("other", client, tmp_path), art, items, workers=0, progress=False)
+    assert client.layouts[plain.generation] == (None, None)
+    assert "layout" not in gens.read_meta(plain.generation)
+
+
+def test_shards_and_replicas_need_a_server(tmp_path):
+    with pytest.raises(InputError, match="--qdrant-url"):
+        builder.generations_for("col", root=tmp_path, shards=2)
+    with pytest.raises(InputError, match="--qdrant-url"):
+        builder.generations_for("col", root=tmp_path, replicas=2)

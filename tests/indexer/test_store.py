@@ -138,3 +138,19 @@ def test_unreachable_server_fails_after_bounded_retries_naming_the_url():
     url = "http://127.0.0.1:9"  # discard port: nothing listens
     with pytest.raises(StoreUnavailableError, match=r"127\.0\.0\.1:9.*after 2 attempts"):
         connect(url, prefer_grpc=False, timeout_s=1, retries=2, backoff_s=0.01)
+
+
+def test_a_collection_created_over_shards_and_replicas_ranks_like_one_shard(art, lorentz_data):
+    """The cluster's create call (3 shards, 2 replicas) through the real client; local mode keeps one
+    shard, so this checks that the call is accepted and the collection behaves the same, not placement."""
+    x, queries = lorentz_data
+    schema = Schema("lorentz", DIM, C)
+    plain = ServerStore.create(QdrantClient(":memory:"), "c@1", schema)
+    spread = ServerStore.create(QdrantClient(":memory:"), "c@1", schema, shard_number=3, replication_factor=2)
+    for s in (plain, spread):
+        fill(s, art, x)
+    for q in queries:
+        a = plain.query(schema.query(q.numpy(), k=10, match=Match()))
+        b = spread.query(schema.query(q.numpy(), k=10, match=Match()))
+        assert [h.id for h in a] == [h.id for h in b] and len(a) == 10
+    assert spread.count() == len(x)

@@ -1,0 +1,42 @@
+"""Several API replicas on one state volume: one runs the jobs, the others write nothing and follow the index.
+
+A replica started with ``run_jobs=False`` has no job manager (so it can neither start a job nor mark
+the job runner's running job as failed when it starts), never writes the served-pair record, and
+swaps in each generation the index is switched to, with the model that generation was built with.
+"""
+
+from __future__ import annotations
+
+import time
+
+from service.state import SERVED_RECORD
+from tests.service.conftest import ADMIN, build_index, copy_index, live, settings_for
+
+
+def test_a_replica_without_jobs_follows_the_index_and_writes_nothing(world, tmp_path):
+    root = copy_index(world, tmp_path / "indexes")
+    state = tmp_path / "state"
+    state.mkdir()
+    settings = settings_for(world, tmp_path, index_root=root, state_dir=state, run_jobs=False, store_retry_s=0.2)
+    with live(settings) as replica, replica.client(ADMIN) as c:
+        first = c.get("/readyz").json()["index"]["generation"]
+        assert first == world.generation
+        for path in ("/v1/admin/jobs",):
+            r = c.get(path)
+            assert r.status_code == 403 and "RUN_JOBS" in r.json()["detail"]
+        r = c.post("/v1/admin/reindex", json={"source": {"visu": str(world.data), "split": "test"}})
+        assert r.status_code == 403
+
+        # the job runner (here: the indexer itself) switches the index to a new generation
+        second = build_index(world.model, world.data, root)
+        assert second != first
+        deadline = time.monotonic() + 120
+        served, body = first, None
+        while served != second and time.monotonic() < deadline:
+            time.sleep(0.2)
+            body = c.get("/readyz").json()
+            served = (body.get("index") or {}).get("generation")
+        assert served == second, f"the replica did not follow the index to {second}; /readyz: {body}"
+        assert c.post("/v1/search", json={"text": "a cat"}).status_code == 200
+    assert list(state.iterdir()) == [], f"a replica without jobs wrote {[p.name for p in state.iterdir()]}"
+    assert not (state / SERVED_RECORD).exists()
