@@ -201,9 +201,9 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps in total."),
 ) -> None:
     """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
-    from training import trainer
+    from training import recipes, trainer
 
-    cfg = trainer.TrainConfig(
+    cfg = recipes.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
         batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta, clip_pairs=clip_pairs,
         weights=_numbers(weights, "--weights") if weights is not None else None,

@@ -37,6 +37,18 @@ class DataError(SafeRetrievalError):
     """A dataset is missing, malformed, or a split ended up empty."""
 
 
+class TrainingInterrupted(SafeRetrievalError):
+    """SIGTERM/SIGINT arrived; the checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130
+
+
+class OutOfMemory(SafeRetrievalError):
+    """The accelerator ran out of memory."""
+
+    exit_code = 3
+
+
 def key_summary(keys: list[str] | set[str], limit: int = 5) -> str:
     """First few keys of a list, for error messages: 'a, b, c (+12 more)'."""
     keys = sorted(keys)
