@@ -128,11 +128,11 @@ def seed_table(work: Path, data: Path, tests: dict[str, tuple[Path, Path]], seed
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("runs/train_eval"))
-    ap.add_argument("--n", type=int, default=None, help="synthetic quadruplets over all splits (default: the demo preset's)")
+    ap.add_argument("--n", type=int, default=None, help="synthetic quadruplets over all splits (default: the demo recipe's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (training keeps its default seed, 42, as the gates do)")
     ap.add_argument("--traversal", default="geodesic", choices=("hysac", "geodesic"))
     ap.add_argument("--unsafe-look", default=None, choices=("plain", "generated", "generated-half"),
-                    help="the synthetic data's unsafe half: plain, or with a global generated look (the preset's)")
+                    help="the synthetic data's unsafe half: plain, or with a global generated look (the demo recipe's)")
     ap.add_argument("--keep", action="store_true", help="reuse data and models already in WORKDIR")
     ap.add_argument("--fresh-n", type=int, default=0, help="also evaluate on a fresh dataset of this many quadruplets (0: off)")
     ap.add_argument("--fresh-seed", type=int, default=1000, help="seed of the fresh dataset (not --seed: new scenes)")
@@ -141,11 +141,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.fresh_n and args.fresh_seed == args.seed:
         ap.error("--fresh-seed must differ from --seed: the fresh test split has to be new scenes")
-    from training.trainer import PRESETS
+    from training.recipes import RECIPES
 
-    args.n = args.n or PRESETS["demo"]["synthetic_n"]
-    preset_look = PRESETS["demo"]["synthetic_look"]
-    args.unsafe_look = args.unsafe_look or preset_look
+    args.n = args.n or RECIPES["demo"]["synthetic_n"]
+    recipe_look = RECIPES["demo"]["synthetic_look"]
+    args.unsafe_look = args.unsafe_look or recipe_look
 
     work: Path = args.workdir
     if work.exists() and not args.keep:
@@ -198,7 +198,7 @@ def main() -> None:
         tests = {"own": (data, report)} | ({"fresh": (work / "fresh-data", work / "report-fresh")} if args.fresh_n else {})
         seeds = list(dict.fromkeys([TRAIN_SEED, *args.train_seeds]))
         summary["seeds"] = seed_table(work, data, tests, seeds, args.traversal, timings)
-    suffix = ("-seeds" if args.train_seeds else "") + ("" if args.unsafe_look == preset_look else f"-{args.unsafe_look}")
+    suffix = ("-seeds" if args.train_seeds else "") + ("" if args.unsafe_look == recipe_look else f"-{args.unsafe_look}")
     suffix += f"-fresh{args.fresh_n}" if args.fresh_n else ""
     out = OUT.with_name(f"train_eval{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,13 +39,13 @@ def _say(message: str) -> None:
 
 def prepare_data(data: Path) -> None:
     """Generate the synthetic dataset unless it is already there."""
-    from training.trainer import PRESETS, synthesize_for_preset
+    from training.recipes import RECIPES, synthesize_for_recipe
 
     if (data / "dataset.json").is_file():
         _say(f"dataset: {data} (cached)")
         return
-    _say(f"dataset: generating {PRESETS['demo']['synthetic_n']} synthetic quadruplets in {data}")
-    synthesize_for_preset("demo", data, seed=SEED)
+    _say(f"dataset: generating {RECIPES['demo']['synthetic_n']} synthetic quadruplets in {data}")
+    synthesize_for_recipe("demo", data, seed=SEED)
 
 
 def prepare_model(data: Path, base: Path, model: Path) -> None:

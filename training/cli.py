@@ -203,9 +203,9 @@ def train(
                                          "resolving symlinks (repeatable; none given: no limit)."),
 ) -> None:
     """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
-    from training import trainer
+    from training import recipes, trainer
 
-    cfg = trainer.TrainConfig(
+    cfg = recipes.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
         batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta, clip_pairs=clip_pairs,
         weights=_numbers(weights, "--weights") if weights is not None else None,

@@ -41,6 +41,18 @@ class OutsideRootsError(InputError):
     """A file a job would read lies outside the allowed data roots once symlinks and ``..`` are resolved."""
 
 
+class TrainingInterrupted(SafeRetrievalError):
+    """SIGTERM/SIGINT arrived; the checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130
+
+
+class OutOfMemory(SafeRetrievalError):
+    """The accelerator ran out of memory."""
+
+    exit_code = 3
+
+
 def key_summary(keys: list[str] | set[str], limit: int = 5) -> str:
     """First few keys of a list, for error messages: 'a, b, c (+12 more)'."""
     keys = sorted(keys)

@@ -170,7 +170,8 @@ def _batch(enc: SafetyEncoder, n: int = 4):
 
 def test_full_finetune_trains_every_weight_the_forward_uses():
     """No parameter is left trainable but unused (DDP without find_unused_parameters would stall on it)."""
-    from training.trainer import TrainConfig, prepare_encoder
+    from training.optim import prepare_encoder
+    from training.recipes import TrainConfig
 
     torch.manual_seed(0)
     enc = SafetyEncoder(architectures.resolve("tiny"), "lorentz")
@@ -184,7 +185,8 @@ def test_full_finetune_trains_every_weight_the_forward_uses():
 
 @pytest.mark.parametrize("method", ["hysac", "safeclip", "clip"])
 def test_gradients_reach_only_the_adapters_and_the_scalars_the_method_trains(method):
-    from training.trainer import TrainConfig, prepare_encoder
+    from training.optim import prepare_encoder
+    from training.recipes import TrainConfig
 
     torch.manual_seed(0)
     cls = objectives.objective_class(method)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from training import evaluate as ev
-from training import trainer
+from training import recipes, trainer
 
 METHODS = ("hysac", "safeclip", "clip")
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.gates
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo-data") / "visu"
-    trainer.synthesize_for_preset("demo", root, seed=0)
+    recipes.synthesize_for_recipe("demo", root, seed=0)
     return root
 
 
@@ -50,7 +50,7 @@ def demo_models(demo_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo-models")
 
     def train(method: str, out: str, **kw) -> Path:
-        cfg = trainer.TrainConfig(method=method, data=demo_data, out=root / out, progress=False, **kw)
+        cfg = recipes.TrainConfig(method=method, data=demo_data, out=root / out, progress=False, **kw)
         return trainer.train(cfg).artifact
 
     base = train("clip", "base", preset="demo-base")

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import architectures, artifact, objectives, trainer
+from training import architectures, artifact, objectives, optim, recipes, trainer
 from training.encoder import SafetyEncoder
-from training.errors import ArtifactError, CheckpointError, DataError
-from training.trainer import TrainConfig
+from training.data.loader import Collate
+from training.errors import ArtifactError, CheckpointError, DataError, OutOfMemory
+from training.recipes import TrainConfig
 
 CLI = str(Path(sys.executable).parent / "safe-retrieval")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -58,7 +59,7 @@ def _fixed_batch(enc: SafetyEncoder, data: Path):
 
     records = visu.load_split(data, "train").records[:BATCH]
     items = [visu.QuadDataset(records, enc.transform)[i] for i in range(len(records))]
-    b = trainer.Collate(enc.tokenizer)(items)
+    b = Collate(enc.tokenizer)(items)
     return b.safe_tokens, b.nsfw_tokens, b.safe_pixels, b.nsfw_pixels
 
 
@@ -67,11 +68,11 @@ def test_a_few_real_steps_reduce_the_loss(method, small_data):
     torch.manual_seed(0)
     cls = objectives.objective_class(method)
     enc = SafetyEncoder(architectures.resolve("tiny"), cls.geometry)
-    cfg = trainer.resolve_config(_config(small_data, small_data / "unused", method=method))
+    cfg = recipes.resolve_config(_config(small_data, small_data / "unused", method=method))
     reference = SafetyEncoder(architectures.resolve("tiny"), cls.geometry) if method == "safeclip" else None
-    trainer.prepare_encoder(enc, cls, cfg)
+    optim.prepare_encoder(enc, cls, cfg)
     step = trainer.TrainStep(enc, objectives.build(method, reference=reference))
-    opt = trainer.build_optimizer(enc, method, cfg)
+    opt = optim.build_optimizer(enc, method, cfg)
     batch = _fixed_batch(enc, small_data)
     with torch.no_grad():
         before = float(step(*batch)[0])
@@ -89,18 +90,18 @@ def test_a_few_real_steps_reduce_the_loss(method, small_data):
 def test_optimizers_follow_the_references(small_data):
     torch.manual_seed(0)
     enc = SafetyEncoder(architectures.resolve("tiny"))
-    cfg = trainer.resolve_config(_config(small_data, small_data / "unused"))
-    trainer.prepare_encoder(enc, objectives.HySACObjective, cfg)
-    opt = trainer.build_optimizer(enc, "hysac", cfg)
+    cfg = recipes.resolve_config(_config(small_data, small_data / "unused"))
+    optim.prepare_encoder(enc, objectives.HySACObjective, cfg)
+    opt = optim.build_optimizer(enc, "hysac", cfg)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.98)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.2 for p in g["params"]}
     for name in ("curv", "visual_alpha", "textual_alpha", "logit_scale", "clip.ln_final.weight", "clip.transformer.resblocks.0.mlp.c_fc.bias"):
         assert id(enc.get_parameter(name)) not in decayed, name
     assert id(enc.clip.transformer.resblocks[0].mlp.c_fc.weight) in decayed
     euclid = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
-    sc_cfg = trainer.resolve_config(_config(small_data, small_data / "unused", method="safeclip", full_finetune=False, lr=None))
-    trainer.prepare_encoder(euclid, objectives.SafeClipObjective, sc_cfg)
-    sc_opt = trainer.build_optimizer(euclid, "safeclip", sc_cfg)
+    sc_cfg = recipes.resolve_config(_config(small_data, small_data / "unused", method="safeclip", full_finetune=False, lr=None))
+    optim.prepare_encoder(euclid, objectives.SafeClipObjective, sc_cfg)
+    sc_opt = optim.build_optimizer(euclid, "safeclip", sc_cfg)
     assert type(sc_opt) is torch.optim.Adam and sc_opt.param_groups[0]["lr"] == 1e-3
     assert not euclid.logit_scale.requires_grad  # Safe-CLIP's scale is fixed
 
@@ -221,7 +222,7 @@ def test_out_of_gpu_memory_says_what_to_lower_wherever_it_happens(where, small_d
     target = {"step": (trainer.TrainStep, "forward"), "validation": (trainer, "validation_scores"),
               "calibration": (trainer, "calibration")}[where]
     monkeypatch.setattr(*target, oom)
-    with pytest.raises(trainer.OutOfMemory, match="--batch-size.*--grad-checkpointing") as err:
+    with pytest.raises(OutOfMemory, match="--batch-size.*--grad-checkpointing") as err:
         trainer.train(_config(small_data, tmp_path / "model"))
     assert "Tried to allocate 2.00 GiB" in str(err.value) and err.value.exit_code == 3
     assert not (tmp_path / "model").exists(), "a partial artifact was left where the final one goes"
@@ -270,6 +271,13 @@ def test_checkpointing_and_bf16_train_the_same_model_as_the_plain_path(option, s
     assert event["precision"] == ("bf16" if "precision" in option else "fp32")
 
 
+def test_each_step_trains_at_the_rate_lr_at_gives(small_data, tmp_path):
+    result = trainer.train(_config(small_data, tmp_path / "model", epochs=2, max_steps=8, warmup_steps=3,
+                                   schedule="cosine", log_every=1))
+    rates = [e["lr"] for e in _events(result.run_dir) if e["event"] == "step"]  # epoch 1 and two steps of epoch 2
+    assert rates == [optim.lr_at(s, lr=1e-3, warmup_steps=3, schedule="cosine", total_steps=2 * 6) for s in range(8)]
+
+
 @pytest.mark.parametrize("epochs,workers", [(1, 1), (2, 0)])  # decoded in a loader worker; decoded once and cached
 def test_an_unreadable_training_image_is_skipped_and_counted(epochs, workers, small_data, tmp_path):
     from training.data import visu
@@ -294,7 +302,7 @@ def test_the_progress_bar_shows_loss_rate_and_the_whole_runs_eta(small_data, tmp
 
 
 def test_a_batch_lists_the_unreadable_positions_its_items_skipped():
-    collate = trainer.Collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), n_records=10)
+    collate = Collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), n_records=10)
     item = {"safe_image": torch.zeros(3, 2, 2), "nsfw_image": torch.zeros(3, 2, 2), "safe": "a", "nsfw": "b"}
     items = [{**item, "requested": 4, "index": 4}, {**item, "requested": 8, "index": 1}]  # the second wrapped around
     assert collate(items).unreadable == (8, 9, 0)
@@ -319,22 +327,22 @@ def test_a_preset_generates_the_synthetic_data_it_is_sized_for_when_missing(tmp_
     cfg = TrainConfig(method="hysac", preset="demo", model="tiny", data=data, out=tmp_path / "o", max_steps=1, progress=False)
     assert trainer.train(cfg).artifact is not None
     info = json.loads((data / "dataset.json").read_text())
-    preset = trainer.PRESETS["demo"]
-    assert (info["n"], info["unsafe_look"]) == (preset["synthetic_n"], preset["synthetic_look"])
+    recipe = recipes.RECIPES["demo"]
+    assert (info["n"], info["unsafe_look"]) == (recipe["synthetic_n"], recipe["synthetic_look"])
 
 
 def test_the_demo_base_preset_is_a_clip_on_all_pairs(small_data, tmp_path):
     from training.errors import InputError
 
     with pytest.raises(InputError, match="--method clip"):
-        trainer.resolve_config(TrainConfig(method="hysac", preset="demo-base", data=small_data, out=tmp_path / "o"))
-    cfg = trainer.resolve_config(TrainConfig(method="clip", preset="demo-base", data=small_data, out=tmp_path / "o"))
+        recipes.resolve_config(TrainConfig(method="hysac", preset="demo-base", data=small_data, out=tmp_path / "o"))
+    cfg = recipes.resolve_config(TrainConfig(method="clip", preset="demo-base", data=small_data, out=tmp_path / "o"))
     assert (cfg.model, cfg.clip_pairs, cfg.full_finetune) == ("tiny", "all", True)
     # the demo fine-tune: hysac's entailment weight from the preset, an explicit value still wins
     demo = dict(method="hysac", preset="demo", model="base", data=small_data, out=tmp_path / "o")
-    assert trainer.resolve_config(TrainConfig(**demo)).eta == 2.0
-    assert trainer.resolve_config(TrainConfig(**demo, eta=1.0)).eta == 1.0
-    assert trainer.resolve_config(TrainConfig(method="hysac", data=small_data, out=tmp_path / "o")).eta == 1.0
+    assert recipes.resolve_config(TrainConfig(**demo)).eta == 2.0
+    assert recipes.resolve_config(TrainConfig(**demo, eta=1.0)).eta == 1.0
+    assert recipes.resolve_config(TrainConfig(method="hysac", data=small_data, out=tmp_path / "o")).eta == 1.0
 
 
 # ------------------------------------------------------------------------------ signals, DDP and CLI

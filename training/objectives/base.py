@@ -9,7 +9,7 @@ math over these; the trainer does the encoding, and ``training.distributed`` the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,10 @@ class Objective(nn.Module):
     """Base class: ``forward(embeddings, encoder) -> LossOutput``.
 
     Class attributes say what the trainer must prepare: the encoder ``geometry``, whether the unsafe
-    half of each quadruplet is embedded (``uses_unsafe``), and which of the encoder's learnable
-    scalars (``logit_scale``, ``curv``, ``visual_alpha``, ``textual_alpha``) this objective trains.
+    half of each quadruplet is embedded (``uses_unsafe``), which of the encoder's learnable scalars
+    (``logit_scale``, ``curv``, ``visual_alpha``, ``textual_alpha``) this objective trains, and which
+    ``optimizer`` its reference uses. The methods below are how an objective tells the trainer what
+    else it owns, so that a new objective needs no branch in the loop.
     """
 
     name: ClassVar[str]
@@ -69,6 +71,7 @@ class Objective(nn.Module):
     uses_unsafe: ClassVar[bool] = True
     trained_scalars: ClassVar[tuple[str, ...]] = ()
     terms: ClassVar[tuple[str, ...]] = ()  # names of the weighted loss terms, in the order ``--weights`` takes them
+    optimizer: ClassVar[str] = "adamw"  # "adamw" (decay on weight matrices only) or "adam" (no decay)
 
     def __init__(self, *, gather_negatives: bool = False):
         super().__init__()
@@ -77,6 +80,22 @@ class Objective(nn.Module):
     def reference(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
         """Targets from a frozen reference model, ``(s_ref, v_ref)``; None unless the objective has one."""
         return None
+
+    def frozen(self) -> dict[str, nn.Module]:
+        """The frozen models this objective holds, by name (e.g. ``reference``); none by default.
+
+        The trainer keeps each as ``<name>.safetensors`` in the run directory, written when a run
+        starts and read back on ``--resume``, so a resumed run compares against the same model.
+        """
+        return {}
+
+    def identity(self) -> dict[str, Any]:
+        """Options beyond the method that change what is optimised: a checkpoint resumes only under the same."""
+        return {}
+
+    def provenance(self) -> dict[str, Any]:
+        """What the artifact's provenance records about this loss (its options and term weights)."""
+        return {}
 
     def gather(self, *xs: Tensor) -> tuple[list[Tensor], int]:
         """Every rank's rows of each ``x (B, D)`` (one collective for all) and this rank's row offset.

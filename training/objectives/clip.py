@@ -9,6 +9,8 @@ has seen unsafe content, used to make a base model that the safety methods fine-
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from training.errors import InputError
@@ -29,6 +31,12 @@ class ClipObjective(Objective):
             raise InputError(f"unknown clip pairs {pairs!r}; use one of {', '.join(PAIRS)}")
         self.pairs = pairs
         self.uses_unsafe = pairs == "all"
+
+    def identity(self) -> dict[str, Any]:
+        return {"clip_pairs": self.pairs}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"clip_pairs": self.pairs}
 
     def forward(self, emb: Embeddings, encoder) -> LossOutput:
         text, image = emb.s, emb.v

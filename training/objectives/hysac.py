@@ -10,6 +10,8 @@ as in the reference code; ``weights=`` replaces all seven.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from training import lorentz
@@ -46,7 +48,11 @@ class HySACObjective(Objective):
         self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0, 1.0, 1.0, 1.0, eta, eta, eta)
         if len(self.weights) != len(TERMS):
             raise ValueError(f"HySAC takes {len(TERMS)} weights, got {len(self.weights)}")
+        self.eta = None if weights is not None else eta  # given weights replace eta's three
         self.min_radius = min_radius
+
+    def provenance(self) -> dict[str, Any]:
+        return {"eta": self.eta, "weights": list(self.weights)}
 
     def forward(self, emb: Embeddings, encoder) -> LossOutput:
         s, u, v, g = emb.s, emb.u, emb.v, emb.g

@@ -20,10 +20,11 @@ embeddings instead of redirecting the unsafe ones (benchmarks/RESULTS.md, "Safe-
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from training.objectives.base import Batch, Embeddings, LossOutput, Objective, symmetric_cross_entropy, weighted_mean
 
@@ -50,6 +51,7 @@ class SafeClipObjective(Objective):
     uses_unsafe = True
     trained_scalars = ()
     terms = TERMS
+    optimizer = "adam"  # the reference's: Adam without weight decay
 
     def __init__(
         self,
@@ -76,6 +78,12 @@ class SafeClipObjective(Objective):
         super().train(mode)
         self.ref.eval()  # the reference never leaves eval mode (no dropout noise in the targets)
         return self
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"reference": self.ref}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"weights": list(self.weights)}
 
     @property
     def logit_scale(self) -> Tensor | float:

@@ -1,0 +1,178 @@
+"""Training recipes: what a run is configured with, and how a partial configuration is completed.
+
+A :class:`TrainConfig` holds every option of a run; ``None`` in a field means "not given". A
+configuration is completed, explicit values first, from
+
+- a *recipe* (``recipes/<name>.json``, chosen with ``--preset NAME``): data, not code, like the
+  architectures in ``presets/``. Its keys are ``TrainConfig`` fields plus ``description``,
+  ``synthetic_n`` and ``synthetic_look`` (the synthetic dataset it is sized for, made when the data
+  directory is missing), ``methods`` (the methods it trains, when not all), ``needs_model`` (it
+  fine-tunes a base given as ``--model``) and ``by_method`` (per-method overrides);
+- the method's defaults (:data:`METHOD_DEFAULTS`, the references' hyper-parameters).
+
+The CLI flag and the ``TrainConfig`` field keep the name ``preset`` because checkpoints and
+artifacts record the option under that name; everywhere else a training recipe is a "recipe" and a
+"preset" is an architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from training import architectures, lora, objectives
+from training.errors import InputError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("constant", "cosine")
+
+# Reference hyper-parameters per method (HySAC: AdamW 1e-4, bs 32; Safe-CLIP: Adam 1e-3, bs 16).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hysac": {"lr": 1e-4, "batch_size": 32, "epochs": 50},
+    "safeclip": {"lr": 1e-3, "batch_size": 16, "epochs": 50},
+    "clip": {"lr": 1e-4, "batch_size": 32, "epochs": 50},
+}
+# Defaults of the fields that every method shares and a recipe may set.
+SHARED_DEFAULTS: dict[str, Any] = {"model": "tiny", "full_finetune": False, "patience": 5, "workers": 2, "eta": 1.0,
+                                   "clip_pairs": "safe"}
+RECIPE_DATA_KEYS = ("synthetic_n", "synthetic_look")  # how the recipe's synthetic data is made, not training options
+RECIPE_META_KEYS = ("description", "methods", "needs_model", "by_method", *RECIPE_DATA_KEYS)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. ``None`` means "the method's (or recipe's) default"."""
+
+    method: str = "hysac"
+    data: Path | None = None
+    out: Path | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    preset: str | None = None  # the recipe (recipes/<name>.json), named by --preset
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lora_rank: int = lora.DEFAULT_RANK
+    lora_alpha: float = lora.DEFAULT_ALPHA
+    full_finetune: bool | None = None
+    eta: float | None = None  # hysac: weight of the entailment terms (1, or the recipe's)
+    clip_pairs: str | None = None  # clip: "safe" (default) or "all", which also contrasts the unsafe pairs (a base)
+    weights: tuple[float, ...] | None = None  # hysac/safeclip: every loss term's weight (None: the reference's)
+    weight_decay: float = 0.2
+    precision: str | None = None
+    grad_checkpointing: bool = False
+    resume: Path | None = None
+    seed: int = 42
+    gather_negatives: bool = False
+    patience: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    run_dir: Path | None = None
+    val_limit: int | None = 2000
+    log_every: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests, benchmarks)
+    warmup_steps: int = 0  # linear warm-up of the learning rate (the references use none)
+    schedule: str = "constant"  # "constant" (the references) or "cosine" decay to 0 over all epochs
+    cache_mb: int = 1024  # keep preprocessed training images in memory when they fit in this many MiB
+    progress: bool = True
+    data_roots: tuple[str, ...] = ()  # read files only under these directories (the service's jobs); () reads anywhere
+
+
+def load_recipes(directory: Path = RECIPE_DIR) -> dict[str, dict[str, Any]]:
+    """Every ``<name>.json`` in ``directory``, by name; a key that is neither a field nor a recipe key is refused."""
+    known = {f.name for f in fields(TrainConfig)} | set(RECIPE_META_KEYS)
+    recipes = {}
+    for path in sorted(directory.glob("*.json")):
+        recipe = json.loads(path.read_text())
+        unknown = {k for r in (recipe, *recipe.get("by_method", {}).values()) for k in r} - known
+        if unknown:
+            raise InputError(f"recipe {path} has unknown keys {', '.join(sorted(unknown))}; use TrainConfig's fields")
+        recipes[path.stem] = recipe
+    return recipes
+
+
+RECIPES: dict[str, dict[str, Any]] = load_recipes()
+
+
+def synthesize_for_recipe(recipe: str, out: Path, *, seed: int) -> dict[str, Any]:
+    """Generate the synthetic dataset a recipe is sized for (its n and unsafe look) in ``out``; its summary."""
+    from training.data import synthetic  # only when the data is missing: the generator is not needed otherwise
+
+    r = RECIPES[recipe]
+    return synthetic.generate(out, n=r["synthetic_n"], seed=seed, unsafe_look=r["synthetic_look"])
+
+
+def recipe_options(name: str, method: str, model: str | None) -> dict[str, Any]:
+    """The ``TrainConfig`` values recipe ``name`` gives ``method``; an :class:`InputError` if it does not apply."""
+    if name not in RECIPES:
+        raise InputError(f"unknown preset {name!r}; use one of {', '.join(RECIPES)}")
+    recipe = dict(RECIPES[name])
+    recipe.update(recipe.pop("by_method", {}).get(method, {}))
+    methods = recipe.get("methods")
+    if methods is not None and method not in methods:
+        raise InputError(f"--preset {name} trains --method {' or '.join(methods)}, not {method}")
+    if recipe.get("needs_model", False) and model is None:
+        raise InputError(
+            f"--preset {name} fine-tunes a base model, as the papers fine-tune a pretrained CLIP; give it as "
+            "--model: for example train one first with 'safe-retrieval train --method clip --preset demo-base "
+            "--data DIR --out runs/demo-base', then pass --model runs/demo-base"
+        )
+    return {k: v for k, v in recipe.items() if k not in RECIPE_META_KEYS}
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill in recipe and method defaults and check the options; explicit values always win."""
+    objectives.objective_class(cfg.method)  # unknown method -> InputError
+    if cfg.weights is not None and cfg.eta is not None:
+        raise InputError("give --eta or --weights, not both: --weights also sets the three entailment terms' weights")
+    recipe = recipe_options(cfg.preset, cfg.method, cfg.model) if cfg.preset is not None else {}
+    defaults = {**METHOD_DEFAULTS[cfg.method], **SHARED_DEFAULTS}
+    values = {}
+    for f in fields(TrainConfig):
+        current = getattr(cfg, f.name)
+        if f.name in defaults:  # None means "not given": recipe, then method default
+            values[f.name] = current if current is not None else recipe.get(f.name, defaults[f.name])
+        elif f.name in recipe and current == f.default:  # other fields: the recipe replaces untouched defaults
+            values[f.name] = recipe[f.name]
+    cfg = replace(cfg, **values)
+    if cfg.precision is None:
+        cfg = replace(cfg, precision="bf16" if architectures.pick_device(cfg.device).type == "cuda" else "fp32")
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"unknown precision {cfg.precision!r}; use one of {', '.join(PRECISIONS)}")
+    if cfg.data is None or cfg.out is None:
+        raise InputError("give --data (a ViSU-layout dataset directory) and --out (the artifact directory to create)")
+    checks = [
+        (cfg.epochs >= 1, "--epochs must be >= 1"),
+        (cfg.batch_size >= 2, "--batch-size must be >= 2 (contrastive losses need negatives)"),
+        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.lora_rank >= 1, "--lora-rank must be >= 1"),
+        (cfg.patience >= 1, "--patience must be >= 1"),
+        (cfg.workers >= 0, "--workers must be >= 0"),
+        (cfg.eta >= 0, "--eta must be >= 0"),
+        (cfg.schedule in SCHEDULES, "schedule must be constant or cosine"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(msg)
+    if cfg.weights is not None:
+        cfg = replace(cfg, weights=check_weights(cfg.weights, cfg.method))
+    run_dir = cfg.run_dir or cfg.out.with_name(cfg.out.name + ".run")
+    return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), run_dir=Path(run_dir))
+
+
+def check_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
+    """``--weights`` as a tuple, or an :class:`InputError` that names the method's terms in order."""
+    terms = objectives.objective_class(method).terms
+    if len(terms) < 2:
+        raise InputError(f"--weights applies to --method hysac or safeclip; {method} has a single loss term, so drop it")
+    if len(weights) != len(terms) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
+        raise InputError(
+            f"--weights for {method} takes {len(terms)} non-negative numbers, not all zero, one per loss term in the "
+            f"order {' '.join(terms)}; got {','.join(f'{w:g}' for w in weights)}. The reference's: "
+            f"{','.join(f'{w:g}' for w in objectives.reference_weights(method))}"
+        )
+    return tuple(float(w) for w in weights)
