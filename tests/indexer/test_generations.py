@@ -14,8 +14,10 @@ from qdrant_client import QdrantClient
 
 from indexer import builder, sources
 from indexer.errors import IndexBusyError, IndexNotFoundError, ModelMismatchError
-from indexer.generations import GEN_RE, LocalGenerations, ServerGenerations, check_name
-from indexer.search import open_index, search
+from indexer.generations import GEN_RE, LocalGenerations, check_name
+from indexer.index import open_index
+from indexer.search import search
+from indexer.server_store import ServerGenerations
 from tests.indexer.conftest import write_images
 from training.errors import InputError
 

@@ -8,7 +8,8 @@ import torch
 from indexer.builder import index_record, schema_for
 from indexer.errors import IndexNotFoundError, ModelMismatchError
 from indexer.generations import LocalGenerations
-from indexer.search import open_index, search
+from indexer.index import open_index
+from indexer.search import search
 from tests.indexer.conftest import fill, hyperboloid, make_artifact, row
 from training import lorentz
 from training.errors import InputError
