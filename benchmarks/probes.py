@@ -484,7 +484,7 @@ def faults(server: Server, tally: Tally, work: Path, paths: dict[str, Path]) -> 
         tally.add("faults", not (root / "k9" / "CURRENT").exists() or proc.returncode == 0,
                   f"kill -9 after {delay}s: the pointer moved to a partial generation")
     cli(*args[1:])
-    from indexer.search import open_index
+    from indexer.index import open_index
 
     with open_index("k9", root=root) as idx:
         ids = list(idx.store.iter_ids())

@@ -82,10 +82,11 @@ def make_index(model: Path, root: Path, name: str, points: int) -> str:
     """N points around the model's own text embeddings, written through the indexer's store and generations."""
     from indexer import builder
     from indexer.generations import now_iso
+    from indexer.index import generations_for
     from indexer.store import content_id
     from training import artifact, lorentz
 
-    gens = builder.generations_for(name, root=root)
+    gens = generations_for(name, root=root)
     cur = gens.current()
     art = artifact.load(model, device="cpu")
     if cur is not None:

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from indexer.errors import ModelMismatchError
-from indexer.generations import Generations, LocalGenerations, ServerGenerations, now_iso
+from indexer.generations import Generations, LocalGenerations, now_iso
+from indexer.index import check_fingerprint, schema_of
 from indexer.sources import Item, shard
 from indexer.store import Match, Schema, VectorStore
 from training.data.roots import DataRoots
@@ -46,41 +46,10 @@ DEFAULT_BATCH = 64
 
 INDEX_FORMAT = "safe-retrieval-index"
 INDEX_FORMAT_VERSION = 2  # 2: an item its source labels unsafe is flagged unsafe whatever the model says
-DEFAULT_ROOT = Path("runs/indexes")
-ROOT_ENV = "SAFE_RETRIEVAL_INDEX_ROOT"
-
-
-def default_root() -> Path:
-    """Where embedded indexes live: ``$SAFE_RETRIEVAL_INDEX_ROOT`` or ``runs/indexes``."""
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
-
-
-def generations_for(name: str, *, root: Path | None = None, url: str | None = None, api_key: str | None = None,
-                    client=None, shards: int | None = None, replicas: int | None = None,
-                    **edge_config) -> Generations:
-    """The generations of index ``name``: on a Qdrant server (``url`` or an injected ``client``), else embedded under ``root``.
-
-    ``shards`` and ``replicas`` lay out new generations' collections across a Qdrant cluster's nodes.
-    """
-    root = Path(root) if root is not None else default_root()
-    if client is None and url:
-        from indexer.server_store import connect
-
-        client = connect(url, api_key)
-    if client is not None:
-        return ServerGenerations(name, client, root, shards=shards, replicas=replicas)
-    if shards is not None or replicas is not None:
-        raise InputError("--shards and --replicas lay out a Qdrant server's collections; the embedded store is one "
-                         "shard on this machine. Add --qdrant-url, or leave them out")
-    return LocalGenerations(name, root, **edge_config)
 
 
 def schema_for(art: "Artifact") -> Schema:
     return Schema(art.geometry, art.encoder.arch.embed_dim, art.curvature if art.geometry == "lorentz" else 0.0)
-
-
-def schema_of(meta: dict[str, Any]) -> Schema:
-    return Schema(meta["geometry"], int(meta["dim"]), float(meta.get("curvature") or 0.0))
 
 
 def sources_signature(spec: dict[str, Any]) -> str:
@@ -109,15 +78,6 @@ def index_record(art: "Artifact", *, name: str, generation: str, sources: str, e
         "points": 0,
         **(extra or {}),
     }
-
-
-def check_fingerprint(meta: dict[str, Any], art: "Artifact") -> None:
-    """Refuse to mix models in one index."""
-    if meta.get("fingerprint") != art.fingerprint:
-        raise ModelMismatchError(
-            f"index {meta.get('name')} (generation {meta.get('generation')}) was built with model {meta.get('fingerprint')}, "
-            f"not {art.fingerprint}; reindex with this model ('safe-retrieval index build --name {meta.get('name')} --model ...')"
-        )
 
 
 @dataclass
@@ -149,6 +109,7 @@ class _Dist:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         if world > 1:
+            # torch loads only in a scale-out job, after its checks
             import torch.distributed as dist
 
             if not dist.is_initialized():
@@ -207,12 +168,13 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
     switch, no prune); ``staged`` is called with the generation's name once it is chosen.
     """
     rank, world = dist_env()
-    if world > 1 and not isinstance(gens, ServerGenerations):
+    if world > 1 and isinstance(gens, LocalGenerations):
         raise InputError("a torchrun build needs a Qdrant server (--qdrant-url): Qdrant Edge allows one writer per directory")
     d = _Dist(rank, world)
     with ExitStack() as stack:
         if rank == 0:
             stack.enter_context(gens.lock(break_lock=break_lock))
+        # torch loads once the lock is held: a busy index fails fast
         from indexer.pipeline import Job
 
         art = _load(model, device)
@@ -261,6 +223,7 @@ def _pixels(max_pixels: int | None) -> dict[str, int]:
 
 
 def _sum(parts: list["Summary"]) -> "Summary":
+    # torch-bound module: loaded by the job already, not at import
     from indexer.pipeline import Summary
 
     return Summary(indexed=sum(p.indexed for p in parts), skipped=sum(p.skipped for p in parts),
@@ -271,6 +234,7 @@ def _load(model: "Artifact | Path | str", device: str) -> "Artifact":
     """``model`` itself, or the artifact in that directory."""
     if not isinstance(model, (str, Path)):
         return model
+    # torch and open_clip load once the lock is held: a busy index fails fast
     from training import artifact
 
     return artifact.load(model, device=device)
@@ -317,6 +281,7 @@ def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, m
         meta = gens.read_meta(cur)
         art = _load(model, device)
         check_fingerprint(meta, art)
+        # torch loads once the lock is held: a busy index fails fast
         from indexer.pipeline import Job
 
         gen, meta = _writable_copy(gens, cur, meta)
@@ -350,6 +315,7 @@ def delete(gens: Generations, *, ids: Sequence[str] = (), uris: Sequence[str] = 
         if staged is not None and gen != cur:
             staged(gen)
         store = gens.open_store(gen, schema_of(meta))
+        # torch loads once the lock is held: a busy index fails fast
         from indexer.pipeline import Summary
 
         t0 = _dt.datetime.now()

@@ -1,7 +1,8 @@
 """Commands of the middle floor: ``index build|add|delete|list|info|drop`` and ``search`` (mounted by ``service.cli``).
 
-Heavy imports (torch, open_clip, the Qdrant clients) happen inside the commands, after inputs are
-checked and the index lock is held, so bad input and a busy index fail within a second.
+Heavy imports (torch, open_clip, the Qdrant clients, numpy) happen inside the commands, after inputs are
+checked and the index lock is held, so bad input and a busy index fail within a second and the
+whole ``safe-retrieval`` CLI starts without them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from indexer.errors import IndexNotFoundError, JobInterrupted
+from training.data.roots import DataRoots
 from training.errors import InputError
 
 index_app = typer.Typer(
@@ -53,9 +56,7 @@ RESULT_OPT = typer.Option(None, "--result-file", dir_okay=False,
                           help="Write the generation (as soon as it is chosen, then the job's result) to this JSON file.")
 
 
-def _roots(dirs: List[Path]):
-    from training.data.roots import DataRoots
-
+def _roots(dirs: List[Path]) -> DataRoots:
     return DataRoots.of(dirs)
 
 
@@ -64,14 +65,16 @@ def _echo_json(obj: Any) -> None:
 
 
 def _gens(name: str, root: Optional[Path], url: Optional[str], api_key: Optional[str], **layout: Optional[int]):
-    from indexer.builder import generations_for
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer.generations import check_name
+    from indexer.index import generations_for
 
     return generations_for(check_name(name), root=root, url=url, api_key=api_key, **layout)
 
 
 def _inputs(images, manifest, visu, split, texts, captions_as_text, media_root, roots):
     """Items, the resume signature and the media root of a job's input options (confined to ``roots``)."""
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer import sources
     from indexer.builder import sources_signature
 
@@ -118,15 +121,14 @@ class _ResultFile:
 
     def _write(self, obj: dict) -> None:
         if self.path is not None:
+            # numpy and the stores: loaded per command, not at CLI start-up
             from indexer.generations import write_json_atomic
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, obj)
 
 
-def _interrupted(what: str):
-    from indexer.errors import JobInterrupted
-
+def _interrupted(what: str) -> JobInterrupted:
     return JobInterrupted(f"{what} interrupted; the partial work is kept and nothing served changed. "
                           f"Re-run the same command to resume")
 
@@ -168,6 +170,7 @@ def build_cmd(
     An interrupted build re-run with the same arguments resumes where it stopped.
     Scale out with `torchrun --nproc_per_node N` and --qdrant-url: each rank indexes a disjoint shard.
     """
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer import builder
 
     gens = _gens(name, root, qdrant_url, api_key, shards=shards, replicas=replicas)
@@ -211,6 +214,7 @@ def add_cmd(
     json_out: bool = JSON_OPT,
 ) -> None:
     """Add items to the current generation of NAME (already stored items are skipped)."""
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer import builder
 
     gens = _gens(name, root, qdrant_url, api_key)
@@ -241,6 +245,7 @@ def delete_cmd(
     json_out: bool = JSON_OPT,
 ) -> None:
     """Delete points from the current generation of NAME by id or uri."""
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer import builder
 
     gens = _gens(name, root, qdrant_url, api_key)
@@ -254,10 +259,12 @@ def delete_cmd(
 
 
 def _index_names(root: Optional[Path], url: Optional[str], api_key: Optional[str]) -> list[str]:
-    from indexer.builder import default_root
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer.generations import GEN_RE
+    from indexer.index import default_root
 
     if url:
+        # qdrant-client takes a second to load: embedded indexes never need it
         from indexer import server_store
 
         client = server_store.connect(url, api_key)
@@ -269,6 +276,7 @@ def _index_names(root: Optional[Path], url: Optional[str], api_key: Optional[str
 
 
 def _summary(gens) -> dict[str, Any]:
+    # numpy and the stores: loaded per command, not at CLI start-up
     from indexer.generations import PROGRESS
 
     gen_list = gens.describe()
@@ -306,8 +314,6 @@ def list_cmd(root: Optional[Path] = ROOT_OPT, qdrant_url: Optional[str] = URL_OP
 def info_cmd(name: str = typer.Argument(..., help="Index name."), root: Optional[Path] = ROOT_OPT,
              qdrant_url: Optional[str] = URL_OPT, api_key: Optional[str] = KEY_OPT) -> None:
     """Print an index's record (model fingerprint, geometry, curvature, bounds, thresholds) and its generations as JSON."""
-    from indexer.errors import IndexNotFoundError
-
     gens = _gens(name, root, qdrant_url, api_key)
     if not gens.exists():
         raise IndexNotFoundError(f"no index named {name} (see 'safe-retrieval index list')")
@@ -319,8 +325,6 @@ def drop_cmd(name: str = typer.Argument(..., help="Index name."), root: Optional
              qdrant_url: Optional[str] = URL_OPT, api_key: Optional[str] = KEY_OPT,
              yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation.")) -> None:
     """Delete an index and all its generations."""
-    from indexer.errors import IndexNotFoundError
-
     gens = _gens(name, root, qdrant_url, api_key)
     if not gens.exists():
         raise IndexNotFoundError(f"no index named {name} (see 'safe-retrieval index list')")
@@ -353,13 +357,15 @@ def search(
     if (text is None) == (image is None):
         raise InputError("give exactly one of --text or --image")
     _gens(index, root, qdrant_url, api_key).require_current()  # a missing index fails before torch loads
+    # torch, open_clip and PIL load only once the index is known to exist: a missing one fails fast
     from indexer import search as searching
+    from indexer.index import check_model, open_index
     from training import artifact
     from training.images import open_image
 
-    with searching.open_index(index, root=root, url=qdrant_url, api_key=api_key) as idx:
+    with open_index(index, root=root, url=qdrant_url, api_key=api_key) as idx:
         art = artifact.load(model, device=device)
-        searching.check_model(idx, art)
+        check_model(idx, art)
         enc = art.encoder
         vec = enc.encode_text([text]) if text is not None else enc.encode_image([open_image(image)])
         res = searching.search(idx, art, vec[0], query_modality="text" if text is not None else "image",
@@ -369,10 +375,10 @@ def search(
         _echo_json({"index": {"name": idx.name, "generation": idx.generation}, **res.to_dict()})
         return
     q = res.query
-    if q["distance_to_origin"] is not None:
-        flag = {None: "unknown", True: "UNSAFE", False: "safe"}[q["unsafe"]]
-        moved = f", redirected to d0={q['distance_to_origin_after']:.3f}" if q["redirected"] else ""
-        typer.echo(f"query: d0={q['distance_to_origin']:.3f} ({flag}){moved}")
+    if q.distance_to_origin is not None:
+        flag = {None: "unknown", True: "UNSAFE", False: "safe"}[q.unsafe]
+        moved = f", redirected to d0={q.distance_to_origin_after:.3f}" if q.redirected else ""
+        typer.echo(f"query: d0={q.distance_to_origin:.3f} ({flag}){moved}")
     for i, h in enumerate(res.hits, 1 + offset):
         what = h.uri if h.kind == "image" else repr(h.caption)
         typer.echo(f"{i:>3}. {h.distance:8.4f}  {h.kind:<5} {'unsafe' if h.unsafe else '      '} {what}")

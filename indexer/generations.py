@@ -5,7 +5,8 @@ it (or, with ``--no-switch``, leaves it staged for the service to switch when it
 Readers holding an older generation keep working until they reopen; generations beyond ``--keep N``
 are pruned, but never the current one nor one that a live service *pins* as the generation it
 serves: once the pointer has moved twice the served generation is no longer among the newest, and
-only the pin keeps it. Two homes, one interface (``Generations``):
+only the pin keeps it. Two homes, one interface (``Generations``): ``LocalGenerations`` here, and
+``ServerGenerations`` beside the Qdrant client it needs (``indexer.server_store``).
 
 Embedded (Qdrant Edge)::
 
@@ -46,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from indexer.edge_store import EdgeStore
 from indexer.errors import IndexBusyError, IndexNotFoundError
 from indexer.store import Schema, VectorStore
 from training.errors import InputError
@@ -269,8 +271,6 @@ class LocalGenerations(Generations):
         write_json_atomic(self.dir / gen / META, meta)
 
     def create_store(self, gen: str, schema: Schema, meta: dict[str, Any]) -> VectorStore:
-        from indexer.edge_store import EdgeStore
-
         d = self.dir / gen
         d.mkdir(parents=True, exist_ok=False)
         store = EdgeStore.create(d / SHARD, schema, **self.edge_config)
@@ -278,8 +278,6 @@ class LocalGenerations(Generations):
         return store
 
     def open_store(self, gen: str, schema: Schema) -> VectorStore:
-        from indexer.edge_store import EdgeStore
-
         return EdgeStore.open(self.dir / gen / SHARD, schema)
 
     def copy_generation(self, src: str, dst: str) -> None:
@@ -368,135 +366,3 @@ class LocalGenerations(Generations):
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-
-class ServerGenerations(Generations):
-    """Server home: one collection per generation, ``NAME`` as an alias, metadata in the collection."""
-
-    def __init__(self, name: str, client, root: Path, *, shards: int | None = None, replicas: int | None = None):
-        super().__init__(name, root)
-        self.client = client
-        self.shards = shards
-        self.replicas = replicas
-
-    def layout(self) -> dict[str, int]:
-        """Shards and replicas of a new generation: as asked, else as the current generation's (so a
-        reindex by an admin job keeps the cluster layout), else the server's defaults (left out)."""
-        asked = {"shard_number": self.shards, "replication_factor": self.replicas}
-        inherited: dict[str, int] = {}
-        if None in asked.values() and (cur := self.current()) is not None:
-            with contextlib.suppress(IndexNotFoundError):
-                inherited = self.read_meta(cur).get("layout") or {}
-        return {k: v if v is not None else inherited[k] for k, v in asked.items() if v is not None or k in inherited}
-
-    def generations(self) -> list[str]:
-        from indexer import server_store as ss
-
-        return sorted(c for c in ss.collection_names(self.client) if (m := GEN_RE.match(c)) and m["name"] == self.name)
-
-    def current(self) -> str | None:
-        from indexer import server_store as ss
-
-        return ss.aliases(self.client).get(self.name)
-
-    def read_meta(self, gen: str) -> dict[str, Any]:
-        from indexer import server_store as ss
-
-        if gen not in ss.collection_names(self.client):
-            raise IndexNotFoundError(f"generation {gen} not found at {ss.client_url(self.client)}")
-        return ss.read_metadata(self.client, gen)
-
-    def write_meta(self, gen: str, meta: dict[str, Any]) -> None:
-        from indexer import server_store as ss
-
-        ss.write_metadata(self.client, gen, meta)
-
-    def create_store(self, gen: str, schema: Schema, meta: dict[str, Any]) -> VectorStore:
-        from indexer.server_store import ServerStore
-
-        layout = self.layout()
-        meta = {**meta, "layout": layout} if layout else meta  # recorded: the next generation inherits it
-        return ServerStore.create(self.client, gen, schema, metadata=meta, **layout)
-
-    def open_store(self, gen: str, schema: Schema) -> VectorStore:
-        from indexer.server_store import ServerStore
-
-        return ServerStore(self.client, gen, schema)
-
-    def switch(self, gen: str) -> None:
-        from indexer import server_store as ss
-
-        ss.switch_alias(self.client, self.name, gen)
-
-    def delete_generation(self, gen: str) -> None:
-        from indexer import server_store as ss
-
-        ss.drop_collection(self.client, gen)
-        shutil.rmtree(self.dir / gen, ignore_errors=True)
-
-    def drop_pointer(self) -> None:
-        from indexer import server_store as ss
-
-        ss.delete_alias(self.client, self.name)
-
-    def _pin_collection(self) -> str:
-        return f"{self.name}@pin-{pin_holder()}"
-
-    def pin(self, gen: str, *, ttl_s: float = PIN_TTL_S) -> None:
-        """Create or renew this process's lease on ``gen``; call again well within ``ttl_s``."""
-        from indexer import server_store as ss
-
-        lease = {"generation": gen, "holder": pin_holder(), "expires": _dt.datetime.now(_dt.timezone.utc).timestamp() + ttl_s}
-        name = self._pin_collection()
-        if name in ss.collection_names(self.client):
-            ss.write_metadata(self.client, name, lease)
-        else:
-            ss.retry(lambda: self.client.create_collection(name, vectors_config={}, metadata=lease),
-                     what=ss.client_url(self.client))
-
-    def unpin(self) -> None:
-        from indexer import server_store as ss
-
-        if self._pin_collection() in ss.collection_names(self.client):
-            ss.drop_collection(self.client, self._pin_collection())
-
-    def pinned(self) -> set[str]:
-        from indexer import server_store as ss
-
-        now = _dt.datetime.now(_dt.timezone.utc).timestamp()
-        out: set[str] = set()
-        for c in ss.collection_names(self.client):
-            if not c.startswith(f"{self.name}@pin-"):
-                continue
-            lease = ss.read_metadata(self.client, c)
-            if float(lease.get("expires") or 0) > now:
-                out.add(lease.get("generation"))
-            else:
-                ss.drop_collection(self.client, c)  # not renewed: its service is gone
-        return {g for g in out if isinstance(g, str)}
-
-    @contextmanager
-    def lock(self, *, break_lock: bool = False) -> Iterator[None]:
-        """A collection ``NAME@lock`` created for the job and deleted after it. A job killed with -9
-        leaves it behind; its metadata says who held it, and ``--break-lock`` removes it."""
-        from indexer import server_store as ss
-
-        lock = f"{self.name}@lock"
-        if break_lock and lock in ss.collection_names(self.client):
-            ss.drop_collection(self.client, lock)
-        holder = {"holder": f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}"}
-        try:
-            if lock in ss.collection_names(self.client):
-                raise FileExistsError
-            ss.retry(lambda: self.client.create_collection(lock, vectors_config={}, metadata=holder),
-                     what=ss.client_url(self.client))
-        except Exception as e:
-            if isinstance(e, FileExistsError) or lock in ss.collection_names(self.client):
-                who = ss.read_metadata(self.client, lock).get("holder", "unknown job")
-                raise IndexBusyError(lock_message(self.name, who, "If that job is dead, re-run with --break-lock.")) from None
-            raise
-        try:
-            yield
-        finally:
-            ss.drop_collection(self.client, lock)
-

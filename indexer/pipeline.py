@@ -16,10 +16,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import functools
 import json
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,11 +30,12 @@ from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from indexer.generations import write_json_atomic
 from indexer.sources import Item
 from indexer.store import VectorStore, content_id
-from training import lorentz
+from training import lorentz, traversal
 from training.artifact import Artifact
 from training.data.roots import DataRoots
 from training.errors import ImageError, InputError, OutsideRootsError
@@ -104,10 +108,6 @@ def die_with_parent(parent: int, _worker_id: int = 0) -> None:
     and memory. Linux only (prctl); elsewhere the DataLoader's own watchdog remains. The signal
     follows the *thread* that forked the worker, which is the one iterating the loader (``Job.run``).
     """
-    import ctypes
-    import signal
-    import sys
-
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -142,15 +142,15 @@ def relative_uri(path: Path | None, media_root: Path | None) -> str | None:
 def unsafe_rule(art: Artifact, x: torch.Tensor, modality: str) -> tuple[list, list, list]:
     """Three columns, one value per row of ``x (N, D)``: ``(d0, unsafe_score, unsafe)`` under the artifact's rule for ``modality``.
 
-    lorentz: ``d0`` = distance to the origin, ``unsafe = d0 > threshold`` (None without a threshold).
+    lorentz: ``d0`` = distance to the origin, ``unsafe`` by ``training.traversal.is_unsafe`` (None without a threshold).
     euclidean: no geometric rule exists yet, so score and flag are None.
     """
     n = len(x)
     if art.geometry != "lorentz":
         return [None] * n, [None] * n, [None] * n
     d0 = lorentz.dist0(x.float().cpu(), art.curvature)
-    thr = art.unsafe_threshold(modality)
-    flags = [None] * n if thr is None else [bool(v) for v in (d0 > thr)]
+    unsafe = traversal.is_unsafe(d0, art.unsafe_threshold(modality))
+    flags = [None] * n if unsafe is None else [bool(v) for v in unsafe]
     return [float(v) for v in d0], [None] * n, flags
 
 
@@ -207,8 +207,6 @@ class Job:
     # ------------------------------------------------------------------ public
     def run(self, items: Sequence[Item]) -> Summary:
         """Index ``items`` (images through worker processes, texts in the main process)."""
-        from tqdm.auto import tqdm
-
         self._t0 = time.perf_counter()
         self._total = len(items)
         # ids already in the store; a non-empty store means a resumed (or incremental) job

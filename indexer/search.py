@@ -18,17 +18,14 @@ inner products and are turned into geodesic distances (euclidean: cosine similar
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from indexer.builder import check_fingerprint, generations_for, schema_of
-from indexer.generations import Generations
-from indexer.store import DEFAULT_OVERSAMPLE, SPACE, VECTOR, Match, Schema, VectorStore
+from indexer.index import Index, check_model, point_fields
+from indexer.store import DEFAULT_OVERSAMPLE, Match
 from training import lorentz, traversal
 from training.artifact import Artifact
 from training.errors import InputError
@@ -58,81 +55,39 @@ class Hit:
 
 
 @dataclass
-class SearchResult:
-    """Hits, best first, and the query's safety report
-    ``{unsafe, distance_to_origin, threshold, redirected, distance_to_origin_after}``."""
+class QueryReport:
+    """What the safety modes saw and did with the query (the service's ``QueryReport`` validates from it).
 
-    hits: list[Hit]
-    query: dict[str, Any]
+    ``unsafe``: the artifact's rule (``training.traversal.is_unsafe``), None without a threshold or
+    for a euclidean model; ``redirected``: the query was moved toward safe content, landing at
+    ``distance_to_origin_after``.
+    """
+
+    unsafe: bool | None = None
+    distance_to_origin: float | None = None
+    threshold: float | None = None
+    redirected: bool = False
+    distance_to_origin_after: float | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        """Read a field by name (``report["unsafe"]``), as callers of the dict it replaced do."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+        return asdict(self)
 
 
-class Index:
-    """An opened index generation: its record and its store. Close it (or use ``with``) when done."""
+@dataclass
+class SearchResult:
+    """Hits, best first, and the query's safety report."""
 
-    def __init__(self, gens: Generations, generation: str, meta: dict[str, Any], store: VectorStore):
-        self.gens, self.generation, self.meta, self.store = gens, generation, meta, store
-        self.name = gens.name
-        self.schema: Schema = store.schema
+    hits: list[Hit]
+    query: QueryReport
 
-    @property
-    def info(self) -> dict[str, Any]:
-        m = self.meta
-        return {"name": self.name, "generation": self.generation, "fingerprint": m.get("fingerprint"),
-                "geometry": m.get("geometry"), "curvature": m.get("curvature"), "bounds": m.get("bounds") or {},
-                "thresholds": m.get("thresholds") or {}, "points": self.store.count()}
-
-    def retrieve(self, id: str, with_vector: bool = False) -> dict[str, Any] | None:
-        """One point by id: ``{id, kind, uri, caption, tags, unsafe, payload[, vector]}`` or None.
-
-        ``vector`` is the embedding as the encoder gave it (space components, or the unit vector).
-        """
-        try:
-            pid = str(uuid.UUID(str(id)))
-        except ValueError:
-            raise InputError(f"{id!r} is not a point id (ids are UUIDs, as returned by search)") from None
-        found = self.store.retrieve([pid], with_vectors=with_vector)
-        if not found:
-            return None
-        p = found[0]
-        out = {"id": p.id, **_fields(p.payload), "payload": p.payload}
-        if with_vector:
-            out["vector"] = list(p.vectors.get(SPACE if self.schema.geometry == "lorentz" else VECTOR, []))
-        return out
-
-    def close(self) -> None:
-        self.store.close()
-
-    def __enter__(self) -> "Index":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def open_index(name: str, *, root: Path | None = None, url: str | None = None, api_key: str | None = None,
-               client=None, generation: str | None = None) -> Index:
-    """Open the current generation of index ``name`` (or a given ``generation``).
-
-    Embedded (default): under ``root`` (default ``$SAFE_RETRIEVAL_INDEX_ROOT`` or ``runs/indexes``).
-    Server: ``url`` (+ ``api_key``), or an existing qdrant-client ``client``.
-    """
-    gens = generations_for(name, root=root, url=url, api_key=api_key, client=client)
-    gen = generation or gens.require_current()
-    meta = gens.read_meta(gen)
-    return Index(gens, gen, meta, gens.open_store(gen, schema_of(meta)))
-
-
-def check_model(index: Index, art: Artifact) -> None:
-    """Raise ``ModelMismatchError`` ("... reindex with this model") unless ``art`` built ``index``."""
-    check_fingerprint(index.meta, art)
-
-
-def _fields(payload: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": payload.get("kind"), "uri": payload.get("uri"), "caption": payload.get("caption"),
-            "tags": list(payload.get("tags") or []), "unsafe": payload.get("unsafe")}
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query.to_dict(), "hits": [h.to_dict() for h in self.hits]}
 
 
 def _can_traverse(art: Artifact, threshold: float | None, target: str) -> bool:
@@ -143,12 +98,15 @@ def _can_traverse(art: Artifact, threshold: float | None, target: str) -> bool:
 
 def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, target: str = "image", k: int = 10,
            offset: int = 0, safety: str = "strict", tags: Sequence[str] | None = None, exact: bool = False,
-           oversample: int | None = None, hnsw_ef: int | None = None) -> SearchResult:
+           oversample: int | None = None, hnsw_ef: int | None = None,
+           distance_to_origin: float | None = None) -> SearchResult:
     """Search ``index`` with one embedding ``vector (D,)`` (as ``art.encoder.encode_*`` returns it).
 
     ``target``: which kind of points to return (``any`` for both). ``tags``: keep points with at
     least one of these tags. ``oversample`` (lorentz): candidates per result on ``space`` before
-    exact rescoring (default ``indexer.store.DEFAULT_OVERSAMPLE``).
+    exact rescoring (default ``indexer.store.DEFAULT_OVERSAMPLE``). ``distance_to_origin``: the
+    query's ``d0`` where it came with the embedding (the service's encoder computes it once per
+    query); computed here when not given.
     """
     if safety not in SAFETY_MODES:
         raise InputError(f"unknown safety mode {safety!r}; use one of {', '.join(SAFETY_MODES)}")
@@ -162,10 +120,10 @@ def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, 
     v = torch.as_tensor(vector).detach().float().cpu().reshape(-1)
     if v.shape[0] != index.schema.dim:
         raise InputError(f"the query vector has {v.shape[0]} dimensions but index {index.name} holds {index.schema.dim}")
-    report: dict[str, Any] = {"unsafe": None, "distance_to_origin": None, "threshold": None, "redirected": False,
-                              "distance_to_origin_after": None}
+    report = QueryReport()
     if art.geometry == "lorentz":
-        v = _apply_traversal(v, art, query_modality, "image" if target == "any" else target, safety, report)
+        v, report = _apply_traversal(v, distance_to_origin, art, query_modality, "image" if target == "any" else target,
+                                     safety)
     elif safety == "traverse":
         raise InputError("traversal needs a lorentz (hyperbolic) model; this index is euclidean: use --safety filter or strict")
     match = Match(kinds=None if target == "any" else (target,), exclude_unsafe=safety in ("filter", "strict"),
@@ -174,27 +132,30 @@ def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, 
                            exact=exact, hnsw_ef=hnsw_ef)
     hits = []
     for s in index.store.query(q):
-        hits.append(Hit(id=s.id, score=s.score, distance=index.schema.distance(s.score), **_fields(s.payload), payload=s.payload))
+        hits.append(Hit(id=s.id, score=s.score, distance=index.schema.distance(s.score), **point_fields(s.payload),
+                        payload=s.payload))
     return SearchResult(hits, report)
 
 
-def _apply_traversal(v: Tensor, art: Artifact, modality: str, target: str, safety: str, report: dict[str, Any]) -> Tensor:
-    """Fill the query report; move ``v (D,)`` toward the origin when the mode asks and the query is unsafe."""
-    d0 = float(lorentz.dist0(v, art.curvature))
+def _apply_traversal(v: Tensor, d0: float | None, art: Artifact, modality: str, target: str,
+                     safety: str) -> tuple[Tensor, QueryReport]:
+    """The query's report, and ``v (D,)`` moved toward the origin when the mode asks and the query is unsafe."""
+    d0s = lorentz.dist0(v[None], art.curvature) if d0 is None else torch.tensor([float(d0)])
     threshold = art.unsafe_threshold(modality)
-    report.update(distance_to_origin=d0, distance_to_origin_after=d0, threshold=threshold,
-                  unsafe=None if threshold is None else d0 > threshold)
+    unsafe = traversal.is_unsafe(d0s, threshold)
+    report = QueryReport(unsafe=None if unsafe is None else bool(unsafe[0]), distance_to_origin=float(d0s[0]),
+                         threshold=threshold, distance_to_origin_after=float(d0s[0]))
     if safety not in ("traverse", "strict"):
-        return v
+        return v, report
     if not _can_traverse(art, threshold, target):
         if safety == "traverse":
             raise InputError("this artifact has no calibrated bounds, so a query cannot be traversed; "
                              "calibrate it first, or use --safety filter or off")
-        return v  # strict without calibration: nothing to decide traversal with; the filter still applies
-    moved = traversal.traverse(v[None], art.curvature, art.bounds, target=target, threshold=threshold)
-    report.update(threshold=moved.threshold, redirected=bool(moved.triggered[0]),
-                  distance_to_origin_after=float(moved.d0_after[0]))
-    return moved.vectors[0]
+        return v, report  # strict without calibration: nothing to decide traversal with; the filter still applies
+    moved = traversal.traverse(v[None], art.curvature, art.bounds, target=target, threshold=threshold, d0=d0s)
+    report.threshold, report.redirected = moved.threshold, bool(moved.triggered[0])
+    report.distance_to_origin_after = float(moved.d0_after[0])
+    return moved.vectors[0], report
 
 
-__all__ = ["Hit", "Index", "SearchResult", "SAFETY_MODES", "TARGETS", "check_model", "open_index", "search"]
+__all__ = ["Hit", "QueryReport", "SearchResult", "SAFETY_MODES", "TARGETS", "search"]

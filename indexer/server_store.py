@@ -10,19 +10,31 @@ engine. What local mode cannot show (HNSW, gRPC, retries against a dead server) 
 Each generation is one collection ``NAME@<timestamp>``; the alias ``NAME`` points at the current
 one. The index record (fingerprint, geometry, curvature, bounds, thresholds, ...) lives in the
 collection's own ``metadata`` (Qdrant >= 1.16), so it travels with the data and needs no reserved
-point.
+point. ``ServerGenerations`` is that layout as a ``Generations`` home (``indexer.generations``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import os
+import shutil
+import socket
 import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+import grpc
+import httpx
 import numpy as np
 from qdrant_client import QdrantClient
 from qdrant_client import models as qm
+from qdrant_client.http.exceptions import ResponseHandlingException
 
-from indexer.errors import StoreUnavailableError
+from indexer.errors import IndexBusyError, IndexNotFoundError, StoreUnavailableError
+from indexer.generations import GEN_RE, PIN_TTL_S, Generations, lock_message, now_iso, pin_holder
 from indexer.store import HNSW_EF_CONSTRUCT, HNSW_M, PAYLOAD_INDEXES, Match, Schema, Scored, StoredPoint, VectorQuery, VectorStore
 
 T = TypeVar("T")
@@ -34,18 +46,10 @@ BACKOFF_S = 0.5
 
 def _transient(e: Exception) -> bool:
     """Connection-level failures worth retrying (the request may not have reached the server)."""
-    import httpx
-    from qdrant_client.http.exceptions import ResponseHandlingException
-
     if isinstance(e, (ResponseHandlingException, httpx.TransportError, ConnectionError, TimeoutError)):
         return True
-    try:
-        import grpc
-
-        if isinstance(e, grpc.RpcError):
-            return e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    except ImportError:  # pragma: no cover - grpcio ships with qdrant-client
-        pass
+    if isinstance(e, grpc.RpcError):
+        return e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     return False
 
 
@@ -155,8 +159,6 @@ class ServerStore(VectorStore):
         return store
 
     def _call(self, fn: Callable[[], T]) -> T:
-        import warnings
-
         with warnings.catch_warnings():  # local mode warns that payload indexes are no-ops there
             warnings.simplefilter("ignore", UserWarning)
             return retry(fn, what=self.url)
@@ -237,3 +239,108 @@ def _filter(match: Match) -> qm.Filter:
     if match.exclude_unsafe:
         must_not.append(qm.FieldCondition(key="unsafe", match=qm.MatchValue(value=True)))
     return qm.Filter(must=must or None, must_not=must_not or None)
+
+
+class ServerGenerations(Generations):
+    """Server home: one collection per generation, ``NAME`` as an alias, metadata in the collection."""
+
+    def __init__(self, name: str, client, root: Path, *, shards: int | None = None, replicas: int | None = None):
+        super().__init__(name, root)
+        self.client = client
+        self.shards = shards
+        self.replicas = replicas
+
+    def layout(self) -> dict[str, int]:
+        """Shards and replicas of a new generation: as asked, else as the current generation's (so a
+        reindex by an admin job keeps the cluster layout), else the server's defaults (left out)."""
+        asked = {"shard_number": self.shards, "replication_factor": self.replicas}
+        inherited: dict[str, int] = {}
+        if None in asked.values() and (cur := self.current()) is not None:
+            with contextlib.suppress(IndexNotFoundError):
+                inherited = self.read_meta(cur).get("layout") or {}
+        return {k: v if v is not None else inherited[k] for k, v in asked.items() if v is not None or k in inherited}
+
+    def generations(self) -> list[str]:
+        return sorted(c for c in collection_names(self.client) if (m := GEN_RE.match(c)) and m["name"] == self.name)
+
+    def current(self) -> str | None:
+        return aliases(self.client).get(self.name)
+
+    def read_meta(self, gen: str) -> dict[str, Any]:
+        if gen not in collection_names(self.client):
+            raise IndexNotFoundError(f"generation {gen} not found at {client_url(self.client)}")
+        return read_metadata(self.client, gen)
+
+    def write_meta(self, gen: str, meta: dict[str, Any]) -> None:
+        write_metadata(self.client, gen, meta)
+
+    def create_store(self, gen: str, schema: Schema, meta: dict[str, Any]) -> VectorStore:
+        layout = self.layout()
+        meta = {**meta, "layout": layout} if layout else meta  # recorded: the next generation inherits it
+        return ServerStore.create(self.client, gen, schema, metadata=meta, **layout)
+
+    def open_store(self, gen: str, schema: Schema) -> VectorStore:
+        return ServerStore(self.client, gen, schema)
+
+    def switch(self, gen: str) -> None:
+        switch_alias(self.client, self.name, gen)
+
+    def delete_generation(self, gen: str) -> None:
+        drop_collection(self.client, gen)
+        shutil.rmtree(self.dir / gen, ignore_errors=True)
+
+    def drop_pointer(self) -> None:
+        delete_alias(self.client, self.name)
+
+    def _pin_collection(self) -> str:
+        return f"{self.name}@pin-{pin_holder()}"
+
+    def pin(self, gen: str, *, ttl_s: float = PIN_TTL_S) -> None:
+        """Create or renew this process's lease on ``gen``; call again well within ``ttl_s``."""
+        lease = {"generation": gen, "holder": pin_holder(), "expires": _dt.datetime.now(_dt.timezone.utc).timestamp() + ttl_s}
+        name = self._pin_collection()
+        if name in collection_names(self.client):
+            write_metadata(self.client, name, lease)
+        else:
+            retry(lambda: self.client.create_collection(name, vectors_config={}, metadata=lease),
+                  what=client_url(self.client))
+
+    def unpin(self) -> None:
+        if self._pin_collection() in collection_names(self.client):
+            drop_collection(self.client, self._pin_collection())
+
+    def pinned(self) -> set[str]:
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp()
+        out: set[str] = set()
+        for c in collection_names(self.client):
+            if not c.startswith(f"{self.name}@pin-"):
+                continue
+            lease = read_metadata(self.client, c)
+            if float(lease.get("expires") or 0) > now:
+                out.add(lease.get("generation"))
+            else:
+                drop_collection(self.client, c)  # not renewed: its service is gone
+        return {g for g in out if isinstance(g, str)}
+
+    @contextmanager
+    def lock(self, *, break_lock: bool = False) -> Iterator[None]:
+        """A collection ``NAME@lock`` created for the job and deleted after it. A job killed with -9
+        leaves it behind; its metadata says who held it, and ``--break-lock`` removes it."""
+        lock = f"{self.name}@lock"
+        if break_lock and lock in collection_names(self.client):
+            drop_collection(self.client, lock)
+        holder = {"holder": f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}"}
+        try:
+            if lock in collection_names(self.client):
+                raise FileExistsError
+            retry(lambda: self.client.create_collection(lock, vectors_config={}, metadata=holder),
+                  what=client_url(self.client))
+        except Exception as e:
+            if isinstance(e, FileExistsError) or lock in collection_names(self.client):
+                who = read_metadata(self.client, lock).get("holder", "unknown job")
+                raise IndexBusyError(lock_message(self.name, who, "If that job is dead, re-run with --break-lock.")) from None
+            raise
+        try:
+            yield
+        finally:
+            drop_collection(self.client, lock)

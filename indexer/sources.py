@@ -150,6 +150,7 @@ def _rows(path: Path, data: bytes) -> list[tuple[int, Any]]:
                     raise DataError(f"{path}:{n} is not valid JSON ({why}); fix or remove that line") from e
         return rows
     if suffix == ".parquet":
+        # pyarrow takes a quarter second to load: only parquet manifests pay for it
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -234,6 +235,7 @@ def _row_item(manifest: Path, n: int, row: Any) -> Item:
 
 def visu_items(root: Path, split: str, roots: DataRoots = DataRoots(), **load_kwargs) -> list[Item]:
     """Both images of every quadruplet of a ViSU split (real or synthetic layout)."""
+    # ViSU's loader brings torch (3 s): folder and manifest inputs are read without it
     from training.data import visu
 
     data = visu.load_split(Path(root), split, roots=roots, **load_kwargs)

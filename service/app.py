@@ -68,7 +68,7 @@ class Services:
 
     def _stale(self, current: ServedPair, model: Path | None) -> bool:
         """Whether the served pair differs from what a reload would load."""
-        from indexer.builder import generations_for
+        from indexer.index import generations_for
 
         if model is not None and Path(model).resolve() != current.model_path.resolve():
             return True
@@ -80,7 +80,7 @@ class Services:
 
     def generations(self, name: str | None = None):
         """The generations of the served index (or of ``name``) where the settings keep them."""
-        from indexer.builder import generations_for
+        from indexer.index import generations_for
 
         s = self.settings
         api_key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
@@ -151,7 +151,7 @@ class Services:
         if not gen:
             raise ConflictError("the job's index step reported no generation (no --result-file); see its log")
         model = Path(plan["model"]) if plan.get("model") else None
-        from indexer.search import open_index
+        from indexer.index import open_index
 
         gens = self.generations()
         with self.swap_lock:

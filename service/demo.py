@@ -88,9 +88,10 @@ def source(data: Path) -> dict:
 def prepare_index(data: Path, model: Path, root: Path) -> None:
     """Index the test gallery with the model unless the current generation was built with it (and this format)."""
     from indexer import builder, sources
+    from indexer.index import generations_for
     from training import artifact
 
-    gens = builder.generations_for(INDEX, root=root)
+    gens = generations_for(INDEX, root=root)
     current = gens.current()
     fingerprint = artifact.read_config(model).get("fingerprint")
     meta = gens.read_meta(current) if current is not None else {}

@@ -95,6 +95,7 @@ class Result(BaseModel):
 
 
 class QueryReport(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built from indexer.search.QueryReport, a dataclass
     unsafe: bool | None = Field(None, description="The model's rule: distance to the origin above the threshold.")
     distance_to_origin: float | None = None
     threshold: float | None = None

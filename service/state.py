@@ -4,7 +4,7 @@ A request *leases* the current pair for its whole life: it encodes with that pai
 searches that pair's index. A swap installs a new pair for the requests that start afterwards; the
 old pair is closed only when its last lease ends, so in-flight requests finish on the old pair and
 none fails. The two halves are always swapped together, and a pair is only built after checking
-that the index was made with the model (``indexer.search.check_model``).
+that the index was made with the model (``indexer.index.check_model``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from indexer.index import Index, check_model, open_index
 from service.errors import UnavailableError
 from service.settings import Settings
 from training import artifact as artifacts
@@ -34,7 +35,7 @@ class ServedPair:
     """A model and the index generation built with it, served together."""
 
     artifact: Artifact
-    index: Any  # indexer.search.Index
+    index: Index
     info: dict[str, Any]
     model_path: Path
     leases: int = field(default=0, repr=False)
@@ -117,8 +118,6 @@ def _close_later(pair: ServedPair) -> None:
 # ------------------------------------------------------------------ loading a pair
 def open_served_index(settings: Settings, name: str | None = None) -> Any:
     """Open the current generation of the served index (embedded store or Qdrant server)."""
-    from indexer.search import open_index
-
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     return open_index(name or settings.index, root=settings.index_root, url=settings.qdrant_url, api_key=api_key)
 
@@ -162,8 +161,6 @@ class PairLoader:
 
     def load(self, model_path: Path | None = None, *, index: Any | None = None) -> ServedPair:
         """Open the index and pick the model it was built with (``model_path`` or the candidates)."""
-        from indexer.search import check_model
-
         paths = [model_path] if model_path is not None else model_candidates(self.settings)
         if not paths:
             raise UnavailableError("no model configured: start with --model ARTIFACT or set SAFE_RETRIEVAL_MODEL")

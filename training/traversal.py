@@ -79,29 +79,31 @@ def traverse(
     method: Method = "geodesic",
     threshold: float | None = None,
     target_stat: str = "p50",
+    d0: Tensor | None = None,
 ) -> Traversal:
     """Traverse a batch of space components ``x (B, D)`` toward the origin.
 
     ``target`` is the modality being searched (its safe class sets where rows land).
     ``threshold`` is the trigger distance; pass the artifact's unsafe threshold for the query's
     modality. Without it, the hysac trigger for the target modality is used (the reference's: hysac
-    itself is only run that way; the threshold sweep varies it).
+    itself is only run that way; the threshold sweep varies it). ``d0 (B,)``: the rows' distances
+    to the origin where the caller has them already; computed here otherwise.
     """
     if method not in METHODS:
         raise InputError(f"unknown traversal {method!r}; use one of {', '.join(METHODS)}")
     x = x.float()
-    d0 = lorentz.dist0(x, curvature)
+    d0 = lorentz.dist0(x, curvature) if d0 is None else d0.float()
     safe = SAFE_CLASS[target]
     if method == "hysac":
         ub = threshold if threshold is not None else hysac_threshold(_bound(bounds, safe, "p95"), curvature)
-        trig = d0 > ub
+        trig = is_unsafe(d0, ub)
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
         moved = torch.where(trig.unsqueeze(-1), x * (ub / norm), x)
         thr = ub
     else:
         thr = threshold if threshold is not None else hysac_threshold(_bound(bounds, safe, "p95"), curvature)
         goal = min(_landing(bounds, safe, target_stat), thr)
-        trig = d0 > thr
+        trig = is_unsafe(d0, thr)
         moved = torch.where(trig.unsqueeze(-1), lorentz.move_to_dist0(x, goal, curvature), x)
     return Traversal(moved, d0, lorentz.dist0(moved, curvature), trig, float(thr))
 

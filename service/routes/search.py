@@ -27,6 +27,7 @@ from service.schemas import (
     MAX_OFFSET,
     EmbedRequest,
     EmbedResponse,
+    QueryReport,
     Safety,
     SearchFilter,
     SearchOptions,
@@ -154,15 +155,15 @@ async def run_search(
         t2 = time.perf_counter()
         hits = [h for h in result.hits if caller.is_moderator or h.unsafe is not True]
         audit.note(request, unsafe_ids=[h.id for h in hits if h.unsafe is True])
-        query = dict(result.query)
+        query = result.query
         ref = pair.ref
     metrics.stage_seconds.labels("encode").observe(t1 - t0)
     metrics.stage_seconds.labels("search").observe(t2 - t1)
     metrics.stage_seconds.labels("total").observe(t2 - t0)
     metrics.queries.labels(opts.safety, modality).inc()
-    if query.get("unsafe"):
+    if query.unsafe:
         metrics.unsafe_queries.inc()
-    if query.get("redirected"):
+    if query.redirected:
         metrics.redirected_queries.inc()
     return {
         "results": [
@@ -170,8 +171,7 @@ async def run_search(
              "tags": list(h.tags or []), "unsafe": h.unsafe}
             for h in hits
         ],
-        "query": {k: query.get(k) for k in ("unsafe", "distance_to_origin", "threshold", "redirected", "distance_to_origin_after")}
-        | {"redirected": bool(query.get("redirected"))},
+        "query": QueryReport.model_validate(query),
         "index": ref,
         "timings_ms": {"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (time.perf_counter() - t0) * 1e3},
     }

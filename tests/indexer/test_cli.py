@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from indexer.errors import IndexNotFoundError
 from indexer.generations import GEN_RE, LocalGenerations
-from indexer.search import open_index
+from indexer.index import open_index
 from indexer.store import content_id
 from service.cli import app
 from tests.conftest import CLI

@@ -14,8 +14,10 @@ from qdrant_client import QdrantClient
 
 from indexer import builder, sources
 from indexer.errors import IndexBusyError, IndexNotFoundError, ModelMismatchError
-from indexer.generations import GEN_RE, LocalGenerations, ServerGenerations, check_name
-from indexer.search import open_index, search
+from indexer.generations import GEN_RE, LocalGenerations, check_name
+from indexer.index import generations_for, open_index
+from indexer.search import search
+from indexer.server_store import ServerGenerations
 from tests.indexer.conftest import write_images
 from training.errors import InputError
 
@@ -243,6 +245,6 @@ def test_server_generations_spread_over_a_cluster_and_keep_their_layout(tmp_path
 
 def test_shards_and_replicas_need_a_server(tmp_path):
     with pytest.raises(InputError, match="--qdrant-url"):
-        builder.generations_for("col", root=tmp_path, shards=2)
+        generations_for("col", root=tmp_path, shards=2)
     with pytest.raises(InputError, match="--qdrant-url"):
-        builder.generations_for("col", root=tmp_path, replicas=2)
+        generations_for("col", root=tmp_path, replicas=2)

@@ -12,8 +12,10 @@ import torch
 from qdrant_client import QdrantClient
 
 from indexer import builder, sources
-from indexer.generations import LocalGenerations, ServerGenerations
-from indexer.search import open_index, search
+from indexer.generations import LocalGenerations
+from indexer.index import open_index
+from indexer.search import search
+from indexer.server_store import ServerGenerations
 from indexer.store import content_id
 from tests.indexer.conftest import leaked, leaky_root, write_images
 from training.data.roots import DataRoots

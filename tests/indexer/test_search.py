@@ -8,7 +8,8 @@ import torch
 from indexer.builder import index_record, schema_for
 from indexer.errors import IndexNotFoundError, ModelMismatchError
 from indexer.generations import LocalGenerations
-from indexer.search import open_index, search
+from indexer.index import open_index
+from indexer.search import search
 from tests.indexer.conftest import fill, hyperboloid, make_artifact, row
 from training import lorentz
 from training.errors import InputError
@@ -140,3 +141,20 @@ def test_uncalibrated_and_euclidean_models(tmp_path, art):
         assert res.hits[0].payload["unsafe_score"] is None and res.query["distance_to_origin"] is None
         with pytest.raises(InputError, match="lorentz"):
             search(idx, euc, e[0], query_modality="image", safety="traverse")
+
+
+def test_a_distance_carried_with_the_embedding_decides_and_is_reported(gallery, art):
+    root, x, dirs = gallery
+    query = lorentz.move_to_dist0(dirs[2], 2.3, art.curvature)
+    with open_index("gal", root=root) as idx:
+        own = search(idx, art, query, query_modality="text", k=K, safety="traverse")
+        same = search(idx, art, query, query_modality="text", k=K, safety="traverse",
+                      distance_to_origin=own.query.distance_to_origin)
+        assert same.query == own.query and [h.id for h in same.hits] == [h.id for h in own.hits]
+        # the search trusts the carried d0 rather than computing it again: a safe one is not moved
+        told = search(idx, art, query, query_modality="text", k=K, safety="traverse", distance_to_origin=0.5)
+        assert told.query.unsafe is False and not told.query.redirected
+        assert told.query.distance_to_origin == pytest.approx(0.5)
+        assert own.to_dict()["query"] == {"unsafe": True, "distance_to_origin": pytest.approx(2.3, abs=1e-4),
+                                          "threshold": own.query.threshold, "redirected": True,
+                                          "distance_to_origin_after": pytest.approx(1.0, abs=1e-4)}

@@ -74,9 +74,10 @@ def calibrated_tiny(data: Path, out: Path) -> dict:
 def build_index(model: Path, data: Path, root: Path, name: str = INDEX) -> str:
     """Index the test split's images and captions with the indexer's real build code; returns the generation."""
     from indexer import builder, sources
+    from indexer.index import generations_for
 
     items = sources.collect(visu=data, split="test", captions_as_text=True)
-    result = builder.build(builder.generations_for(name, root=root), model, items, media_root=data, workers=0,
+    result = builder.build(generations_for(name, root=root), model, items, media_root=data, workers=0,
                            progress=False, device="cpu")
     return result.generation
 

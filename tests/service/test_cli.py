@@ -63,7 +63,7 @@ def test_demo_steps_are_cached(world, tmp_path):
     settings = demo.prepare(work)
     assert settings.model == work / "model" and settings.index == demo.INDEX
     assert settings.media_root == work / "data" and settings.data_roots == [work.resolve()]
-    from indexer.builder import generations_for
+    from indexer.index import generations_for
 
     gens = generations_for(demo.INDEX, root=work / "indexes")
     first = gens.current()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.builder import schema_of
+from indexer.index import schema_of
 from indexer.generations import LocalGenerations
 from service.errors import ConflictError, ForbiddenError
 from service.app import job_environment
