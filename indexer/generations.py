@@ -42,7 +42,6 @@ import re
 import shutil
 import socket
 from abc import ABC, abstractmethod
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
