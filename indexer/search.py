@@ -18,6 +18,7 @@ inner products and are turned into geodesic distances (euclidean: cosine similar
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from training.errors import InputError
 
 SAFETY_MODES = ("strict", "traverse", "filter", "off")
 TARGETS = ("image", "text", "any")
-MAX_K = 1000
+MAX_K_PER_SEARCH = 1000  # the most results one search() returns (CLI, benchmarks); the HTTP API allows fewer
 
 
 @dataclass
@@ -102,6 +103,17 @@ class Index:
             out["vector"] = list(p.vectors.get(SPACE if self.schema.geometry == "lorentz" else VECTOR, []))
         return out
 
+    # -- from an event loop: whether the store call blocks the loop or runs in a worker thread is decided here
+    async def asearch(self, art: Artifact, vector: Tensor, **options: Any) -> "SearchResult":
+        """:func:`search` on this index from async code (same options, same result)."""
+        if self.store.in_process:  # an embedded store holds the GIL while it searches: a thread only adds hand-offs
+            return search(self, art, vector, **options)
+        return await asyncio.to_thread(search, self, art, vector, **options)
+
+    async def aretrieve(self, id: str, with_vector: bool = False) -> dict[str, Any] | None:
+        """:meth:`retrieve` from async code, in a worker thread (a probe can then time out on it)."""
+        return await asyncio.to_thread(self.retrieve, id, with_vector)
+
     def close(self) -> None:
         self.store.close()
 
@@ -156,8 +168,8 @@ def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, 
         raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if query_modality not in ("text", "image"):
         raise InputError(f"query_modality must be text or image, not {query_modality!r}")
-    if not 1 <= k <= MAX_K or offset < 0:
-        raise InputError(f"k must be in 1..{MAX_K} and offset >= 0 (got k={k}, offset={offset})")
+    if not 1 <= k <= MAX_K_PER_SEARCH or offset < 0:
+        raise InputError(f"k must be in 1..{MAX_K_PER_SEARCH} and offset >= 0 (got k={k}, offset={offset})")
     check_model(index, art)
     v = torch.as_tensor(vector).detach().float().cpu().reshape(-1)
     if v.shape[0] != index.schema.dim:

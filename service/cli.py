@@ -11,7 +11,7 @@ import typer
 
 from indexer.cli import index_app, search
 from training import cli as training_cli
-from training.errors import SafeRetrievalError
+from training.errors import InputError, SafeRetrievalError
 
 app = typer.Typer(
     help="safe-retrieval: image/text retrieval that stays safe when the query is not.",
@@ -39,11 +39,11 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (default 8000). [env SAFE_RETRIEVAL_PORT]"),
 ) -> None:
     """Serve the HTTP API and the web page (uvicorn); every other option comes from SAFE_RETRIEVAL_* variables."""
+    # imported here, not at the top: `safe-retrieval --help` and the other commands stay fast
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
     from service.settings import Settings
-    from training.errors import InputError
 
     given = {"model": model, "index": index, "qdrant_url": qdrant_url, "index_root": index_root,
              "media_root": media_root, "host": host, "port": port}
@@ -62,7 +62,7 @@ def serve(
 @app.command("demo")
 def demo(workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo keeps its data and model.")) -> None:
     """Run the end-to-end demo on the embedded defaults."""
-    from service.demo import run_demo
+    from service.demo import run_demo  # imported here: the demo pulls in the trainer and the server
 
     run_demo(workdir)
 

@@ -10,15 +10,17 @@ import time
 from datetime import datetime
 from typing import Annotated, Any
 
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Query, Request
 
 from service import audit
-from service.deps import audited_admin, require_admin
+from service.deps import ServicesDep, audited_admin, require_admin
 from service.errors import UnavailableError
 from service.jobs import read_source, reindex_steps, train_step
 from service.schemas import AuditPage, IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
 from service.settings import TOKEN_NAME
-from service.state import model_candidates
+from service.state import Services, model_candidates
 from training.errors import InputError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -33,11 +35,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _served_model(request: Request):
-    pair = request.app.state.services.state.current
+def _served_model(services: Services) -> Path:
+    pair = services.state.current
     if pair is not None:
         return pair.model_path
-    candidates = model_candidates(request.app.state.settings)
+    candidates = model_candidates(services.settings)
     if not candidates:
         raise UnavailableError("no model is configured to index with; start the server with --model")
     return candidates[0]
@@ -45,14 +47,13 @@ def _served_model(request: Request):
 
 @router.post("/reindex", response_model=Job, status_code=202, responses=ERRORS, summary="Build a new index generation",
              dependencies=[Depends(audited_admin)])
-async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
+async def reindex(body: ReindexRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Index ``source`` with the served model; when ``name`` is the served index, the new generation is swapped in."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    services = request.app.state.services
     settings = services.settings
     name = body.name or settings.index
     swap = name == settings.index
-    model = _served_model(request)
+    model = _served_model(services)
     steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
                           qdrant_url=settings.qdrant_url, index_root=settings.index_root)
     plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
@@ -63,12 +64,11 @@ async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
 
 @router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model",
              dependencies=[Depends(audited_admin)])
-async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
+async def retrain(body: RetrainRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Train from the served model; with ``reindex`` the served index is rebuilt with the new model and both swap together."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    services = request.app.state.services
     settings = services.settings
-    model = _served_model(request)
+    model = _served_model(services)
     out = services.jobs.models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
     steps = [train_step(body, model=model, out=out, roots=settings.data_roots)]
     plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
@@ -90,34 +90,34 @@ async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
-async def list_jobs(request: Request) -> dict[str, Any]:
-    return {"jobs": request.app.state.services.jobs.list()}
+async def list_jobs(services: ServicesDep) -> dict[str, Any]:
+    return {"jobs": services.jobs.list()}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="One job's status, progress and log tail")
-async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    return request.app.state.services.jobs.get(job_id)
+async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    return services.jobs.get(job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job",
              dependencies=[Depends(audited_admin)])
-async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+async def cancel_job(job_id: str, request: Request, services: ServicesDep) -> dict[str, Any]:
     """End the job's process group; what is served does not change."""
     audit.note(request, job=job_id)
-    return await asyncio.to_thread(request.app.state.services.jobs.cancel, job_id)
+    return await asyncio.to_thread(services.jobs.cancel, job_id)
 
 
 @router.post("/reload", response_model=Reload, responses={**ERRORS, 503: {"description": "Could not load."}},
              summary="Serve the index's current generation")
-async def reload(request: Request) -> dict[str, Any]:
+async def reload(services: ServicesDep) -> dict[str, Any]:
     """Reopen the served index's current generation with its model (after an out-of-band `index build`)."""
-    changed, ref = await asyncio.to_thread(request.app.state.services.reload)
+    changed, ref = await asyncio.to_thread(services.reload)
     return {"changed": changed, "index": ref}
 
 
 @router.get("/audit", response_model=AuditPage, responses=ERRORS, summary="Records of privileged requests")
 async def read_audit(
-    request: Request,
+    services: ServicesDep,
     since: Annotated[datetime | None, Query(description="Only records at or after this time (ISO 8601; UTC when no zone).")] = None,
     until: Annotated[datetime | None, Query(description="Only records before this time (page back: the first record's time).")] = None,
     token: Annotated[str | None, Query(pattern=TOKEN_NAME.pattern, description="Only records of this token name.")] = None,
@@ -125,6 +125,6 @@ async def read_audit(
 ) -> dict[str, Any]:
     """The audit log across its rotated files, **oldest first (newest last)**: the newest ``limit`` matching
     records; ``truncated`` says older matching ones were left out."""
-    records, truncated = await asyncio.to_thread(request.app.state.audit.read, since=since, until=until,
+    records, truncated = await asyncio.to_thread(services.audit.read, since=since, until=until,
                                                  token=token, limit=limit)
     return {"records": records, "truncated": truncated}
