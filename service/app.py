@@ -31,7 +31,6 @@ from service.routes import admin, health, items, search, web
 from service.settings import Settings
 from service.state import PairLoader, ServedState, Services
 
-log = logging.getLogger("safe_retrieval.service")
 PIN_RENEW_S = 60.0  # well within indexer.generations.PIN_TTL_S
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime
-from typing import Annotated, Any
-
 from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -18,7 +17,7 @@ from service import audit
 from service.deps import ServicesDep, audited_admin, require_admin
 from service.errors import UnavailableError
 from service.jobs import read_source, reindex_steps, train_step
-from service.schemas import AuditPage, IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
+from service.schemas import AuditPage, IndexSource, Job, JobList, ReindexRequest, Reload, RetrainRequest
 from service.settings import TOKEN_NAME
 from service.state import Services, model_candidates
 from training.errors import InputError

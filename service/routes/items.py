@@ -85,5 +85,5 @@ def media_path(root: Path | None, uri: str) -> Path:
     base = root.resolve()
     path = (base / uri).resolve()
     if not path.is_relative_to(base) or not path.is_file():
-        raise NotFoundError(f"the image of this item is not under the media root")
+        raise NotFoundError("the image of this item is not under the media root")
     return path
