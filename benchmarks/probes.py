@@ -555,7 +555,7 @@ def main() -> None:
                   f"{tally.rows.get(name, {}).get('misbehaved', 0)} misbehaved ({seconds[name]} s)", flush=True)
     finally:
         server.stop()
-    print(f"\n| category | tried | misbehaved | seconds |\n|---|---|---|---|")
+    print("\n| category | tried | misbehaved | seconds |\n|---|---|---|---|")
     for name, row in tally.rows.items():
         print(f"| {name} | {row['tried']} | {row['misbehaved']} | {seconds.get(name, '')} |")
         for example in row["examples"]:

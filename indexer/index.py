@@ -6,6 +6,7 @@ generations (``indexer.builder``); neither of those imports the other.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -101,6 +102,10 @@ class Index:
         if with_vector:
             out["vector"] = list(p.vectors.get(SPACE if self.schema.geometry == "lorentz" else VECTOR, []))
         return out
+
+    async def aretrieve(self, id: str, with_vector: bool = False) -> dict[str, Any] | None:
+        """:meth:`retrieve` from async code, in a worker thread (a probe can then time out on it)."""
+        return await asyncio.to_thread(self.retrieve, id, with_vector)
 
     def close(self) -> None:
         self.store.close()

@@ -18,6 +18,7 @@ inner products and are turned into geodesic distances (euclidean: cosine similar
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -32,7 +33,7 @@ from training.errors import InputError
 
 SAFETY_MODES = ("strict", "traverse", "filter", "off")
 TARGETS = ("image", "text", "any")
-MAX_K = 1000
+MAX_K_PER_SEARCH = 1000  # the most results one search() returns (CLI, benchmarks); the HTTP API allows fewer
 
 
 @dataclass
@@ -96,6 +97,15 @@ def _can_traverse(art: Artifact, threshold: float | None, target: str) -> bool:
     return has_goal and (threshold is not None or "p95" in (art.bounds.get(safe) or {}))
 
 
+async def asearch(index: Index, art: Artifact, vector: Tensor, **options: Any) -> SearchResult:
+    """:func:`search` from async code (same options, same result). Whether the store call blocks the
+    loop or runs in a worker thread is decided here: an embedded store holds the GIL while it
+    searches, so a thread would only add hand-offs."""
+    if index.store.in_process:
+        return search(index, art, vector, **options)
+    return await asyncio.to_thread(search, index, art, vector, **options)
+
+
 def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, target: str = "image", k: int = 10,
            offset: int = 0, safety: str = "strict", tags: Sequence[str] | None = None, exact: bool = False,
            oversample: int | None = None, hnsw_ef: int | None = None,
@@ -114,8 +124,8 @@ def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, 
         raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if query_modality not in ("text", "image"):
         raise InputError(f"query_modality must be text or image, not {query_modality!r}")
-    if not 1 <= k <= MAX_K or offset < 0:
-        raise InputError(f"k must be in 1..{MAX_K} and offset >= 0 (got k={k}, offset={offset})")
+    if not 1 <= k <= MAX_K_PER_SEARCH or offset < 0:
+        raise InputError(f"k must be in 1..{MAX_K_PER_SEARCH} and offset >= 0 (got k={k}, offset={offset})")
     check_model(index, art)
     v = torch.as_tensor(vector).detach().float().cpu().reshape(-1)
     if v.shape[0] != index.schema.dim:

@@ -9,7 +9,8 @@ client address, and for admin requests the job.
 
 Records are JSON lines appended to ``STATE_DIR/audit/audit.jsonl``, rotated by size to
 ``audit.jsonl.1`` (newest) ... ``audit.jsonl.N`` (oldest kept), and also emitted on the
-``safe_retrieval.audit`` logger. Routes only *note* what they did (:func:`privileged`, :func:`note`);
+``safe_retrieval.audit`` logger. Routes (and ``service.searching``, through the caller's
+``service.deps.Caller.note``) only *note* what they did (:func:`privileged`, :func:`note`);
 the :class:`AuditTrail` middleware writes the record when the response starts, so the client cannot
 see a response whose record is not written, and a record that cannot be written turns the response
 into a 503 (fail closed: no unaudited access to unsafe content).

@@ -39,6 +39,7 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (default 8000). [env SAFE_RETRIEVAL_PORT]"),
 ) -> None:
     """Serve the HTTP API and the web page (uvicorn); every other option comes from SAFE_RETRIEVAL_* variables."""
+    # imported here, not at the top: `safe-retrieval --help` and the other commands stay fast
     from service.startup import settings_from
 
     given = {"model": model, "index": index, "qdrant_url": qdrant_url, "index_root": index_root,
@@ -52,7 +53,7 @@ def serve(
 @app.command("demo")
 def demo(workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo keeps its data and model.")) -> None:
     """Run the end-to-end demo on the embedded defaults."""
-    from service.demo import run_demo
+    from service.demo import run_demo  # imported here: the demo pulls in the trainer and the server
 
     run_demo(workdir)
 

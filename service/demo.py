@@ -21,7 +21,13 @@ import logging
 import shutil
 from pathlib import Path
 
+from indexer import builder, sources
+from indexer.index import generations_for
+from service.app import serve
+from service.jobs import write_source
 from service.settings import Settings
+from training import artifact, trainer
+from training.recipes import RECIPES, synthesize_for_recipe
 
 INDEX = "demo"
 SPLIT = "test"
@@ -39,8 +45,6 @@ def _say(message: str) -> None:
 
 def prepare_data(data: Path) -> None:
     """Generate the synthetic dataset unless it is already there."""
-    from training.recipes import RECIPES, synthesize_for_recipe
-
     if (data / "dataset.json").is_file():
         _say(f"dataset: {data} (cached)")
         return
@@ -51,8 +55,6 @@ def prepare_data(data: Path) -> None:
 def prepare_model(data: Path, base: Path, model: Path) -> None:
     """Train the base CLIP (``--preset demo-base``), then the demo HySAC model from it (``--preset demo``),
     each unless its artifact exists."""
-    from training import trainer
-
     if (model / "config.json").is_file():
         _say(f"model: {model} (cached)")
         return
@@ -87,10 +89,6 @@ def source(data: Path) -> dict:
 
 def prepare_index(data: Path, model: Path, root: Path) -> None:
     """Index the test gallery with the model unless the current generation was built with it (and this format)."""
-    from indexer import builder, sources
-    from indexer.index import generations_for
-    from training import artifact
-
     gens = generations_for(INDEX, root=root)
     current = gens.current()
     fingerprint = artifact.read_config(model).get("fingerprint")
@@ -117,8 +115,6 @@ def demo_settings(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000) -
 
 def prepare(workdir: Path) -> Settings:
     """Every step but serving; returns the settings to serve with."""
-    from service.jobs import write_source
-
     workdir = Path(workdir)
     data, model = workdir / "data", workdir / "model"
     check_recipe(workdir)
@@ -133,8 +129,6 @@ def prepare(workdir: Path) -> Settings:
 
 def run_demo(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Prepare (cached) and serve the demo at http://HOST:PORT until Ctrl-C."""
-    from service.app import serve
-
     settings = prepare(workdir)
     settings = settings.model_copy(update={"host": host, "port": port})
     _say(f"serving http://{host}:{port}/  (API docs at /docs, Ctrl-C to stop)")

@@ -1,5 +1,8 @@
 """Request dependencies as ``Annotated`` aliases: settings, services, the admin gate and the caller's role.
 
+Routes take what they need from these (``ServicesDep``, ``SettingsDep``, ``CallerDep``); only this
+module reads ``app.state``.
+
 Tokens are compared in constant time: each is hashed to a fixed length and compared with
 :func:`secrets.compare_digest`, and every configured moderator token is checked (no early exit), so
 timing tells neither a token's content nor which moderator matched. A role whose token is not
@@ -19,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service import audit
 from service.errors import ForbiddenError, UnauthorizedError
 from service.settings import Settings
+from service.state import Services
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (admin or moderator).")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -30,11 +34,12 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_services(request: Request):
+def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def _digest(token: str) -> bytes:
@@ -79,12 +84,19 @@ def audited_admin(request: Request, _: Annotated[None, Depends(require_admin)]) 
 
 
 class Caller:
-    """Who is asking: an ordinary caller, or a named moderator (a valid moderator token)."""
+    """Who is asking: an ordinary caller, or a named moderator (a valid moderator token).
 
-    def __init__(self, settings: Settings, credentials: HTTPAuthorizationCredentials | None):
+    It also carries the request's audit notes (:meth:`note`, :meth:`note_query`), so code past the
+    route records what a privileged request did without holding the request; for ordinary callers
+    (and without a request) noting does nothing.
+    """
+
+    def __init__(self, settings: Settings, credentials: HTTPAuthorizationCredentials | None,
+                 request: Request | None = None):
         self.settings = settings
         self.given = credentials.credentials if credentials else None
         self.moderator = moderator_name(settings, self.given)
+        self.request = request
 
     @property
     def is_moderator(self) -> bool:
@@ -101,13 +113,23 @@ class Caller:
         raise UnauthorizedError(f"{why} needs the moderator token: moderator token {what}; "
                                 "send 'Authorization: Bearer <your moderator token>'")
 
+    def note(self, **fields: Any) -> None:
+        """Add ``fields`` (safety, unsafe_ids, ...) to this request's audit record."""
+        if self.request is not None:
+            audit.note(self.request, **fields)
+
+    async def note_query(self, *, text: str | None = None, image: bytes | None = None,
+                         item_id: str | None = None) -> None:
+        """Note this request's query (its text, the image's sha256, or the item id) in its audit record."""
+        if self.request is not None:
+            await audit.note_query(self.request, text=text, image=image, item_id=item_id)
+
 
 def get_caller(request: Request, settings: SettingsDep, credentials: Credentials) -> Caller:
-    caller = Caller(settings, credentials)
+    caller = Caller(settings, credentials, request)
     if caller.moderator is not None:
         audit.privileged(request, caller.moderator)
     return caller
 
 
-AdminDep = Annotated[None, Depends(require_admin)]
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -1,6 +1,6 @@
 """Errors the HTTP layer adds to the project's hierarchy, and the status code of every error class.
 
-The handlers in ``service.app`` turn any :class:`SafeRetrievalError` into a JSON body
+The handlers in ``service.handlers`` turn any :class:`SafeRetrievalError` into a JSON body
 ``{"error": CLASS, "detail": MESSAGE}`` with the status below; nothing else reaches a client, so no
 response carries a stack trace.
 """

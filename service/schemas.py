@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 MAX_TEXT_CHARS = 1000  # a query, not a document: CLIP reads at most 77 tokens anyway
-MAX_K = 100
+MAX_K_PER_REQUEST = 100  # the most results one HTTP search returns (indexer.search allows more)
 MAX_OFFSET = 10_000  # deeper paging gets slow and is not what a search page needs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -55,7 +55,7 @@ class SearchFilter(StrictModel):
 
 class SearchOptions(StrictModel):
     target: Target = Field("image", description="What to search: images, captions, or both.")
-    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="Number of results.")
+    k: int = Field(10, ge=1, le=MAX_K_PER_REQUEST, strict=True, description="Number of results.")
     offset: int = Field(0, ge=0, le=MAX_OFFSET, strict=True, description="Results to skip (paging).")
     safety: Safety = Field(
         "strict",

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         value = secret.get_secret_value() if secret is not None else ""
         return value or None
 
+    def qdrant_key(self) -> str | None:
+        """The Qdrant server's API key as plain text, or None when unset or empty."""
+        value = self.qdrant_api_key.get_secret_value() if self.qdrant_api_key is not None else ""
+        return value or None
+
     def moderators(self) -> dict[str, str]:
         """Every moderator token by name: the single setting (as ``moderator``), the JSON object and the file."""
         return dict(self._moderators)

@@ -1,4 +1,5 @@
-"""The served (artifact, index generation) pair, and how it is replaced without failing a request.
+"""The served (artifact, index generation) pair, how it is replaced without failing a request, and
+``Services``: everything the routes use, with the reload, connect, job acceptance and pin operations.
 
 A request *leases* the current pair for its whole life: it encodes with that pair's model and
 searches that pair's index. A swap installs a new pair for the requests that start afterwards; the
@@ -18,8 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from indexer.index import Index, check_model, open_index
-from service.errors import UnavailableError
+from indexer.errors import IndexBusyError
+from indexer.index import Index, check_model, generations_for, open_index
+from service.audit import AuditLog
+from service.batching import Batcher
+from service.errors import ConflictError, UnavailableError
+from service.jobs import JobManager, JobRecord
+from service.metrics import Metrics
 from service.settings import Settings
 from training import artifact as artifacts
 from training.artifact import Artifact
@@ -116,10 +122,10 @@ def _close_later(pair: ServedPair) -> None:
 
 
 # ------------------------------------------------------------------ loading a pair
-def open_served_index(settings: Settings, name: str | None = None) -> Any:
+def open_served_index(settings: Settings, name: str | None = None) -> Index:
     """Open the current generation of the served index (embedded store or Qdrant server)."""
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-    return open_index(name or settings.index, root=settings.index_root, url=settings.qdrant_url, api_key=api_key)
+    return open_index(name or settings.index, root=settings.index_root, url=settings.qdrant_url,
+                      api_key=settings.qdrant_key())
 
 
 def model_candidates(settings: Settings) -> list[Path]:
@@ -159,7 +165,7 @@ class PairLoader:
                 self._artifacts = {key: art}  # keep only the newest: old models are freed after a swap
             return art
 
-    def load(self, model_path: Path | None = None, *, index: Any | None = None) -> ServedPair:
+    def load(self, model_path: Path | None = None, *, index: Index | None = None) -> ServedPair:
         """Open the index and pick the model it was built with (``model_path`` or the candidates)."""
         paths = [model_path] if model_path is not None else model_candidates(self.settings)
         if not paths:
@@ -199,3 +205,159 @@ def write_served_record(state_dir: Path, *, model: Path, index: str, generation:
     tmp = state_dir / f".{SERVED_RECORD}.tmp"
     tmp.write_text(json.dumps({"model": str(model), "index": index, "generation": generation}, indent=2) + "\n")
     os.replace(tmp, state_dir / SERVED_RECORD)
+
+
+# ------------------------------------------------------------------ what the routes use
+@dataclass(eq=False)
+class Services:
+    """Everything the routes use, created once per app."""
+
+    settings: Settings
+    metrics: Metrics
+    state: ServedState
+    loader: PairLoader
+    batcher: Batcher
+    audit: AuditLog
+    jobs: JobManager | None = None
+    swap_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reload(self, model: Path | None = None) -> tuple[bool, dict[str, Any]]:
+        """Load the index's current generation with its model and swap them in together.
+
+        Returns ``(changed, index ref)``. Blocking: call it from a worker thread.
+        """
+        with self.swap_lock:
+            current = self.state.current
+            if current is not None and not self._stale(current, model):
+                return False, current.ref
+            pair = self.loader.load(model)
+            self._install(pair)
+            return True, pair.ref
+
+    def _stale(self, current: ServedPair, model: Path | None) -> bool:
+        """Whether the served pair differs from what a reload would load."""
+        if model is not None and Path(model).resolve() != current.model_path.resolve():
+            return True
+        s = self.settings
+        # read the pointer only: Qdrant Edge cannot open the served generation's directory a second time
+        generation = generations_for(s.index, root=s.index_root, url=s.qdrant_url, api_key=s.qdrant_key()).current()
+        return generation != current.info.get("generation")
+
+    def generations(self, name: str | None = None):
+        """The generations of the served index (or of ``name``) where the settings keep them."""
+        s = self.settings
+        return generations_for(name or s.index, root=s.index_root, url=s.qdrant_url, api_key=s.qdrant_key())
+
+    def _install(self, pair: ServedPair) -> None:
+        self.state.swap(pair)
+        self.metrics.swaps.inc()
+        self.metrics.ready.set(1)
+        if self.settings.run_jobs:  # one writer per state volume: the job runner
+            write_served_record(
+                self.settings.state_dir, model=pair.model_path.resolve(), index=self.settings.index,
+                generation=pair.info.get("generation"),
+            )
+        self.pin()
+        log.info("serving %s generation %s with model %s", pair.info.get("name"), pair.info.get("generation"),
+                 pair.artifact.fingerprint)
+
+    def connect(self) -> bool:
+        """One attempt to load the served pair (startup and supervisor); the reason is kept on failure."""
+        try:
+            with self.swap_lock:
+                if self.state.current is not None:
+                    return True
+                self._install(self.loader.load())
+            return True
+        except SafeRetrievalError as e:
+            self.state.problem = str(e)
+        except Exception as e:  # noqa: BLE001 - any failure to load is reported by /readyz, not raised
+            log.exception("loading the served pair failed")
+            self.state.problem = f"loading the model or index failed ({e.__class__.__name__}); see the server log"
+        self.metrics.ready.set(0)
+        return False
+
+    def pin(self) -> None:
+        """Pin (or renew the pin of) the served generation, so that no prune deletes it while it is served."""
+        pair = self.state.current
+        if pair is None or not pair.info.get("generation"):
+            return
+        try:
+            self.generations().pin(pair.info["generation"])
+        except Exception:  # noqa: BLE001 - serving goes on; the next renewal tries again
+            log.warning("could not pin generation %s", pair.info.get("generation"), exc_info=True)
+
+    def follow(self) -> None:
+        """On a replica without jobs: serve the generation the job runner switched the index to."""
+        try:
+            self.reload()
+        except Exception as e:  # noqa: BLE001 - keep serving the previous pair; the next round tries again
+            log.warning("could not follow index %s to its current generation: %s", self.settings.index, e)
+
+    def job_succeeded(self, job: JobRecord) -> dict[str, Any]:
+        """The jobs' ``on_success`` (past the job's commit point): accept what the job staged.
+
+        For the served index: open the staged generation itself (not the pointer), check that it
+        was built by the model, and only then switch the pointer and swap the pair, under the swap
+        lock; if anything fails before the switch the pointer has not moved. Another index's
+        staged generation is switched to; a retrain without reindex serves nothing new.
+        """
+        plan = job.plan
+        gen = job.staged.get("generation")
+        if gen and job.staged.get("state") != "complete":
+            raise ConflictError(f"the job's generation {gen} is not complete; submit the job again")
+        if not plan.get("swap"):
+            if gen:
+                self._switch(self.generations(plan.get("index")), gen)
+            return {"swapped": False, "model": plan.get("new_model"), "index": plan.get("index"), "generation": gen}
+        if not gen:
+            raise ConflictError("the job's index step reported no generation (no --result-file); see its log")
+        model = Path(plan["model"]) if plan.get("model") else None
+        gens = self.generations()
+        with self.swap_lock:
+            index = open_index(gens.name, root=gens.root, client=getattr(gens, "client", None), generation=gen)
+            pair = self.loader.load(model, index=index)  # closes the index and raises when the model does not match
+            previous = gens.current()
+            try:
+                gens.switch(gen)
+                self._install(pair)
+            except BaseException:
+                if previous is not None:  # never leave the pointer on a pair that is not served
+                    gens.switch(previous)
+                pair.close()
+                raise
+        self._prune(gens, gen)
+        return {"swapped": True, "model": str(model) if model else None, "index": pair.ref}
+
+    def _switch(self, gens, gen: str) -> None:
+        gens.switch(gen)
+        self._prune(gens, gen)
+
+    def _prune(self, gens, gen: str) -> None:
+        """Prune old generations after a switch, if no build holds the lock (its own prune will)."""
+        try:
+            with gens.lock():
+                pruned = gens.prune(protect={gen})
+        except IndexBusyError:
+            return
+        except Exception:  # noqa: BLE001 - pruning is housekeeping; what is served is already switched
+            log.warning("pruning %s failed", gens.name, exc_info=True)
+            return
+        if pruned:
+            log.info("pruned %s", ", ".join(pruned))
+
+    def job_discarded(self, job: JobRecord) -> bool:
+        """The jobs' ``on_discard``: delete the generation a cancelled or failed job staged.
+
+        Returns False, deleting nothing, when that generation is the current or a pinned one (a
+        commit switched to it before the service stopped). Partial generations go too: a job that
+        did not succeed leaves nothing behind, and submitting it again starts afresh.
+        """
+        gen = job.staged.get("generation")
+        gens = self.generations(job.plan.get("index"))
+        if gen == gens.current() or gen in gens.pinned():
+            return False
+        with gens.lock():
+            gens.delete_generation(gen)
+        log.info("job %s: deleted its staged generation %s", job.id, gen)
+        return True

@@ -8,17 +8,18 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from service import audit
-from service.deps import audited_admin, require_admin
+from service.deps import ServicesDep, audited_admin, require_admin
 from service.errors import ForbiddenError, UnavailableError
-from service.jobs import read_source, reindex_steps, train_step
-from service.schemas import AuditPage, IndexSource, Job, JobList, Reload, ReindexRequest, RetrainRequest
+from service.jobs import JobManager, read_source, reindex_steps, train_step
+from service.schemas import AuditPage, IndexSource, Job, JobList, ReindexRequest, Reload, RetrainRequest
 from service.settings import TOKEN_NAME
-from service.state import model_candidates
+from service.state import Services, model_candidates
 from training.errors import InputError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -33,20 +34,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _jobs(request: Request):
+def _jobs(services: Services) -> JobManager:
     """The job manager; a replica started with SAFE_RETRIEVAL_RUN_JOBS=false has none."""
-    jobs = request.app.state.services.jobs
-    if jobs is None:
+    if services.jobs is None:
         raise ForbiddenError("this replica runs no jobs (SAFE_RETRIEVAL_RUN_JOBS=false): send job requests to the "
                              "replica that runs them")
-    return jobs
+    return services.jobs
 
 
-def _served_model(request: Request):
-    pair = request.app.state.services.state.current
+def _served_model(services: Services) -> Path:
+    pair = services.state.current
     if pair is not None:
         return pair.model_path
-    candidates = model_candidates(request.app.state.settings)
+    candidates = model_candidates(services.settings)
     if not candidates:
         raise UnavailableError("no model is configured to index with; start the server with --model")
     return candidates[0]
@@ -54,31 +54,29 @@ def _served_model(request: Request):
 
 @router.post("/reindex", response_model=Job, status_code=202, responses=ERRORS, summary="Build a new index generation",
              dependencies=[Depends(audited_admin)])
-async def reindex(body: ReindexRequest, request: Request) -> dict[str, Any]:
+async def reindex(body: ReindexRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Index ``source`` with the served model; when ``name`` is the served index, the new generation is swapped in."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    services = request.app.state.services
     settings = services.settings
     name = body.name or settings.index
     swap = name == settings.index
-    model = _served_model(request)
+    model = _served_model(services)
     steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
                           qdrant_url=settings.qdrant_url, index_root=settings.index_root)
     plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
-    job = _jobs(request).submit("reindex", body.model_dump(exclude_none=True), steps, plan)
+    job = _jobs(services).submit("reindex", body.model_dump(exclude_none=True), steps, plan)
     audit.note(request, job=job["id"])
     return job
 
 
 @router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model",
              dependencies=[Depends(audited_admin)])
-async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
+async def retrain(body: RetrainRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Train from the served model; with ``reindex`` the served index is rebuilt with the new model and both swap together."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    services = request.app.state.services
     settings = services.settings
-    model = _served_model(request)
-    out = _jobs(request).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
+    model = _served_model(services)
+    out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
     steps = [train_step(body, model=model, out=out, roots=settings.data_roots)]
     plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
     if body.reindex:
@@ -93,40 +91,40 @@ async def retrain(body: RetrainRequest, request: Request) -> dict[str, Any]:
                                media_root=settings.media_root, qdrant_url=settings.qdrant_url,
                                index_root=settings.index_root)
         plan["source"] = source.model_dump(exclude_none=True)
-    job = _jobs(request).submit("retrain", body.model_dump(exclude_none=True), steps, plan)
+    job = _jobs(services).submit("retrain", body.model_dump(exclude_none=True), steps, plan)
     audit.note(request, job=job["id"])
     return job
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
-async def list_jobs(request: Request) -> dict[str, Any]:
-    return {"jobs": _jobs(request).list()}
+async def list_jobs(services: ServicesDep) -> dict[str, Any]:
+    return {"jobs": _jobs(services).list()}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="One job's status, progress and log tail")
-async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    return _jobs(request).get(job_id)
+async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    return _jobs(services).get(job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job",
              dependencies=[Depends(audited_admin)])
-async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+async def cancel_job(job_id: str, request: Request, services: ServicesDep) -> dict[str, Any]:
     """End the job's process group; what is served does not change."""
     audit.note(request, job=job_id)
-    return await asyncio.to_thread(_jobs(request).cancel, job_id)
+    return await asyncio.to_thread(_jobs(services).cancel, job_id)
 
 
 @router.post("/reload", response_model=Reload, responses={**ERRORS, 503: {"description": "Could not load."}},
              summary="Serve the index's current generation")
-async def reload(request: Request) -> dict[str, Any]:
+async def reload(services: ServicesDep) -> dict[str, Any]:
     """Reopen the served index's current generation with its model (after an out-of-band `index build`)."""
-    changed, ref = await asyncio.to_thread(request.app.state.services.reload)
+    changed, ref = await asyncio.to_thread(services.reload)
     return {"changed": changed, "index": ref}
 
 
 @router.get("/audit", response_model=AuditPage, responses=ERRORS, summary="Records of privileged requests")
 async def read_audit(
-    request: Request,
+    services: ServicesDep,
     since: Annotated[datetime | None, Query(description="Only records at or after this time (ISO 8601; UTC when no zone).")] = None,
     until: Annotated[datetime | None, Query(description="Only records before this time (page back: the first record's time).")] = None,
     token: Annotated[str | None, Query(pattern=TOKEN_NAME.pattern, description="Only records of this token name.")] = None,
@@ -134,6 +132,6 @@ async def read_audit(
 ) -> dict[str, Any]:
     """The audit log across its rotated files, **oldest first (newest last)**: the newest ``limit`` matching
     records; ``truncated`` says older matching ones were left out."""
-    records, truncated = await asyncio.to_thread(request.app.state.audit.read, since=since, until=until,
+    records, truncated = await asyncio.to_thread(services.audit.read, since=since, until=until,
                                                  token=token, limit=limit)
     return {"records": records, "truncated": truncated}

@@ -1,13 +1,14 @@
-"""``/healthz`` (alive), ``/readyz`` (model loaded, store answering, fingerprints match), ``/metrics``, ``/``."""
+"""``/healthz`` (alive), ``/readyz`` (model loaded, store answering, fingerprints match), ``/metrics``."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 
+from service.deps import ServicesDep
 from service.metrics import CONTENT_TYPE_LATEST
 from service.schemas import Health, Readiness
 
@@ -28,8 +29,7 @@ async def healthz() -> dict[str, str]:
     responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
     summary="Readiness: model loaded, store reachable, index built by this model",
 )
-async def readyz(request: Request) -> Any:
-    services = request.app.state.services
+async def readyz(services: ServicesDep) -> Any:
     retry = {"Retry-After": str(max(1, round(services.settings.store_retry_s)))}
     pair = services.state.current
     if pair is None:
@@ -37,7 +37,7 @@ async def readyz(request: Request) -> Any:
         return JSONResponse({"ready": False, "reason": services.state.problem, "index": None}, 503, headers=retry)
     reason = None
     try:
-        await asyncio.wait_for(asyncio.to_thread(pair.index.retrieve, PROBE_ID, False), PROBE_TIMEOUT_S)
+        await asyncio.wait_for(pair.index.aretrieve(PROBE_ID), PROBE_TIMEOUT_S)
     except asyncio.TimeoutError:
         reason = f"the vector store did not answer within {PROBE_TIMEOUT_S:.0f} s"
     except Exception as e:  # noqa: BLE001 - any failure of the probe means not ready, with its message
@@ -51,12 +51,5 @@ async def readyz(request: Request) -> Any:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.get("/", include_in_schema=False)
-async def page(request: Request) -> FileResponse:
-    from service.app import STATIC
-
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+async def metrics(services: ServicesDep) -> Response:
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

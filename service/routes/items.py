@@ -10,16 +10,13 @@ import mimetypes
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 
-from service import audit
-from service.deps import TOKEN_OPTIONAL, CallerDep
-from service.errors import NotFoundError, UnavailableError
-from service.routes.search import item_vector, parse_item_id
+from service.deps import TOKEN_OPTIONAL, CallerDep, ServicesDep
+from service.errors import NotFoundError
 from service.schemas import Item
-from service.state import ServedPair
+from service.searching import fetch_item, item_vector
 
 router = APIRouter(prefix="/v1", tags=["items"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -30,34 +27,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def fetch_item(request: Request, pair: ServedPair, item_id: str, *, with_vector: bool) -> dict[str, Any]:
-    from indexer.errors import IndexNotFoundError, StoreUnavailableError
-
-    key = parse_item_id(item_id)
-    try:
-        record = await run_in_threadpool(pair.index.retrieve, key, with_vector)
-    except (StoreUnavailableError, IndexNotFoundError) as e:
-        raise UnavailableError(f"the vector store is not answering: {e}", request.app.state.settings.store_retry_s) from e
-    if record is None:
-        raise NotFoundError(f"no item {item_id!r} in index {pair.info.get('name')}")
-    return record
-
-
 @router.get("/items/{item_id}", response_model=Item, responses=ERRORS, summary="An indexed item's payload",
             openapi_extra=TOKEN_OPTIONAL)
 async def get_item(
     item_id: str,
-    request: Request,
+    services: ServicesDep,
     caller: CallerDep,
     with_vector: bool = Query(False, description="Add the stored vector (space components or unit vector)."),
 ) -> dict[str, Any]:
-    await audit.note_query(request, item_id=item_id)
-    with request.app.state.services.state.lease() as pair:
-        record = await fetch_item(request, pair, item_id, with_vector=with_vector)
+    await caller.note_query(item_id=item_id)
+    with services.state.lease() as pair:
+        record = await fetch_item(services, pair, item_id, with_vector=with_vector)
     payload = dict(record.get("payload") or {})
     if payload.get("unsafe") is True:
         caller.require_moderator("an item flagged unsafe")
-        audit.note(request, unsafe_ids=[str(record.get("id", item_id))])
+        caller.note(unsafe_ids=[str(record.get("id", item_id))])
     return {
         "id": str(record.get("id", item_id)),
         "kind": payload.get("kind", "image"),
@@ -77,19 +61,18 @@ async def get_item(
     summary="An indexed image's bytes",
     openapi_extra=TOKEN_OPTIONAL,
 )
-async def get_media(item_id: str, request: Request, caller: CallerDep) -> FileResponse:
-    settings = request.app.state.settings
-    await audit.note_query(request, item_id=item_id)
-    with request.app.state.services.state.lease() as pair:
-        record = await fetch_item(request, pair, item_id, with_vector=False)
+async def get_media(item_id: str, services: ServicesDep, caller: CallerDep) -> FileResponse:
+    await caller.note_query(item_id=item_id)
+    with services.state.lease() as pair:
+        record = await fetch_item(services, pair, item_id, with_vector=False)
     payload = record.get("payload") or {}
     if payload.get("unsafe") is True:
         caller.require_moderator("an item flagged unsafe")
-        audit.note(request, unsafe_ids=[str(record.get("id", item_id))])
+        caller.note(unsafe_ids=[str(record.get("id", item_id))])
     uri = payload.get("uri")
     if payload.get("kind", "image") != "image" or not uri:
         raise NotFoundError(f"item {item_id!r} has no image")
-    path = media_path(settings.media_root, str(uri))
+    path = media_path(services.settings.media_root, str(uri))
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600",
                                                               "X-Content-Type-Options": "nosniff"})
@@ -102,5 +85,5 @@ def media_path(root: Path | None, uri: str) -> Path:
     base = root.resolve()
     path = (base / uri).resolve()
     if not path.is_relative_to(base) or not path.is_file():
-        raise NotFoundError(f"the image of this item is not under the media root")
+        raise NotFoundError("the image of this item is not under the media root")
     return path

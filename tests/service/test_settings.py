@@ -107,3 +107,12 @@ def test_a_missing_tokens_file_and_bad_names_are_refused(monkeypatch, tmp_path):
         Settings(moderator_tokens={"has space": "t-token"})
     with pytest.raises(InputError, match="already used"):
         Settings(moderator_tokens={"a": "t-token", "b": "t-token"})
+
+
+def test_qdrant_key_is_plain_text_or_none(monkeypatch):
+    monkeypatch.delenv("SAFE_RETRIEVAL_QDRANT_API_KEY", raising=False)
+    assert Settings().qdrant_key() is None
+    assert Settings(qdrant_api_key="").qdrant_key() is None  # empty means unset, as for the tokens
+    monkeypatch.setenv("SAFE_RETRIEVAL_QDRANT_API_KEY", "k3y")
+    s = Settings()
+    assert s.qdrant_key() == "k3y" and "k3y" not in repr(s)
