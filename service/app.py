@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.audit = audit = AuditLog(settings.state_dir / "audit", max_bytes=settings.audit_max_bytes,
+    app.state.audit = audit = AuditLog(settings.audit_dir or settings.state_dir / "audit", max_bytes=settings.audit_max_bytes,
                                        keep=settings.audit_keep)
     handlers.install(app)
     for router in (search.router, items.router, admin.router, health.router, web.router):

@@ -87,7 +87,10 @@ class Settings(BaseSettings):
         "state volume: they write nothing there and follow the index to each generation the job runner switches to."
     )
 
-    # --- audit trail of privileged requests (STATE_DIR/audit/audit.jsonl)
+    # --- audit trail of privileged requests (AUDIT_DIR/audit.jsonl)
+    audit_dir: Path | None = Field(
+        None, description="Directory of the audit log (default STATE_DIR/audit); one per replica that serves moderators.",
+    )
     audit_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Size at which the audit log is rotated.")
     audit_keep: int = Field(10, ge=1, le=1000, description="Rotated audit files kept (the oldest is deleted beyond).")
 
