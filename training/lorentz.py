@@ -81,9 +81,19 @@ def _acosh_dist(inner: Tensor, c: Tensor, eps: float) -> Tensor:
 def pairwise_dist(x: Tensor, y: Tensor, curv: float | Tensor, *, eps: float = 1e-8) -> Tensor:
     """Geodesic distance between every row of ``x (B1, D)`` and ``y (B2, D)``: ``(B1, B2)``.
 
-    ``d = acosh(-c <x, y>_L) / sqrt(c)``, with the acosh argument clamped to ``>= 1 + eps``.
+    ``d = acosh(-c <x, y>_L) / sqrt(c)``, with the acosh argument clamped to ``>= 1 + eps``. The
+    argument is computed from differences, ``-c <x, y>_L = 1 + c/2 |x - y|_L^2`` with
+    ``|x - y|_L^2 = |xs - ys|^2 - (t(x) - t(y))^2`` and ``t(x) - t(y) = (|xs|^2 - |ys|^2) / (t(x) + t(y))``,
+    so its rounding error scales with the space components, not with ``t^2``: far from the origin
+    (``t`` in the hundreds) the plain inner product loses small distances to fp32 cancellation.
     """
-    return _acosh_dist(pairwise_inner(x, y, curv), _c(curv, x), eps)
+    c = _c(curv, x)
+    nx, ny = (x * x).sum(-1), (y * y).sum(-1)
+    tx, ty = torch.sqrt(1.0 / c + nx), torch.sqrt(1.0 / c + ny)
+    space = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square()  # exact differences, no cancellation
+    dt = (nx.unsqueeze(-1) - ny.unsqueeze(-2)) / (tx.unsqueeze(-1) + ty.unsqueeze(-2))
+    arg = 1.0 + c / 2 * (space - dt * dt)
+    return torch.acosh(torch.clamp(arg, min=1.0 + eps)) / torch.sqrt(c)
 
 
 @_full_precision

@@ -341,7 +341,7 @@ def test_data_roots_refuse_images_outside_them_when_listed_and_when_opened(tmp_p
 
     from training.data.roots import DataRoots
     from training.errors import OutsideRootsError
-    from training.trainer import load_splits
+    from training.data.loader import load_splits
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     syn.generate(root / "visu", n=12, seed=1, image_size=32)
