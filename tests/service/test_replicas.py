@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from service.state import SERVED_RECORD
-from tests.service.conftest import ADMIN, build_index, copy_index, live, settings_for
+from tests.helpers.service import ADMIN, build_index, copy_index, live, settings_for
 
 
 def test_a_replica_without_jobs_follows_the_index_and_writes_nothing(world, tmp_path):

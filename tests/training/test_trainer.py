@@ -19,9 +19,9 @@ from training import architectures, artifact, objectives, optim, recipes, traine
 from training.encoder import SafetyEncoder
 from training.data.loader import Collate
 from training.errors import ArtifactError, CheckpointError, DataError, OutOfMemory
+from tests.helpers.cli import CLI
 from training.recipes import TrainConfig
 
-CLI = str(Path(sys.executable).parent / "safe-retrieval")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 BATCH = 8
 
