@@ -32,6 +32,7 @@ from service.state import ServedPair, Services
 from training.images import preprocess_bytes
 from training.traversal import is_unsafe
 
+
 @contextlib.contextmanager
 def store_errors(services: Services) -> Iterator[None]:
     """Turn "the store is down / the index is gone" into a 503 that says when to retry."""

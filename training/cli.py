@@ -65,7 +65,7 @@ def model_init(
     """Create a freshly (randomly) initialised artifact."""
     import torch
 
-    from training import artifact, architectures
+    from training import architectures, artifact
     from training.encoder import SafetyEncoder
 
     torch.manual_seed(seed)

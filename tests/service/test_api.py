@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.helpers.service import MODERATOR, assert_no_trace, copy_index, live, settings_for, unsafe_caption
 
+
 def jpeg_bytes(world, name="coco/val2017") -> bytes:
     path = next((world.data / name).glob("*.jpg"))
     return path.read_bytes()

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (

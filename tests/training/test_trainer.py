@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import architectures, artifact, objectives, optim, recipes, trainer
-from training.encoder import SafetyEncoder
-from training.data.loader import Collate
-from training.errors import ArtifactError, CheckpointError, DataError, OutOfMemory
 from tests.helpers.cli import CLI
+from training import architectures, artifact, objectives, optim, recipes, trainer
+from training.data.loader import Collate
+from training.encoder import SafetyEncoder
+from training.errors import ArtifactError, CheckpointError, DataError, OutOfMemory
 from training.recipes import TrainConfig
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
