@@ -153,6 +153,7 @@ class Generations(ABC):
     def lock(self, *, break_lock: bool = False) -> Any:
         """Context manager: the build lock of NAME; raises ``IndexBusyError`` at once when held."""
 
+    @abstractmethod
     def drop_pointer(self) -> None:
         """Remove ``NAME`` itself (called by ``drop`` after every generation is gone)."""
 

@@ -188,7 +188,7 @@ class Batcher:
             return
         if self.metrics is not None:
             self.metrics.batch_size.labels(live[0].modality).observe(len(live))
-        for p, result in zip(live, results):
+        for p, result in zip(live, results, strict=True):
             if p.cache_key is not None:
                 self.cache.put(p.cache_key, result)
             _deliver(p, value=result)

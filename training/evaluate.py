@@ -235,7 +235,7 @@ def traverse_class(emb: Embeddings, cls: str, space: Space, method: str) -> trav
 def trigger_thresholds(space: Space, method: str) -> dict[str, float]:
     """The ``d0`` above which a query of each modality is moved by ``method``: query modality -> threshold."""
     out = {}
-    for cls, modality in (("S", "text"), ("V", "image")):
+    for _cls, modality in (("S", "text"), ("V", "image")):
         target = "image" if modality == "text" else "text"
         own = space.thresholds.get(modality) if method == "geodesic" else None
         if own is None:
@@ -494,7 +494,7 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for label, path in zip(labels or _labels(models), models):
+    for label, path in zip(labels or _labels(models), models, strict=True):
         art = artifact.load(path, device=device)
         results.append(
             evaluate_artifact(

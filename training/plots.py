@@ -47,7 +47,7 @@ def sweep_plot(sweep: dict[str, list[dict[str, float]]], path: Path, *, title: s
     """R@1 and safety (y, %) against the trigger threshold (x), one panel per query modality."""
     fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     axes = fig.subplots(1, len(sweep), squeeze=False)[0]
-    for ax, (modality, rows) in zip(axes, sweep.items()):
+    for ax, (modality, rows) in zip(axes, sweep.items(), strict=True):
         x = [r["threshold"] for r in rows]
         for key in rows[0]:
             if key == "threshold":

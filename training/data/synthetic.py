@@ -240,7 +240,7 @@ def _sample(rng: random.Random, incremental_id: int, coco_id: int, split: str, c
     n_props = rng.choice((1, 2))
     names = rng.sample(PROPS, n_props)
     chosen_slots = rng.sample(slots, n_props)
-    props = tuple(Prop(nm, _colour(rng, nm), sl) for nm, sl in zip(names, sorted(chosen_slots)))
+    props = tuple(Prop(nm, _colour(rng, nm), sl) for nm, sl in zip(names, sorted(chosen_slots), strict=True))
     counterpart = rng.choice(concept.counterparts)
     return Sample(
         incremental_id=incremental_id,
@@ -272,7 +272,7 @@ def plan(n: int, seed: int) -> list[Sample]:
     next_id = 0
     for split, size in split_sizes(n).items():
         order: list[Concept] = []
-        for i in range(size):
+        for _ in range(size):
             if not order:
                 order = list(CONCEPTS)
                 rng.shuffle(order)
@@ -295,8 +295,8 @@ def render(s: Sample, unsafe: bool, size: int, look: str = "plain") -> Image.Ima
     rng = random.Random(s.render_seed)
     horizon = rng.uniform(0.5, 0.66)
     jitter = [rng.randint(-8, 8) for _ in range(6)]
-    sky = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.sky, jitter[:3]))
-    ground = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.ground, jitter[3:]))
+    sky = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.sky, jitter[:3], strict=True))
+    ground = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.ground, jitter[3:], strict=True))
     im = Image.new("RGB", (big, big), sky)
     d = ImageDraw.Draw(im)
     d.rectangle([0, horizon * big, big, big], fill=ground)
