@@ -115,8 +115,9 @@ class Settings(BaseSettings):
                                  "or the admin; give every name its own token so the audit log can tell them apart")
             tokens[name] = token
 
-        if self.token("moderator") is not None:
-            add(LEGACY_MODERATOR, self.token("moderator"), "SAFE_RETRIEVAL_MODERATOR_TOKEN")
+        legacy = self.token("moderator")
+        if legacy is not None:
+            add(LEGACY_MODERATOR, legacy, "SAFE_RETRIEVAL_MODERATOR_TOKEN")
         for name, secret in self.moderator_tokens.items():
             add(name, secret.get_secret_value(), "SAFE_RETRIEVAL_MODERATOR_TOKENS")
         if self.moderator_tokens_file is not None:
