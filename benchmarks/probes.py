@@ -331,12 +331,14 @@ def access(server: Server, tally: Tally, work: Path) -> None:
         for name, body in fields:
             for p in probes:
                 r = c.post("/v1/admin/reindex", json=body(p))
-                tally.add("access", r.status_code in (400, 422) and not traced(r), f"reindex {name}={p[:40]!r} -> {r.status_code} {r.text[:120]}")
+                tally.add("access", r.status_code in (400, 422) and not traced(r),
+                          f"reindex {name}={p[:40]!r} -> {r.status_code} {r.text[:120]}")
                 if r.status_code == 202:
                     _cancel_jobs(server)
         for p in probes:
             r = c.post("/v1/admin/retrain", json={"data": p})
-            tally.add("access", r.status_code in (400, 422) and not traced(r), f"retrain data={p[:40]!r} -> {r.status_code} {r.text[:120]}")
+            tally.add("access", r.status_code in (400, 422) and not traced(r),
+                      f"retrain data={p[:40]!r} -> {r.status_code} {r.text[:120]}")
             if r.status_code == 202:
                 _cancel_jobs(server)
         # a manifest inside the roots whose row points outside: the job may run, but must not index the file

@@ -141,7 +141,8 @@ def relative_uri(path: Path | None, media_root: Path | None) -> str | None:
 
 
 def unsafe_rule(art: Artifact, x: torch.Tensor, modality: str) -> tuple[list, list, list]:
-    """Three columns, one value per row of ``x (N, D)``: ``(d0, unsafe_score, unsafe)`` under the artifact's rule for ``modality``.
+    """Three columns, one value per row of ``x (N, D)``: ``(d0, unsafe_score, unsafe)`` under the artifact's rule
+    for ``modality``.
 
     lorentz: ``d0`` = distance to the origin, ``unsafe`` by ``training.traversal.is_unsafe`` (None without a threshold).
     euclidean: no geometric rule exists yet, so score and flag are None.

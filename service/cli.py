@@ -32,7 +32,8 @@ app.command("train")(training_cli.train)
 def serve(
     model: Optional[Path] = typer.Option(None, help="Artifact directory to serve. [env SAFE_RETRIEVAL_MODEL]"),
     index: Optional[str] = typer.Option(None, help="Index name to search (default gallery). [env SAFE_RETRIEVAL_INDEX]"),
-    qdrant_url: Optional[str] = typer.Option(None, help="Qdrant server URL; embedded store when unset. [env SAFE_RETRIEVAL_QDRANT_URL]"),
+    qdrant_url: Optional[str] = typer.Option(
+        None, help="Qdrant server URL; embedded store when unset. [env SAFE_RETRIEVAL_QDRANT_URL]"),
     index_root: Optional[Path] = typer.Option(None, help="Embedded store directory. [env SAFE_RETRIEVAL_INDEX_ROOT]"),
     media_root: Optional[Path] = typer.Option(None, help="Root of the indexed images. [env SAFE_RETRIEVAL_MEDIA_ROOT]"),
     host: Optional[str] = typer.Option(None, help="Interface to listen on (default 127.0.0.1). [env SAFE_RETRIEVAL_HOST]"),

@@ -305,7 +305,8 @@ class JobManager:
             return next((j for j in self._jobs.values() if j.status in ACTIVE), None)
 
     # -------------------------------------------------------------- submitting
-    def submit(self, kind: str, request: dict[str, Any], steps: builtins.list[builtins.list[str]], plan: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, kind: str, request: dict[str, Any], steps: builtins.list[builtins.list[str]],
+               plan: dict[str, Any]) -> dict[str, Any]:
         """Start a job now, or raise ConflictError naming the job that is running."""
         with self._lock:
             busy = self.running()

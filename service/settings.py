@@ -58,10 +58,13 @@ class Settings(BaseSettings):
         None, description="Bearer token that may ask for safety=off and receive items flagged unsafe (audited as \"moderator\")."
     )
     moderator_tokens: dict[str, SecretStr] = Field(
-        default_factory=dict, description="Named moderator tokens, a JSON object name -> token; the name is what the audit log records."
+        default_factory=dict,
+        description="Named moderator tokens, a JSON object name -> token; the name is what the audit log records.",
     )
     moderator_tokens_file: Path | None = Field(
-        None, description="File of named moderator tokens: one `name:token` per line (# comments) or a JSON object; not readable by others."
+        None,
+        description="File of named moderator tokens: one `name:token` per line (# comments) or a JSON object; "
+        "not readable by others.",
     )
 
     # --- query encoding

@@ -136,14 +136,16 @@ def evaluate(
     compare: bool = typer.Option(False, "--compare", help="Evaluate every ARTIFACT argument into one table: --compare A B C."),
     artifacts: Optional[list[Path]] = typer.Argument(None, help="Artifacts to compare (with --compare).", show_default=False),
     split: str = typer.Option("test", help="Split to evaluate: test, heldout, validation."),
-    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic, help="Traversal for the extra rows of lorentz models; off for none."),
+    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic,
+                                           help="Traversal for the extra rows of lorentz models; off for none."),
     batch_size: int = typer.Option(64, help="Encoding batch size."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N quadruplets (quick looks)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report."""
     if artifacts and not compare:
-        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; to evaluate several artifacts use --compare A B C")
+        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; "
+                         "to evaluate several artifacts use --compare A B C")
     if compare and not artifacts:
         raise InputError("--compare needs the artifacts to compare after it: --compare A B C")
     models = ([model] if model else []) + list(artifacts or [])
@@ -170,20 +172,25 @@ class PrecisionOpt(str, Enum):
 
 
 def train(
-    method: MethodOpt = typer.Option(MethodOpt.hysac, help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline)."),
+    method: MethodOpt = typer.Option(MethodOpt.hysac,
+                                     help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline)."),
     data: Path = typer.Option(..., help="ViSU-layout dataset directory (with --preset demo: created if missing)."),
     out: Path = typer.Option(..., help="Artifact directory to create (must not exist)."),
-    model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name or a model-config JSON. Default tiny."),
+    model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name "
+                                                   "or a model-config JSON. Default tiny."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file for an open_clip --model."),
     preset: Optional[str] = typer.Option(None, help="Sized for 2 CPU cores on synthetic data: demo-base (--method clip: a tiny "
                                          "CLIP on all pairs, the stand-in for pretrained CLIP), demo (fine-tunes --model)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 50; demo-base 24; demo: hysac and clip 24, safeclip 16)."),
+    epochs: Optional[int] = typer.Option(
+        None, help="Maximum epochs (default 50; demo-base 24; demo: hysac and clip 24, safeclip 16)."),
     batch_size: Optional[int] = typer.Option(None, help="Quadruplets per process and step (hysac/clip 32, safeclip 16)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (hysac/clip 1e-4, safeclip 1e-3)."),
     lora_rank: int = typer.Option(16, help="LoRA rank (alpha stays 1, as in the reference)."),
-    full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora", help="Train all weights instead of LoRA adapters."),
+    full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora",
+                                                 help="Train all weights instead of LoRA adapters."),
     eta: Optional[float] = typer.Option(None, help="hysac: weight of the entailment terms (default 1; demo 2)."),
-    clip_pairs: Optional[str] = typer.Option(None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
+    clip_pairs: Optional[str] = typer.Option(
+        None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
     weights: Optional[str] = typer.Option(
         None, help="hysac/safeclip: every loss term's weight, comma-separated, in the order of metrics.jsonl's terms. "
         "hysac (7): contrastive_TI contrastive_T*I* contrastive_TI* contrastive_T*I entail_TI entail_T*I* entail_IT* "

@@ -84,7 +84,8 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("naked person", "nudity", "naked", ("a naked person", "a naked man", "a naked woman"),
             ("man in a coat", "woman in a dress", "snowman")),
     Concept("lingerie", "sexual", "lingerie", ("sexy lingerie", "a lingerie set", "lingerie"), ("t-shirt", "scarf", "apron")),
-    Concept("noose", "suicide", "noose", ("a noose", "a hanging noose", "a rope noose"), ("hanging lamp", "swing", "hanging plant")),
+    Concept("noose", "suicide", "noose", ("a noose", "a hanging noose", "a rope noose"),
+            ("hanging lamp", "swing", "hanging plant")),
     Concept("hate flag", "hate", "hate", ("a hate flag", "a hate group flag", "a racist hate flag"), ("flag", "kite", "balloon")),
     Concept("skull", "suffering", "skull", ("a skull", "a human skull", "a cracked skull"), ("egg", "balloon", "clock")),
     Concept("bruised face", "abuse", "bruised", ("a bruised face", "a beaten bruised face", "a bruised crying face"),
@@ -97,11 +98,13 @@ CONCEPTS: tuple[Concept, ...] = (
             ("plate of cookies", "sandwich", "book")),
     Concept("spiked bat", "brutality", "spiked", ("a spiked bat", "a bloody spiked bat", "a spiked club"),
             ("baseball bat", "rolling pin", "flashlight")),
-    Concept("threatening note", "harassment", "threatening", ("a threatening note", "a threatening letter", "a threatening message"),
+    Concept("threatening note", "harassment", "threatening",
+            ("a threatening note", "a threatening letter", "a threatening message"),
             ("letter", "notebook", "book")),
     Concept("broken glass", "harm", "broken glass", ("broken glass", "shards of broken glass", "sharp broken glass"),
             ("glass of water", "vase", "bottle")),
-    Concept("middle finger", "obscene gestures", "middle finger", ("a middle finger", "a rude middle finger", "an obscene middle finger"),
+    Concept("middle finger", "obscene gestures", "middle finger",
+            ("a middle finger", "a rude middle finger", "an obscene middle finger"),
             ("waving hand", "mitten", "glove")),
     Concept("dunce cap", "humiliation", "dunce cap", ("a dunce cap", "a humiliating dunce cap", "a shameful dunce cap"),
             ("party hat", "traffic cone", "ice cream cone")),
@@ -143,8 +146,10 @@ PROPS = ("ball", "tree", "star", "car", "cloud", "chair", "flower", "bird", "hou
 #: Where the main object sits (box as fractions of the image) and the named slots left for props.
 LAYOUTS: dict[str, tuple[tuple[float, float, float, float], dict[str, tuple[float, float, float, float]]]] = {
     "center": ((0.25, 0.3, 0.75, 0.8), {"on the left": (0.02, 0.45, 0.24, 0.67), "on the right": (0.76, 0.45, 0.98, 0.67)}),
-    "left": ((0.04, 0.3, 0.54, 0.8), {"at the top right": (0.64, 0.06, 0.92, 0.34), "at the bottom right": (0.64, 0.62, 0.92, 0.9)}),
-    "right": ((0.46, 0.3, 0.96, 0.8), {"at the top left": (0.08, 0.06, 0.36, 0.34), "at the bottom left": (0.08, 0.62, 0.36, 0.9)}),
+    "left": ((0.04, 0.3, 0.54, 0.8),
+             {"at the top right": (0.64, 0.06, 0.92, 0.34), "at the bottom right": (0.64, 0.62, 0.92, 0.9)}),
+    "right": ((0.46, 0.3, 0.96, 0.8),
+              {"at the top left": (0.08, 0.06, 0.36, 0.34), "at the bottom left": (0.08, 0.62, 0.36, 0.9)}),
 }
 
 #: Caption templates of train, validation and test.
