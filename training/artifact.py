@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -241,8 +242,6 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", verify
 
 def provenance(source: str, **extra: Any) -> dict[str, Any]:
     """A provenance record: where the weights came from and when the artifact was made."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         ours = version("safe-retrieval")
     except PackageNotFoundError:

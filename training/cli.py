@@ -49,6 +49,7 @@ def data_synth(
                                     "generated-half (the caption word on half of the unsafe captions only)."),
 ) -> None:
     """Generate a deterministic synthetic ViSU-style dataset (safe/unsafe caption and image quadruplets)."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training.data import synthetic
 
     summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size, unsafe_look=unsafe_look)
@@ -63,6 +64,7 @@ def model_init(
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
 ) -> None:
     """Create a freshly (randomly) initialised artifact."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     import torch
 
     from training import architectures, artifact
@@ -85,6 +87,7 @@ def model_convert(
     geometry: Optional[GeometryOpt] = typer.Option(None, help="Default: lorentz for hysac, euclidean otherwise."),
 ) -> None:
     """Convert released weights (HySAC, Safe-CLIP, plain CLIP) into an artifact."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import convert
 
     art = convert.convert(
@@ -96,6 +99,7 @@ def model_convert(
 @model_app.command("info")
 def model_info(model: Path = typer.Argument(..., help="Artifact directory.")) -> None:
     """Print an artifact's config, fingerprint and bounds (without loading the weights)."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import artifact
 
     cfg = artifact.read_config(model)
@@ -114,6 +118,7 @@ def embed(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Embed one text or image and print JSON: geometry, curvature, vector, distance_to_origin, unsafe, traversal."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import artifact
     from training.embedding import embed_one
 
@@ -151,6 +156,7 @@ def evaluate(
     models = ([model] if model else []) + list(artifacts or [])
     if not models:
         raise InputError("give an artifact with --model, or several with --compare A B C")
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import evaluate as evaluation
 
     report = evaluation.run(
@@ -210,6 +216,7 @@ def train(
                                          "resolving symlinks (repeatable; none given: no limit)."),
 ) -> None:
     """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import recipes, trainer
 
     cfg = recipes.TrainConfig(

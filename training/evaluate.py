@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training import lorentz, traversal
+from training import artifact, lorentz, traversal
+from training.data.visu import load_split
 from training.errors import DataError, InputError
+from training.images import open_image
 
 KS: tuple[int, ...] = (1, 5, 10, 20)
 LEAKAGE_DEPTH = 10
@@ -115,8 +117,6 @@ class Embeddings:
 
 
 def _image_chunks(paths: Sequence[Path], size: int) -> Iterable[list]:
-    from training.images import open_image
-
     for i in range(0, len(paths), size):
         yield [open_image(p) for p in paths[i : i + size]]
 
@@ -445,8 +445,6 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 
 
 def _load_calibration_split(data: Path, split: str):
-    from training.data.visu import load_split
-
     if split == "validation":
         return None  # never calibrate on the split being measured
     try:
@@ -473,8 +471,8 @@ def run(
     Writes ``report.json``, ``report.md`` and PNG plots; returns the report dict. Rows are labelled
     by ``labels`` or else by the artifact directories' names.
     """
-    from training import artifact, plots
-    from training.data.visu import load_split
+    # matplotlib loads only when a report with plots is written
+    from training import plots
 
     if not models:
         raise InputError("give an artifact with --model, or several with --compare A B C")
