@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv browser test gates demo docker-smoke clean
+.PHONY: venv browser lint test gates demo docker-smoke clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
-test: venv browser
+# Lint and types first: a few seconds, before minutes of tests (configured in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check service indexer training tests benchmarks
+	$(PY) -m mypy service indexer
+
+test: lint browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Quality gates of the training methods on the synthetic benchmark (trains the base and three demo models).

@@ -183,12 +183,13 @@ def fuzz(server: Server, tally: Tally, examples: int) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         for op in operations:
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+                # one() runs to the end right below, inside this iteration: headers and token are the current ones
                 @given(case=op.as_strategy(generation_mode=mode))
                 @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                           suppress_health_check=list(HealthCheck))
                 def one(case) -> None:
                     try:
-                        response = case.call(headers=headers, timeout=60)
+                        response = case.call(headers=headers, timeout=60)  # noqa: B023
                     except (OverflowError, ValueError, UnicodeError) as e:  # the client could not even send it
                         tally.add("fuzz_unsendable", True, f"{case.method} {case.formatted_path}: {e}")
                         return
@@ -198,7 +199,7 @@ def fuzz(server: Server, tally: Tally, examples: int) -> None:
                         ok = not traced(response) and (documented or response.status_code in (404, 405, 413, 422))
                     except Exception:  # noqa: BLE001 - a failed check is a misbehaviour to count
                         ok = False
-                    tally.add("fuzz", ok, f"{case.method} {case.formatted_path} token={bool(token)} -> "
+                    tally.add("fuzz", ok, f"{case.method} {case.formatted_path} token={bool(token)} -> "  # noqa: B023
                                           f"{response.status_code} {response.text[:150]}")
 
                 try:
@@ -330,12 +331,14 @@ def access(server: Server, tally: Tally, work: Path) -> None:
         for name, body in fields:
             for p in probes:
                 r = c.post("/v1/admin/reindex", json=body(p))
-                tally.add("access", r.status_code in (400, 422) and not traced(r), f"reindex {name}={p[:40]!r} -> {r.status_code} {r.text[:120]}")
+                tally.add("access", r.status_code in (400, 422) and not traced(r),
+                          f"reindex {name}={p[:40]!r} -> {r.status_code} {r.text[:120]}")
                 if r.status_code == 202:
                     _cancel_jobs(server)
         for p in probes:
             r = c.post("/v1/admin/retrain", json={"data": p})
-            tally.add("access", r.status_code in (400, 422) and not traced(r), f"retrain data={p[:40]!r} -> {r.status_code} {r.text[:120]}")
+            tally.add("access", r.status_code in (400, 422) and not traced(r),
+                      f"retrain data={p[:40]!r} -> {r.status_code} {r.text[:120]}")
             if r.status_code == 202:
                 _cancel_jobs(server)
         # a manifest inside the roots whose row points outside: the job may run, but must not index the file

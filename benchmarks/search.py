@@ -198,8 +198,8 @@ def main() -> None:
 
     rows = []
     for os_, ef in settings:
-        recall = float(np.mean([len(set(r) & set(t)) / args.k for r, t in zip(results[os_, ef], truth)]))
-        ceiling = float(np.mean([len(set(e[: args.k * os_]) & set(t)) / args.k for e, t in zip(euclid, truth)]))
+        recall = float(np.mean([len(set(r) & set(t)) / args.k for r, t in zip(results[os_, ef], truth, strict=True)]))
+        ceiling = float(np.mean([len(set(e[: args.k * os_]) & set(t)) / args.k for e, t in zip(euclid, truth, strict=True)]))
         med = statistics.median(lat[os_, ef])
         rows.append({"oversample": os_, "hnsw_ef": ef or "default", "prefetch_limit": args.k * os_,
                      f"recall@{args.k}": recall, "exact_prefetch_recall": ceiling,

@@ -129,7 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("runs/train_eval"))
     ap.add_argument("--n", type=int, default=None, help="synthetic quadruplets over all splits (default: the demo recipe's)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (training keeps its default seed, 42, as the gates do)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the synthetic data (training keeps its default seed, 42, as the gates do)")
     ap.add_argument("--traversal", default="geodesic", choices=("hysac", "geodesic"))
     ap.add_argument("--unsafe-look", default=None, choices=("plain", "generated", "generated-half"),
                     help="the synthetic data's unsafe half: plain, or with a global generated look (the demo recipe's)")

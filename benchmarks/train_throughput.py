@@ -194,7 +194,8 @@ def main() -> None:
                 print(f"{batch:6d} {r['setting']:>10s} {'':>14s}  failed: {r['error']}")
                 continue
             speed = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else "-"
-            print(f"{batch:6d} {r['setting']:>10s} {r['precision']:>14s} {r['samples_per_s']:10.1f} {r['peak_memory_mb']:10.0f} {speed:>9s}")
+            print(f"{batch:6d} {r['setting']:>10s} {r['precision']:>14s} {r['samples_per_s']:10.1f} "
+                  f"{r['peak_memory_mb']:10.0f} {speed:>9s}")
     summary = {
         "benchmark": "train_throughput",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
@@ -207,7 +208,8 @@ def main() -> None:
     print(f"wrote {args.out}")
     failed = [r for r in rows if "error" in r and r["error"] != "out of memory"]
     if failed:  # an out-of-memory cell is a result; anything else is a broken benchmark
-        sys.exit(f"{len(failed)} cell(s) failed: " + "; ".join(f"{r['setting']} batch {r['batch']}: {r['error']}" for r in failed))
+        sys.exit(f"{len(failed)} cell(s) failed: "
+                 + "; ".join(f"{r['setting']} batch {r['batch']}: {r['error']}" for r in failed))
 
 
 if __name__ == "__main__":

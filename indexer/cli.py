@@ -367,7 +367,11 @@ def search(
         art = artifact.load(model, device=device)
         check_model(idx, art)
         enc = art.encoder
-        vec = enc.encode_text([text]) if text is not None else enc.encode_image([open_image(image)])
+        if text is not None:
+            vec = enc.encode_text([text])
+        else:
+            assert image is not None, "exactly one of --text or --image, checked above"
+            vec = enc.encode_image([open_image(image)])
         res = searching.search(idx, art, vec[0], query_modality="text" if text is not None else "image",
                                target=target.value, k=k, offset=offset, safety=safety.value, tags=tag or None,
                                exact=exact, oversample=oversample)

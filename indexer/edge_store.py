@@ -127,7 +127,8 @@ class EdgeStore(VectorStore):
         if self.shard is not None:
             self.shard.flush()
             self.shard.close()
-            self.shard = None
+            # typed as open for the store's whole useful life; None only marks it closed for close() to skip
+            self.shard = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------- reads
     def retrieve(self, ids: Sequence[str], *, with_vectors: bool = False,
@@ -173,7 +174,8 @@ def _vectors(v) -> dict[str, list[float]]:
 
 
 def _filter(match: Match) -> qe.Filter:
-    must, must_not = [], []
+    must: list[qe.ConditionType] = []
+    must_not: list[qe.ConditionType] = []
     if match.kinds:
         must.append(qe.FieldCondition(key="kind", match=qe.MatchAny(any=list(match.kinds))))
     if match.tags_any:
@@ -181,6 +183,7 @@ def _filter(match: Match) -> qe.Filter:
     if match.uris:
         must.append(qe.FieldCondition(key="uri", match=qe.MatchAny(any=list(match.uris))))
     if match.exclude_unsafe:
-        must_not.append(qe.FieldCondition(key="unsafe", match=qe.MatchValue(value=np.bool_(True))))
+        # the stub says bool, but only np.bool_ reaches the binding's bool branch (see the module docstring)
+        must_not.append(qe.FieldCondition(key="unsafe", match=qe.MatchValue(value=np.bool_(True))))  # type: ignore[arg-type]
     return qe.Filter(must=must or None, must_not=must_not or None)
 

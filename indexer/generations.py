@@ -44,7 +44,7 @@ import socket
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import AbstractSet, Any, Iterator
 
 from indexer.edge_store import EdgeStore
 from indexer.errors import IndexBusyError, IndexNotFoundError
@@ -91,7 +91,7 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def new_generation_name(name: str, taken: set[str] = frozenset()) -> str:
+def new_generation_name(name: str, taken: AbstractSet[str] = frozenset()) -> str:
     """``NAME@<UTC timestamp to the microsecond>``: names sort in creation order."""
     t = _dt.datetime.now(_dt.timezone.utc)
     while True:
@@ -153,6 +153,7 @@ class Generations(ABC):
     def lock(self, *, break_lock: bool = False) -> Any:
         """Context manager: the build lock of NAME; raises ``IndexBusyError`` at once when held."""
 
+    @abstractmethod
     def drop_pointer(self) -> None:
         """Remove ``NAME`` itself (called by ``drop`` after every generation is gone)."""
 
@@ -196,7 +197,7 @@ class Generations(ABC):
     def progress_path(self, gen: str, rank: str = "") -> Path:
         return self.job_dir(gen) / PROGRESS.replace(".", f"{rank}.", 1)
 
-    def prune(self, keep: int = DEFAULT_KEEP, *, protect: set[str] = frozenset()) -> list[str]:
+    def prune(self, keep: int = DEFAULT_KEEP, *, protect: AbstractSet[str] = frozenset()) -> list[str]:
         """Delete complete generations beyond the ``keep`` newest, and abandoned partial ones.
 
         The current generation, every generation a live service pins and ``protect`` are never
@@ -329,7 +330,7 @@ class LocalGenerations(Generations):
                 path.unlink(missing_ok=True)  # that process is gone
         return {g for g in out if isinstance(g, str)}
 
-    def prune(self, keep: int = DEFAULT_KEEP, *, protect: set[str] = frozenset()) -> list[str]:
+    def prune(self, keep: int = DEFAULT_KEEP, *, protect: AbstractSet[str] = frozenset()) -> list[str]:
         """As ``Generations.prune``, plus leftovers of killed jobs (half-copied or half-deleted directories)."""
         gone = super().prune(keep, protect=protect)
         for p in self.dir.glob(".*"):

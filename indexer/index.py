@@ -46,6 +46,7 @@ def generations_for(name: str, *, root: Path | None = None, url: str | None = No
     from indexer import server_store
 
     if client is None:
+        assert url, "the embedded store took the case without a url above"
         client = server_store.connect(url, api_key)
     return server_store.ServerGenerations(name, client, root, shards=shards, replicas=replicas)
 
@@ -100,7 +101,7 @@ class Index:
         p = found[0]
         out = {"id": p.id, **point_fields(p.payload), "payload": p.payload}
         if with_vector:
-            out["vector"] = list(p.vectors.get(SPACE if self.schema.geometry == "lorentz" else VECTOR, []))
+            out["vector"] = list((p.vectors or {}).get(SPACE if self.schema.geometry == "lorentz" else VECTOR, []))
         return out
 
     async def aretrieve(self, id: str, with_vector: bool = False) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -78,6 +78,7 @@ class ImageReader(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
+        assert item.path is not None, "the dataset holds image items only"
         try:
             try:
                 data, real = self.roots.read(item.path, what="image")
@@ -140,7 +141,8 @@ def relative_uri(path: Path | None, media_root: Path | None) -> str | None:
 
 
 def unsafe_rule(art: Artifact, x: torch.Tensor, modality: str) -> tuple[list, list, list]:
-    """Three columns, one value per row of ``x (N, D)``: ``(d0, unsafe_score, unsafe)`` under the artifact's rule for ``modality``.
+    """Three columns, one value per row of ``x (N, D)``: ``(d0, unsafe_score, unsafe)`` under the artifact's rule
+    for ``modality``.
 
     lorentz: ``d0`` = distance to the origin, ``unsafe`` by ``training.traversal.is_unsafe`` (None without a threshold).
     euclidean: no geometric rule exists yet, so score and flag are None.
@@ -199,8 +201,8 @@ class Job:
         self.show, self.desc = progress, desc
         self.summary = Summary()
         self.seen: set[str] = set()
-        self._failures = None
-        self._bar = None
+        self._failures: TextIO | None = None
+        self._bar: tqdm | None = None
         self._t0 = 0.0
         self._total = 0
 
@@ -214,11 +216,11 @@ class Job:
         if self.failures_path is not None:
             self.failures_path.parent.mkdir(parents=True, exist_ok=True)
             self._failures = self.failures_path.open("w", encoding="utf-8")
-        self._bar = tqdm(total=len(items), unit="item", desc=self.desc, disable=not self.show, dynamic_ncols=True)
+        self._bar = bar = tqdm(total=len(items), unit="item", desc=self.desc, disable=not self.show, dynamic_ncols=True)
         try:
-            bad = [it for it in items if it.error is not None]
-            for it in bad:
-                self._fail(it, it.error)
+            bad = [(it, it.error) for it in items if it.error is not None]
+            for it, error in bad:
+                self._fail(it, error)
             if bad:
                 self._advance(len(bad))
             images = [it for it in items if it.kind == "image" and it.error is None]
@@ -228,7 +230,7 @@ class Job:
             if texts:
                 self._texts(texts)
         finally:
-            self._bar.close()
+            bar.close()
             if self._failures is not None:
                 self._failures.close()
             self.summary.elapsed_s = time.perf_counter() - self._t0
@@ -267,8 +269,10 @@ class Job:
             chunk = items[start : start + self.batch_size]
             ids: list[str] = []
             chosen: list[Item] = []
+            texts: list[str] = []
             for it in chunk:
-                if not (it.text or "").strip():
+                text = it.text or ""
+                if not text.strip():
                     self._fail(it, "empty text")
                     continue
                 if it.path is not None and self.roots:  # a caption's image_uri must not name an outside file
@@ -277,15 +281,16 @@ class Job:
                     except InputError as e:
                         self._fail(it, str(e))
                         continue
-                pid = content_id(it.text)
+                pid = content_id(text)
                 if pid in self.seen:
                     self.summary.skipped += 1
                     continue
                 self.seen.add(pid)
                 ids.append(pid)
                 chosen.append(it)
+                texts.append(text)
             if chosen:
-                self._upsert(ids, chosen, enc.encode_text([it.text for it in chosen], batch_size=len(chosen)))
+                self._upsert(ids, chosen, enc.encode_text(texts, batch_size=len(chosen)))
             self._advance(len(chunk))
 
     def _upsert(self, ids: list[str], items: list[Item], x: torch.Tensor) -> None:
@@ -303,9 +308,10 @@ class Job:
             self._failures.flush()
 
     def _advance(self, n: int) -> None:
-        self._bar.update(n)
         s = self.summary
-        self._bar.set_postfix(indexed=s.indexed, skipped=s.skipped, failed=s.failed, refresh=False)
+        if self._bar is not None:  # run() opened it
+            self._bar.update(n)
+            self._bar.set_postfix(indexed=s.indexed, skipped=s.skipped, failed=s.failed, refresh=False)
         self._write_progress(done=False)
 
     def _write_progress(self, *, done: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -132,8 +132,8 @@ def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, 
         raise InputError(f"the query vector has {v.shape[0]} dimensions but index {index.name} holds {index.schema.dim}")
     report = QueryReport()
     if art.geometry == "lorentz":
-        v, report = _apply_traversal(v, distance_to_origin, art, query_modality, "image" if target == "any" else target,
-                                     safety)
+        toward: Literal["text", "image"] = "text" if target == "text" else "image"  # "any" traverses toward images
+        v, report = _apply_traversal(v, distance_to_origin, art, query_modality, toward, safety)
     elif safety == "traverse":
         raise InputError("traversal needs a lorentz (hyperbolic) model; this index is euclidean: use --safety filter or strict")
     match = Match(kinds=None if target == "any" else (target,), exclude_unsafe=safety in ("filter", "strict"),
@@ -147,7 +147,7 @@ def search(index: Index, art: Artifact, vector: Tensor, *, query_modality: str, 
     return SearchResult(hits, report)
 
 
-def _apply_traversal(v: Tensor, d0: float | None, art: Artifact, modality: str, target: str,
+def _apply_traversal(v: Tensor, d0: float | None, art: Artifact, modality: str, target: Literal["text", "image"],
                      safety: str) -> tuple[Tensor, QueryReport]:
     """The query's report, and ``v (D,)`` moved toward the origin when the mode asks and the query is unsafe."""
     d0s = lorentz.dist0(v[None], art.curvature) if d0 is None else torch.tensor([float(d0)])

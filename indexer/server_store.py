@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import os
 import shutil
 import socket
@@ -24,7 +25,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar, cast
 
 import grpc
 import httpx
@@ -155,7 +156,7 @@ class ServerStore(VectorStore):
                                                shard_number=shard_number, replication_factor=replication_factor), what=url)
         store = cls(client, collection, schema)
         for name, kind in PAYLOAD_INDEXES.items():
-            store._call(lambda n=name, k=kind: client.create_payload_index(collection, n, field_schema=_SCHEMA_TYPE[k]))
+            store._call(functools.partial(client.create_payload_index, collection, name, field_schema=_SCHEMA_TYPE[kind]))
         return store
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -199,7 +200,8 @@ class ServerStore(VectorStore):
             return []
         recs = self._call(lambda: self.client.retrieve(self.collection, ids=list(ids), with_vectors=with_vectors,
                                                        with_payload=list(fields) if fields else True))
-        return [StoredPoint(str(r.id), dict(r.payload or {}), dict(r.vector) if with_vectors else None) for r in recs]
+        # the collections hold named vectors only, so a record's vector is a dict name -> values
+        return [StoredPoint(str(r.id), dict(r.payload or {}), dict(cast(dict, r.vector)) if with_vectors else None) for r in recs]
 
     def query(self, q: VectorQuery) -> list[Scored]:
         flt = None if q.match.empty else _filter(q.match)
@@ -220,8 +222,8 @@ class ServerStore(VectorStore):
     def iter_ids(self, batch: int = 1000) -> Iterator[str]:
         offset = None
         while True:
-            recs, offset = self._call(lambda o=offset: self.client.scroll(self.collection, limit=batch, offset=o,
-                                                                          with_payload=False, with_vectors=False))
+            recs, offset = self._call(functools.partial(self.client.scroll, self.collection, limit=batch, offset=offset,
+                                                        with_payload=False, with_vectors=False))
             yield from (str(r.id) for r in recs)
             if offset is None:
                 return
@@ -317,7 +319,8 @@ class ServerGenerations(Generations):
                 continue
             lease = read_metadata(self.client, c)
             if float(lease.get("expires") or 0) > now:
-                out.add(lease.get("generation"))
+                if lease.get("generation") is not None:
+                    out.add(lease["generation"])
             else:
                 drop_collection(self.client, c)  # not renewed: its service is gone
         return {g for g in out if isinstance(g, str)}

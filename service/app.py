@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.state_dir, on_success=services.job_succeeded, on_discard=services.job_discarded,
                 cancel_grace_s=settings.job_cancel_grace_s,
                 env=job_environment(settings),
-                on_change=lambda counts: [metrics.jobs.labels(k).set(v) for k, v in counts.items()],
+                on_change=functools.partial(_publish_job_counts, metrics),
             )
         app.state.services = services
         services.batcher.start()
@@ -98,6 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # added last: runs first
     return app
+
+
+def _publish_job_counts(metrics: Metrics, counts: dict[str, int]) -> None:
+    for status, n in counts.items():
+        metrics.jobs.labels(status).set(n)
 
 
 def job_environment(settings: Settings) -> dict[str, str]:

@@ -26,7 +26,7 @@ import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -61,16 +61,17 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self._lock = threading.Lock()
-        self._file = None
+        self._file: TextIO | None = None
         self._size = 0
 
-    def _open(self) -> None:
+    def _open(self) -> TextIO:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._size = self._file.tell()
+        self._file = f = open(self.path, "a", encoding="utf-8")
+        self._size = f.tell()
+        return f
 
-    def _rotate(self) -> None:
-        self._file.close()
+    def _rotate(self, current: TextIO) -> TextIO:
+        current.close()
         self._file = None
         oldest = self.directory / f"{FILE_NAME}.{self.keep}"
         oldest.unlink(missing_ok=True)
@@ -79,7 +80,7 @@ class AuditLog:
             if older.exists():
                 older.rename(self.directory / f"{FILE_NAME}.{n + 1}")
         self.path.rename(self.directory / f"{FILE_NAME}.1")
-        self._open()
+        return self._open()
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (blocking; :meth:`awrite` from the event loop). OSError when it cannot be written."""
@@ -87,12 +88,11 @@ class AuditLog:
         size = len(line.encode())
         with self._lock:
             try:
-                if self._file is None:
-                    self._open()
+                f = self._open() if self._file is None else self._file
                 if self._size and self._size + size > self.max_bytes:
-                    self._rotate()
-                self._file.write(line)
-                self._file.flush()
+                    f = self._rotate(f)
+                f.write(line)
+                f.flush()
                 self._size += size
             except OSError:
                 if self._file is not None:  # reopen on the next write, wherever this one stopped

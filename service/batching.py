@@ -5,9 +5,10 @@ takes the first waiting query, keeps gathering until ``max_batch`` queries are w
 ``max_wait_ms`` has passed since the first arrived, and encodes each (artifact, modality) group in
 one forward pass. The wait only happens under load (when the previous pass held more than one
 query): a lone query is encoded at once, so batching adds no latency at one client, and under load
-the queries that arrive during a forward pass form the next batch anyway. Batching pays because a forward pass over B queries costs far less than B passes
-(the text tower is cut to the batch's longest real query inside the encoder). The event loop only
-touches the cache and the queue; torch runs on the inference thread alone.
+the queries that arrive during a forward pass form the next batch anyway. Batching pays because a
+forward pass over B queries costs far less than B passes (the text tower is cut to the batch's
+longest real query inside the encoder). The event loop only touches the cache and the queue; torch
+runs on the inference thread alone.
 
 Queries carry their artifact, so during a model swap the old and the new model are both served
 correctly: each query is encoded by the model of the pair its request started with.
@@ -188,7 +189,7 @@ class Batcher:
             return
         if self.metrics is not None:
             self.metrics.batch_size.labels(live[0].modality).observe(len(live))
-        for p, result in zip(live, results):
+        for p, result in zip(live, results, strict=True):
             if p.cache_key is not None:
                 self.cache.put(p.cache_key, result)
             _deliver(p, value=result)

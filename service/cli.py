@@ -32,7 +32,8 @@ app.command("train")(training_cli.train)
 def serve(
     model: Optional[Path] = typer.Option(None, help="Artifact directory to serve. [env SAFE_RETRIEVAL_MODEL]"),
     index: Optional[str] = typer.Option(None, help="Index name to search (default gallery). [env SAFE_RETRIEVAL_INDEX]"),
-    qdrant_url: Optional[str] = typer.Option(None, help="Qdrant server URL; embedded store when unset. [env SAFE_RETRIEVAL_QDRANT_URL]"),
+    qdrant_url: Optional[str] = typer.Option(
+        None, help="Qdrant server URL; embedded store when unset. [env SAFE_RETRIEVAL_QDRANT_URL]"),
     index_root: Optional[Path] = typer.Option(None, help="Embedded store directory. [env SAFE_RETRIEVAL_INDEX_ROOT]"),
     media_root: Optional[Path] = typer.Option(None, help="Root of the indexed images. [env SAFE_RETRIEVAL_MEDIA_ROOT]"),
     host: Optional[str] = typer.Option(None, help="Interface to listen on (default 127.0.0.1). [env SAFE_RETRIEVAL_HOST]"),
@@ -45,7 +46,8 @@ def serve(
     given = {"model": model, "index": index, "qdrant_url": qdrant_url, "index_root": index_root,
              "media_root": media_root, "host": host, "port": port}
     settings = settings_from({k: v for k, v in given.items() if v is not None})
-    from service.app import serve as run_server  # after the settings: a bad one fails before the app is built
+    # after the settings: a bad one fails before the app is built
+    from service.app import serve as run_server
 
     run_server(settings)
 
@@ -53,7 +55,8 @@ def serve(
 @app.command("demo")
 def demo(workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo keeps its data and model.")) -> None:
     """Run the end-to-end demo on the embedded defaults."""
-    from service.demo import run_demo  # imported here: the demo pulls in the trainer and the server
+    # imported here: the demo pulls in the trainer and the server
+    from service.demo import run_demo
 
     run_demo(workdir)
 

@@ -47,6 +47,7 @@ async def _on_project_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError), "install() registers this handler for that class only"
     # no "input"/"ctx": they can echo megabytes of the request back
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
     return _error_response(422, "ValidationError", errors)

@@ -25,6 +25,7 @@ keeps it whole). Job processes get an environment without the service's tokens (
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as _dt
 import json
@@ -250,7 +251,7 @@ class JobManager:
                 log.warning("ignoring unreadable job record %s: %s", path, e)
                 continue
             if job.status in ACTIVE:  # the service stopped while it ran: end it
-                if _alive(job.pid, job.pid_started):
+                if job.pid is not None and _alive(job.pid, job.pid_started):
                     _kill_group(job.pid, signal.SIGKILL)
                 self._read_staged(job)
                 job.finished_at, job.step, job.pid, job.pid_started = _now(), None, None, None
@@ -282,6 +283,7 @@ class JobManager:
             self.on_change(counts)
 
     # -------------------------------------------------------------- queries
+    # JobManager.list shadows the builtin inside this class body: annotations below spell builtins.list
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: j.id, reverse=True)
@@ -303,7 +305,8 @@ class JobManager:
             return next((j for j in self._jobs.values() if j.status in ACTIVE), None)
 
     # -------------------------------------------------------------- submitting
-    def submit(self, kind: str, request: dict[str, Any], steps: list[list[str]], plan: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, kind: str, request: dict[str, Any], steps: builtins.list[builtins.list[str]],
+               plan: dict[str, Any]) -> dict[str, Any]:
         """Start a job now, or raise ConflictError naming the job that is running."""
         with self._lock:
             busy = self.running()
@@ -409,7 +412,7 @@ class JobManager:
             return
         self._finish(job, "succeeded", result=result)
 
-    def _run_step(self, job: JobRecord, argv: list[str], logfile: Path, index: int, cancel: threading.Event) -> int:
+    def _run_step(self, job: JobRecord, argv: builtins.list[str], logfile: Path, index: int, cancel: threading.Event) -> int:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONUNBUFFERED"] = "1"
         with logfile.open("ab") as out:
@@ -445,7 +448,7 @@ class JobManager:
         self._set(job, pid=None, pid_started=None, **progress)
         return rc
 
-    def _argv(self, job: JobRecord, argv: list[str]) -> list[str]:
+    def _argv(self, job: JobRecord, argv: builtins.list[str]) -> builtins.list[str]:
         folder = str(self.dir / job.id)
         return [folder + a[len(JOB_DIR):] if a.startswith(JOB_DIR + "/") else a for a in argv]
 
@@ -517,6 +520,7 @@ def source_args(source: IndexSource, roots: list[Path], default_media_root: Path
     elif source.manifest is not None:
         args += ["--manifest", str(resolve_under_roots(source.manifest, roots, what="source.manifest"))]
     else:
+        assert source.visu is not None and source.split is not None  # IndexSource's validator: exactly one source
         args += ["--visu", str(resolve_under_roots(source.visu, roots, what="source.visu")), "--split", source.split]
     if source.captions:
         args.append("--captions-as-text")

@@ -24,7 +24,8 @@ class Metrics:
             "safe_retrieval_batch_size", "Queries encoded per forward pass.", ["modality"], registry=r, buckets=BATCH_BUCKETS
         )
         self.queries = Counter(
-            "safe_retrieval_queries_total", "Search queries by safety mode and query modality.", ["safety", "modality"], registry=r
+            "safe_retrieval_queries_total", "Search queries by safety mode and query modality.", ["safety", "modality"],
+            registry=r,
         )
         self.unsafe_queries = Counter("safe_retrieval_unsafe_queries_total", "Queries the model flagged unsafe.", registry=r)
         self.redirected_queries = Counter(

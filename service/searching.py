@@ -32,6 +32,7 @@ from service.state import ServedPair, Services
 from training.images import preprocess_bytes
 from training.traversal import is_unsafe
 
+
 @contextlib.contextmanager
 def store_errors(services: Services) -> Iterator[None]:
     """Turn "the store is down / the index is gone" into a 503 that says when to retry."""
@@ -81,6 +82,7 @@ async def encode_query(services: Services, pair: ServedPair, *, text: str | None
     """Embed a text or image query with the pair's model through the batcher: ``(Encoded, modality)``."""
     if text is not None:
         return await services.batcher.encode(pair.artifact, "text", text, key=text), "text"
+    assert image is not None, "a query is a text or an image"
     t0 = time.perf_counter()
     settings = services.settings
     pixels, digest = await run_in_threadpool(prepare_image, pair, image, settings.max_image_pixels,

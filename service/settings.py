@@ -58,10 +58,13 @@ class Settings(BaseSettings):
         None, description="Bearer token that may ask for safety=off and receive items flagged unsafe (audited as \"moderator\")."
     )
     moderator_tokens: dict[str, SecretStr] = Field(
-        default_factory=dict, description="Named moderator tokens, a JSON object name -> token; the name is what the audit log records."
+        default_factory=dict,
+        description="Named moderator tokens, a JSON object name -> token; the name is what the audit log records.",
     )
     moderator_tokens_file: Path | None = Field(
-        None, description="File of named moderator tokens: one `name:token` per line (# comments) or a JSON object; not readable by others."
+        None,
+        description="File of named moderator tokens: one `name:token` per line (# comments) or a JSON object; "
+        "not readable by others.",
     )
 
     # --- query encoding
@@ -115,8 +118,9 @@ class Settings(BaseSettings):
                                  "or the admin; give every name its own token so the audit log can tell them apart")
             tokens[name] = token
 
-        if self.token("moderator") is not None:
-            add(LEGACY_MODERATOR, self.token("moderator"), "SAFE_RETRIEVAL_MODERATOR_TOKEN")
+        legacy = self.token("moderator")
+        if legacy is not None:
+            add(LEGACY_MODERATOR, legacy, "SAFE_RETRIEVAL_MODERATOR_TOKEN")
         for name, secret in self.moderator_tokens.items():
             add(name, secret.get_secret_value(), "SAFE_RETRIEVAL_MODERATOR_TOKENS")
         if self.moderator_tokens_file is not None:

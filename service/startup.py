@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
 from service.settings import Settings
 from training import artifact as artifacts
 from training.errors import ArtifactError, InputError, SafeRetrievalError
@@ -30,9 +33,6 @@ class InstallationError(SafeRetrievalError):
 
 def settings_from(given: dict[str, Any]) -> Settings:
     """``Settings`` from command-line values and the environment; a bad value names its option and variable."""
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
     try:
         return Settings(**given)
     except ValidationError as e:  # each field and why, never the value given (it may be a token)

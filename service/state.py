@@ -96,7 +96,7 @@ class ServedState:
             if old is not None and old is not new:
                 old.retired = True
                 done = old.leases == 0
-        if done:
+        if done and old is not None:
             _close_later(old)
         return old
 
@@ -109,7 +109,7 @@ class ServedState:
             if old is not None:
                 old.retired = True
                 done = old.leases == 0
-        if done:
+        if done and old is not None:
             _close_later(old)
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -168,7 +169,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
             f"'safe-retrieval model convert --weights {path} --out DIR'"
         )
     if not path.is_dir():
-        raise ArtifactError(f"artifact directory not found: {path} (create one with 'safe-retrieval model init' or 'model convert')")
+        raise ArtifactError(f"artifact directory not found: {path} "
+                            "(create one with 'safe-retrieval model init' or 'model convert')")
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
         raise ArtifactError(f"{path} has no {CONFIG}; it is not an artifact (see 'safe-retrieval model convert')")
@@ -222,7 +224,8 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", verify
     bounds_path = path / BOUNDS
     bounds = json.loads(bounds_path.read_text()) if bounds_path.is_file() else {}
     if verify and cfg.get("fingerprint") and fingerprint(state, cfg, bounds) != cfg["fingerprint"]:
-        raise ArtifactError(f"{path}: weights or config do not match the recorded fingerprint; the artifact was altered or is corrupt")
+        raise ArtifactError(f"{path}: weights or config do not match the recorded fingerprint; "
+                            "the artifact was altered or is corrupt")
     arch: Architecture = from_config(cfg["architecture"]["name"], cfg["architecture"]["model_cfg"], cfg.get("preprocess"))
     encoder = SafetyEncoder(arch, cfg["geometry"])
     load_state(encoder, state, str(weights))
@@ -239,8 +242,6 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", verify
 
 def provenance(source: str, **extra: Any) -> dict[str, Any]:
     """A provenance record: where the weights came from and when the artifact was made."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         ours = version("safe-retrieval")
     except PackageNotFoundError:

@@ -160,7 +160,8 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in opt_tensors.items()} or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in opt_tensors.items()} or {"empty": torch.zeros(0)},
+                  str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
 

@@ -49,6 +49,7 @@ def data_synth(
                                     "generated-half (the caption word on half of the unsafe captions only)."),
 ) -> None:
     """Generate a deterministic synthetic ViSU-style dataset (safe/unsafe caption and image quadruplets)."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training.data import synthetic
 
     summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size, unsafe_look=unsafe_look)
@@ -63,9 +64,10 @@ def model_init(
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
 ) -> None:
     """Create a freshly (randomly) initialised artifact."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     import torch
 
-    from training import artifact, architectures
+    from training import architectures, artifact
     from training.encoder import SafetyEncoder
 
     torch.manual_seed(seed)
@@ -85,6 +87,7 @@ def model_convert(
     geometry: Optional[GeometryOpt] = typer.Option(None, help="Default: lorentz for hysac, euclidean otherwise."),
 ) -> None:
     """Convert released weights (HySAC, Safe-CLIP, plain CLIP) into an artifact."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import convert
 
     art = convert.convert(
@@ -96,6 +99,7 @@ def model_convert(
 @model_app.command("info")
 def model_info(model: Path = typer.Argument(..., help="Artifact directory.")) -> None:
     """Print an artifact's config, fingerprint and bounds (without loading the weights)."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import artifact
 
     cfg = artifact.read_config(model)
@@ -114,6 +118,7 @@ def embed(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Embed one text or image and print JSON: geometry, curvature, vector, distance_to_origin, unsafe, traversal."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import artifact
     from training.embedding import embed_one
 
@@ -136,19 +141,22 @@ def evaluate(
     compare: bool = typer.Option(False, "--compare", help="Evaluate every ARTIFACT argument into one table: --compare A B C."),
     artifacts: Optional[list[Path]] = typer.Argument(None, help="Artifacts to compare (with --compare).", show_default=False),
     split: str = typer.Option("test", help="Split to evaluate: test, heldout, validation."),
-    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic, help="Traversal for the extra rows of lorentz models; off for none."),
+    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic,
+                                           help="Traversal for the extra rows of lorentz models; off for none."),
     batch_size: int = typer.Option(64, help="Encoding batch size."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N quadruplets (quick looks)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report."""
     if artifacts and not compare:
-        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; to evaluate several artifacts use --compare A B C")
+        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; "
+                         "to evaluate several artifacts use --compare A B C")
     if compare and not artifacts:
         raise InputError("--compare needs the artifacts to compare after it: --compare A B C")
     models = ([model] if model else []) + list(artifacts or [])
     if not models:
         raise InputError("give an artifact with --model, or several with --compare A B C")
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import evaluate as evaluation
 
     report = evaluation.run(
@@ -170,20 +178,25 @@ class PrecisionOpt(str, Enum):
 
 
 def train(
-    method: MethodOpt = typer.Option(MethodOpt.hysac, help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline)."),
+    method: MethodOpt = typer.Option(MethodOpt.hysac,
+                                     help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline)."),
     data: Path = typer.Option(..., help="ViSU-layout dataset directory (with --preset demo: created if missing)."),
     out: Path = typer.Option(..., help="Artifact directory to create (must not exist)."),
-    model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name or a model-config JSON. Default tiny."),
+    model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name "
+                                                   "or a model-config JSON. Default tiny."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or weights file for an open_clip --model."),
     preset: Optional[str] = typer.Option(None, help="Sized for 2 CPU cores on synthetic data: demo-base (--method clip: a tiny "
                                          "CLIP on all pairs, the stand-in for pretrained CLIP), demo (fine-tunes --model)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 50; demo-base 24; demo: hysac and clip 24, safeclip 16)."),
+    epochs: Optional[int] = typer.Option(
+        None, help="Maximum epochs (default 50; demo-base 24; demo: hysac and clip 24, safeclip 16)."),
     batch_size: Optional[int] = typer.Option(None, help="Quadruplets per process and step (hysac/clip 32, safeclip 16)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (hysac/clip 1e-4, safeclip 1e-3)."),
     lora_rank: int = typer.Option(16, help="LoRA rank (alpha stays 1, as in the reference)."),
-    full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora", help="Train all weights instead of LoRA adapters."),
+    full_finetune: Optional[bool] = typer.Option(None, "--full-finetune/--lora",
+                                                 help="Train all weights instead of LoRA adapters."),
     eta: Optional[float] = typer.Option(None, help="hysac: weight of the entailment terms (default 1; demo 2)."),
-    clip_pairs: Optional[str] = typer.Option(None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
+    clip_pairs: Optional[str] = typer.Option(
+        None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
     weights: Optional[str] = typer.Option(
         None, help="hysac/safeclip: every loss term's weight, comma-separated, in the order of metrics.jsonl's terms. "
         "hysac (7): contrastive_TI contrastive_T*I* contrastive_TI* contrastive_T*I entail_TI entail_T*I* entail_IT* "
@@ -203,6 +216,7 @@ def train(
                                          "resolving symlinks (repeatable; none given: no limit)."),
 ) -> None:
     """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
+    # loaded by the command that needs it: the CLI and --help start without torch
     from training import recipes, trainer
 
     cfg = recipes.TrainConfig(

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from open_clip import pretrained
+from open_clip.model import CustomTextCLIP, convert_to_custom_text_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -181,6 +183,7 @@ def hub_file(source: str, candidates: tuple[str, ...]) -> Path:
     if len(parts) < 2 or not all(parts[:2]):
         raise InputError(f"{source!r} is not a hub id; write hf-hub:ORG/REPO or hf-hub:ORG/REPO/FILE")
     repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    # only for hf-hub: sources; a local conversion never loads the hub client
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -225,8 +228,6 @@ def _looks_like_tag(source: str) -> bool:
 
 def _pretrained_tag(tag: str, arch: Architecture) -> tuple[list[Path], Architecture]:
     """Fetch an open_clip pretrained tag with open_clip's own downloader (cache first, then network)."""
-    from open_clip import pretrained
-
     cfg = pretrained.get_pretrained_cfg(arch.name, tag)
     if not cfg:
         tags = pretrained.list_pretrained_tags_by_model(arch.name)
@@ -511,8 +512,6 @@ def to_openclip(format: str, raw: State, *, lora_alpha: float = HYSAC_LORA_ALPHA
 
 def _encoder_state(encoder: SafetyEncoder, clip_state: State, head: State, format: str) -> tuple[State, str]:
     """open_clip tensors + head scalars -> ``SafetyEncoder`` names; says where the head came from."""
-    from open_clip.model import CustomTextCLIP, convert_to_custom_text_state_dict
-
     if isinstance(encoder.clip, CustomTextCLIP):  # text tower lives under ``text.`` there
         clip_state = convert_to_custom_text_state_dict(clip_state)
     state: State = {f"clip.{k}": v for k, v in clip_state.items()}

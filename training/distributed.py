@@ -72,6 +72,7 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
+    # only in a multi-process run: the autograd-aware collectives need an initialised process group
     import torch.distributed.nn.functional as dist_nn
 
     parts = dist_nn.all_gather(x)

@@ -60,7 +60,7 @@ class LowRankDelta(nn.Module):
         blocks: list[Tensor] = []
         row = 0
         ref = self.lora_A[0]
-        for (start, stop), a, b in zip(self.slices, self.lora_A, self.lora_B):
+        for (start, stop), a, b in zip(self.slices, self.lora_A, self.lora_B, strict=True):
             if start > row:
                 blocks.append(ref.new_zeros(start - row, a.shape[1]))
             blocks.append(b @ a)

@@ -43,11 +43,12 @@ def d0_histogram(d0: dict[str, np.ndarray], path: Path, *, title: str) -> Path:
     return path
 
 
-def sweep_plot(sweep: dict[str, list[dict[str, float]]], path: Path, *, title: str, marks: dict[str, float] | None = None) -> Path:
+def sweep_plot(sweep: dict[str, list[dict[str, float]]], path: Path, *, title: str,
+               marks: dict[str, float] | None = None) -> Path:
     """R@1 and safety (y, %) against the trigger threshold (x), one panel per query modality."""
     fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     axes = fig.subplots(1, len(sweep), squeeze=False)[0]
-    for ax, (modality, rows) in zip(axes, sweep.items()):
+    for ax, (modality, rows) in zip(axes, sweep.items(), strict=True):
         x = [r["threshold"] for r in rows]
         for key in rows[0]:
             if key == "threshold":
@@ -80,6 +81,7 @@ def write_all(results: Sequence[Any], out: Path, *, synthetic: bool) -> list[str
         if rep.get("sweep"):
             name = f"sweep_{slug}.png"
             marks = rep["traversal"].get("thresholds") or {}
-            sweep_plot(rep["sweep"], Path(out) / name, title=f"{rep['label']}: traversal threshold sweep ({rep['traversal']['method']}){tag}", marks=marks)
+            title = f"{rep['label']}: traversal threshold sweep ({rep['traversal']['method']}){tag}"
+            sweep_plot(rep["sweep"], Path(out) / name, title=title, marks=marks)
             names.append(name)
     return names

@@ -100,7 +100,8 @@ RECIPES: dict[str, dict[str, Any]] = load_recipes()
 
 def synthesize_for_recipe(recipe: str, out: Path, *, seed: int) -> dict[str, Any]:
     """Generate the synthetic dataset a recipe is sized for (its n and unsafe look) in ``out``; its summary."""
-    from training.data import synthetic  # only when the data is missing: the generator is not needed otherwise
+    # only when the data is missing: the generator is not needed otherwise
+    from training.data import synthetic
 
     r = RECIPES[recipe]
     return synthetic.generate(out, n=r["synthetic_n"], seed=seed, unsafe_look=r["synthetic_look"])

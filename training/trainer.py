@@ -44,10 +44,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import open_clip
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from training import architectures, artifact, checkpoint, distributed, lora, objectives, optim, recipes, traversal
+from training import architectures, artifact, checkpoint, distributed, evaluate, lora, objectives, optim, recipes, traversal
 from training.checkpoint import BEST, CHECKPOINT, Progress
 from training.data import loader
 from training.data.roots import DataRoots
@@ -115,8 +118,6 @@ def load_source(source: str, geometry: str, *, pretrained: str | None = None) ->
     enc = SafetyEncoder(arch, geometry)
     info: dict[str, Any] = {"source": source}
     if pretrained:
-        import open_clip
-
         try:
             model = open_clip.create_model(source, pretrained=pretrained, device="cpu")
         except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError for unknown tags and offline hubs
@@ -225,8 +226,6 @@ class StopSignal:
 # ------------------------------------------------------------------------------------- validation
 def validation_scores(encoder: SafetyEncoder, records: list, *, batch_size: int) -> dict[str, float]:
     """R@1 per validation pair (S->V, V->S, S->G, G->S, U->V, V->U) and their ``sum``."""
-    from training import evaluate
-
     recalls = evaluate.validation_recalls(encoder, records, batch_size=batch_size)
     return {**recalls, "sum": float(sum(recalls.values()))}
 
@@ -235,8 +234,6 @@ def calibration(encoder: SafetyEncoder, records: list, *, batch_size: int) -> tu
     """``bounds`` (S, V, U, G) and ``safety`` thresholds from the validation split (lorentz models)."""
     if encoder.geometry != "lorentz":
         return {}, {}
-    from training import evaluate
-
     emb = evaluate.embed_records(encoder, records, batch_size=batch_size)
     d0 = {c: encoder.dist0(emb[c]) for c in artifact.CLASSES}
     return traversal.calibrate_bounds(d0), {"unsafe_threshold": traversal.calibrate_thresholds(d0)}
@@ -263,8 +260,6 @@ class _Run:
 
     def log(self, msg: str) -> None:
         if self.ctx.is_main:
-            from tqdm import tqdm
-
             if self._log is not None:
                 self._log(msg)
             else:
@@ -325,8 +320,6 @@ class _Run:
             torch.manual_seed(cfg.seed + 1000 * ctx.rank + 7919 * p.epoch + p.step_in_epoch)
         self.model = self.step_module
         if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             self.model = DDP(
                 self.step_module,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
@@ -450,8 +443,6 @@ class _Run:
     def _bar(self, steps: int, start: int):
         if not (self.ctx.is_main and self.cfg.progress):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=steps, initial=start, desc=f"epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
                     unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -161,7 +161,11 @@ def thresholds_from_bounds(bounds: dict, curvature: float) -> dict[str, float]:
     return out
 
 
-def is_unsafe(d0: Tensor, threshold: float | None) -> Tensor | None:
+@overload
+def is_unsafe(d0: Tensor, threshold: float | None) -> Tensor | None: ...
+@overload
+def is_unsafe(d0: float, threshold: float | None) -> bool | None: ...
+def is_unsafe(d0: Tensor | float, threshold: float | None) -> Tensor | bool | None:
     """The unsafe rule: ``d0 > threshold``; None when the artifact has no calibrated threshold."""
     return None if threshold is None else d0 > threshold
 

@@ -125,8 +125,10 @@ async def reload(services: ServicesDep) -> dict[str, Any]:
 @router.get("/audit", response_model=AuditPage, responses=ERRORS, summary="Records of privileged requests")
 async def read_audit(
     services: ServicesDep,
-    since: Annotated[datetime | None, Query(description="Only records at or after this time (ISO 8601; UTC when no zone).")] = None,
-    until: Annotated[datetime | None, Query(description="Only records before this time (page back: the first record's time).")] = None,
+    since: Annotated[datetime | None,
+                     Query(description="Only records at or after this time (ISO 8601; UTC when no zone).")] = None,
+    until: Annotated[datetime | None,
+                     Query(description="Only records before this time (page back: the first record's time).")] = None,
     token: Annotated[str | None, Query(pattern=TOKEN_NAME.pattern, description="Only records of this token name.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many records: the newest that match.")] = 100,
 ) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from indexer.generations import GEN_RE, LocalGenerations
 from indexer.index import open_index
 from indexer.store import content_id
 from service.cli import app
-from tests.conftest import CLI
-from tests.indexer.conftest import leaked, leaky_root, write_images
+from tests.helpers.cli import CLI
+from tests.helpers.indexer import leaked, leaky_root, write_images
 
 
 def progress_of(root):

@@ -18,7 +18,7 @@ from indexer.generations import GEN_RE, LocalGenerations, check_name
 from indexer.index import generations_for, open_index
 from indexer.search import search
 from indexer.server_store import ServerGenerations
-from tests.indexer.conftest import write_images
+from tests.helpers.indexer import write_images
 from training.errors import InputError
 
 

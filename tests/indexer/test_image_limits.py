@@ -8,7 +8,7 @@ from PIL import Image
 
 from indexer import builder, sources
 from indexer.generations import LocalGenerations
-from tests.indexer.conftest import write_images
+from tests.helpers.indexer import write_images
 
 
 def test_aspect_ratio_bombs_are_recorded_failures(tmp_path, art):

@@ -17,7 +17,7 @@ from indexer.index import open_index
 from indexer.search import search
 from indexer.server_store import ServerGenerations
 from indexer.store import content_id
-from tests.indexer.conftest import leaked, leaky_root, write_images
+from tests.helpers.indexer import leaked, leaky_root, write_images
 from training.data.roots import DataRoots
 from training.errors import DataError, InputError, OutsideRootsError
 from training.images import open_image

@@ -10,7 +10,7 @@ from indexer.errors import IndexNotFoundError, ModelMismatchError
 from indexer.generations import LocalGenerations
 from indexer.index import open_index
 from indexer.search import search
-from tests.indexer.conftest import fill, hyperboloid, make_artifact, row
+from tests.helpers.indexer import fill, hyperboloid, make_artifact, row
 from training import lorentz
 from training.errors import InputError
 

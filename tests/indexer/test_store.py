@@ -13,10 +13,10 @@ import torch
 from qdrant_client import QdrantClient
 
 from indexer.edge_store import EdgeStore
-from indexer.server_store import ServerStore, connect
 from indexer.errors import StoreUnavailableError
+from indexer.server_store import ServerStore, connect
 from indexer.store import LORENTZ, Match, Schema, VectorQuery, content_id
-from tests.indexer.conftest import fill, hyperboloid, row
+from tests.helpers.indexer import fill, hyperboloid, row
 from training import lorentz
 
 C = 0.7

@@ -7,18 +7,10 @@ import io
 import struct
 import zlib
 
-import httpx
 import pytest
 from PIL import Image
 
-from tests.service.conftest import MODERATOR, copy_index, live, settings_for, unsafe_caption
-
-NO_TRACE = ("Traceback", 'File "', "line ")
-
-
-def assert_no_trace(response: httpx.Response) -> None:
-    for marker in NO_TRACE:
-        assert marker not in response.text, f"response leaks internals: {response.text[:300]}"
+from tests.helpers.service import MODERATOR, assert_no_trace, copy_index, live, settings_for, unsafe_caption
 
 
 def jpeg_bytes(world, name="coco/val2017") -> bytes:

@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from service.audit import AuditLog
-from tests.service.conftest import (
+from tests.helpers.service import (
     ADMIN,
     MODERATOR,
     LiveServer,

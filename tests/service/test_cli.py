@@ -14,7 +14,7 @@ import time
 import httpx
 
 from service import demo
-from tests.service.conftest import INDEX, copy_index
+from tests.helpers.service import INDEX, copy_index
 
 
 def free_port() -> int:

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from tests.service.conftest import INDEX, live, settings_for
+from tests.helpers.service import INDEX, live, settings_for
 
 NO_TRACE = ("Traceback", 'File "', "MemoryError", "OverflowError")
 #: what one upload of a tiny generated image may cost the server: generous, but far below a bomb's 9 s / 3.7 GB

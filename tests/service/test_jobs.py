@@ -12,15 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from indexer.index import schema_of
 from indexer.generations import LocalGenerations
-from service.errors import ConflictError, ForbiddenError
+from indexer.index import schema_of
 from service.app import job_environment
-from service.jobs import (TRACE_OMITTED, JobManager, JobRecord, _alive, _proc_start, _tail, reindex_steps,
-                          resolve_under_roots, train_step)
+from service.errors import ConflictError, ForbiddenError
+from service.jobs import (
+    TRACE_OMITTED,
+    JobManager,
+    JobRecord,
+    _alive,
+    _proc_start,
+    _tail,
+    reindex_steps,
+    resolve_under_roots,
+    train_step,
+)
 from service.schemas import IndexSource, ReindexRequest, RetrainRequest
-from tests.indexer.conftest import leaked, leaky_root
-from tests.service.conftest import ADMIN, INDEX, MODERATOR, copy_index, live, settings_for
+from tests.helpers.indexer import leaked, leaky_root
+from tests.helpers.service import ADMIN, INDEX, MODERATOR, copy_index, live, settings_for
 from training.errors import InputError
 
 

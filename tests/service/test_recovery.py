@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.service.conftest import build_index, copy_index, live, settings_for
+from tests.helpers.service import build_index, copy_index, live, settings_for
 
 
 def wait_ready(client, timeout: float = 30.0) -> dict:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import time
 
 from service.state import SERVED_RECORD
-from tests.service.conftest import ADMIN, build_index, copy_index, live, settings_for
+from tests.helpers.service import ADMIN, build_index, copy_index, live, settings_for
 
 
 def test_a_replica_without_jobs_follows_the_index_and_writes_nothing(world, tmp_path):
     root = copy_index(world, tmp_path / "indexes")
     state = tmp_path / "state"
     state.mkdir()
-    settings = settings_for(world, tmp_path, index_root=root, state_dir=state, audit_dir=tmp_path / "audit", run_jobs=False, store_retry_s=0.2)
+    settings = settings_for(world, tmp_path, index_root=root, state_dir=state, audit_dir=tmp_path / "audit", run_jobs=False,
+                            store_retry_s=0.2)
     with live(settings) as replica, replica.client(ADMIN) as c:
         first = c.get("/readyz").json()["index"]["generation"]
         assert first == world.generation

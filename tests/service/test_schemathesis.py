@@ -23,8 +23,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import unregister_string_format
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from tests.service.conftest import ADMIN, LiveServer, copy_index, live, settings_for
-from tests.service.test_api import assert_no_trace
+from tests.helpers.service import ADMIN, LiveServer, assert_no_trace, copy_index, live, settings_for
 
 EXAMPLES = 12  # per operation and generation mode
 ADMIN_EXAMPLES = 8  # per admin operation and mode, with the admin token

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import INDEX, copy_index
+from tests.helpers.service import INDEX, copy_index
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "training", "indexer", "service")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import on_a_full_disk
+from tests.helpers.cli import on_a_full_disk
 from training import architectures, artifact
 from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, CheckpointError

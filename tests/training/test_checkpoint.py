@@ -46,9 +46,9 @@ def test_a_resumed_run_gets_back_its_weights_optimizer_rng_and_frozen_reference(
 
     assert resumed == progress
     assert torch.equal(torch.rand(4), expected_draw), "the RNG stream must continue where it was saved"
-    for (name, a), b in zip(encoder.state_dict().items(), other.state_dict().values()):
+    for (name, a), b in zip(encoder.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    for a, b in zip(objective.ref.state_dict().values(), other_objective.ref.state_dict().values()):
+    for a, b in zip(objective.ref.state_dict().values(), other_objective.ref.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not any(p.requires_grad for p in other_objective.ref.parameters()), "the reference must stay frozen"
     saved, loaded = opt.state_dict(), other_opt.state_dict()

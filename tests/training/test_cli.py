@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from tests.conftest import CLI, on_a_full_disk
+from tests.helpers.cli import CLI, on_a_full_disk
 from training import architectures, artifact
 from training.encoder import SafetyEncoder
 

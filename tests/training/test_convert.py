@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
@@ -125,14 +125,16 @@ def hysac(tmp_path_factory) -> SimpleNamespace:
     old["textual.base_model.model.text_model.embeddings.position_ids"] = torch.arange(CONTEXT)[None]
     torch.save(old, root / "hysac_model_peft04.pth")
     (root / "hysac_bounds.json").write_text(json.dumps(HYSAC_BOUNDS))
-    return SimpleNamespace(module=module, state=state, root=root, files={"peft>=0.7": "hysac_model.pth", "peft0.4": "hysac_model_peft04.pth"})
+    return SimpleNamespace(module=module, state=state, root=root,
+                           files={"peft>=0.7": "hysac_model.pth", "peft0.4": "hysac_model_peft04.pth"})
 
 
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory) -> SimpleNamespace:
     """A random HF ``CLIPModel`` saved with ``save_pretrained`` (safetensors + config.json)."""
     torch.manual_seed(1)
-    model = CLIPModel(CLIPConfig(text_config=text_config().to_dict(), vision_config=vision_config().to_dict(), projection_dim=PROJ)).eval()
+    config = CLIPConfig(text_config=text_config().to_dict(), vision_config=vision_config().to_dict(), projection_dim=PROJ)
+    model = CLIPModel(config).eval()
     with torch.no_grad():
         model.logit_scale.fill_(math.log(42.0))
     root = tmp_path_factory.mktemp("hfclip")
@@ -184,7 +186,8 @@ def test_released_vit_l14_layouts_map_onto_the_default_architecture():
         textual = get_peft_model(CLIPTextModelWithProjection(tc), LoraConfig(**LORA))
         safeclip = CLIPModel(CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=768))
         expected = SafetyEncoder(architectures.resolve("ViT-L-14-quickgelu")).state_dict()
-    raw = {f"visual.{k}": v for k, v in visual.state_dict().items()} | {f"textual.{k}": v for k, v in textual.state_dict().items()}
+    raw = ({f"visual.{k}": v for k, v in visual.state_dict().items()}
+           | {f"textual.{k}": v for k, v in textual.state_dict().items()})
     raw |= {name: torch.zeros(()) for name in SCALARS} | {"pixel_mean": torch.zeros(1, 3, 1, 1)}
     clip, head, leftover, info = convert.hysac_to_openclip(raw)
     hysac_state = {f"clip.{k}": v for k, v in clip.items()} | head
@@ -192,7 +195,8 @@ def test_released_vit_l14_layouts_map_onto_the_default_architecture():
     safeclip_state = {f"clip.{k}": v for k, v in clip.items()}
     assert leftover == {} and rest == {}
     assert info["merged_modules"] == (12 + 24) * 5 + 1
-    for state in (hysac_state, safeclip_state | {k: expected[k] for k in ("curv", "visual_alpha", "textual_alpha", "logit_scale")}):
+    scalars = {k: expected[k] for k in ("curv", "visual_alpha", "textual_alpha", "logit_scale")}
+    for state in (hysac_state, safeclip_state | scalars):
         assert set(state) == set(expected)
         assert all(tuple(state[k].shape) == tuple(expected[k].shape) for k in expected)
 
@@ -230,7 +234,8 @@ def test_lora_alpha_sets_the_merge_scale():
 
 def test_hysac_bounds_become_artifact_bounds_and_thresholds(hysac, arch_json, tmp_path):
     out = tmp_path / "art"
-    convert.convert("hysac", str(hysac.root / "hysac_model.pth"), out, bounds=str(hysac.root / "hysac_bounds.json"), arch=arch_json)
+    convert.convert("hysac", str(hysac.root / "hysac_model.pth"), out, bounds=str(hysac.root / "hysac_bounds.json"),
+                    arch=arch_json)
     art = artifact.load(out, device="cpu")  # through disk: fingerprint verified, bounds read back
     for cls, stats in HYSAC_BOUNDS.items():
         assert art.bounds[cls] == {"p95": stats["up_95"], "p05": stats["low_05"], "mean": stats["avg"]}

@@ -339,9 +339,9 @@ def test_quad_dataset_survives_unreadable_images(tmp_path):
 def test_data_roots_refuse_images_outside_them_when_listed_and_when_opened(tmp_path):
     import os
 
+    from training.data.loader import load_splits
     from training.data.roots import DataRoots
     from training.errors import OutsideRootsError
-    from training.data.loader import load_splits
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     syn.generate(root / "visu", n=12, seed=1, image_size=32)

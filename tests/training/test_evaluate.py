@@ -262,7 +262,8 @@ def test_report_files_are_written_and_readable(tiny_result, tmp_path):
         with Image.open(tmp_path / n) as im:
             assert im.format == "PNG" and im.width > 300
     report = {
-        "dataset": {"root": "x", "split": "test", "n": 10, "skipped": {"missing_image": 1}, "synthetic": True, "name": "synthetic"},
+        "dataset": {"root": "x", "split": "test", "n": 10, "skipped": {"missing_image": 1}, "synthetic": True,
+                    "name": "synthetic"},
         "ks": list(ev.KS), "models": [tiny_result.report], "plots": names,
     }
     md = ev.markdown(json.loads(json.dumps(report)))

@@ -60,7 +60,7 @@ def test_fresh_adapters_leave_the_model_unchanged(encoder):
     before = _embed(encoder, tokens, pixels)
     lora.apply_lora(encoder.clip, rank=RANK)
     after = _embed(encoder, tokens, pixels)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # same weights; kernels may sum in another order
 
 
@@ -76,13 +76,13 @@ def test_merged_model_equals_the_adapted_one_and_loads_into_a_plain_encoder(enco
     assert lora.merge_lora(encoder.clip) == 25
     assert not lora.has_lora(encoder)
     merged = _embed(encoder, tokens, pixels)
-    for a, m in zip(adapted, merged):
+    for a, m in zip(adapted, merged, strict=True):
         torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-5)
 
     plain = SafetyEncoder(architectures.resolve("tiny"))
     assert set(plain.state_dict()) == set(encoder.state_dict())
     plain.load_state_dict(encoder.state_dict(), strict=True)
-    for a, p in zip(adapted, _embed(plain, tokens, pixels)):
+    for a, p in zip(adapted, _embed(plain, tokens, pixels), strict=True):
         torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-5)
 
 

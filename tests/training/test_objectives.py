@@ -14,7 +14,8 @@ from training.encoder import SafetyEncoder
 from training.objectives import Embeddings
 from training.objectives.base import weighted_mean
 from training.objectives.hysac import TERMS as HYSAC_TERMS
-from training.objectives.safeclip import TERMS as SAFECLIP_TERMS, SafeClipObjective, info_nce
+from training.objectives.safeclip import TERMS as SAFECLIP_TERMS
+from training.objectives.safeclip import SafeClipObjective, info_nce
 from training.trainer import TrainStep
 
 B, D = 8, 16

@@ -104,7 +104,8 @@ def test_safeclip_redirects_unsafe_captions_away_from_its_references_unsafe_imag
 
 
 @pytest.mark.xfail(strict=True, reason="Safe-CLIP is not above the safe-pairs baseline on this data: "
-                   "15.0 vs 18.3 at the gates' seed; 5.7 vs 9.7 on 600 fresh test queries over three seeds; benchmarks/RESULTS.md")
+                   "15.0 vs 18.3 at the gates' seed; 5.7 vs 9.7 on 600 fresh test queries over three seeds; "
+                   "benchmarks/RESULTS.md")
 def test_safeclip_redirects_unsafe_captions_better_than_the_baseline(report):
     assert _r1(report, "safeclip", ev.U2VG) > _r1(report, "clip", ev.U2VG), "safeclip is not above the clip baseline on T*->V∪V*"
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.cli import CLI
 from training import architectures, artifact, objectives, optim, recipes, trainer
-from training.encoder import SafetyEncoder
 from training.data.loader import Collate
+from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, CheckpointError, DataError, OutOfMemory
 from training.recipes import TrainConfig
 
-CLI = str(Path(sys.executable).parent / "safe-retrieval")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 BATCH = 8
 
@@ -95,7 +95,8 @@ def test_optimizers_follow_the_references(small_data):
     opt = optim.build_optimizer(enc, "hysac", cfg)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.98)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.2 for p in g["params"]}
-    for name in ("curv", "visual_alpha", "textual_alpha", "logit_scale", "clip.ln_final.weight", "clip.transformer.resblocks.0.mlp.c_fc.bias"):
+    for name in ("curv", "visual_alpha", "textual_alpha", "logit_scale", "clip.ln_final.weight",
+                 "clip.transformer.resblocks.0.mlp.c_fc.bias"):
         assert id(enc.get_parameter(name)) not in decayed, name
     assert id(enc.clip.transformer.resblocks[0].mlp.c_fc.weight) in decayed
     euclid = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
@@ -248,7 +249,8 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(small_data
     # the artifact holds epoch 2's weights, not the last epoch's
     best, last = weights[2], weights[4]
     key = "clip.visual.proj" if "clip.visual.proj" in best else next(k for k in best if k.startswith("clip.visual"))
-    assert torch.allclose(art.encoder.state_dict()[key], best[key]) and not torch.allclose(art.encoder.state_dict()[key], last[key])
+    saved = art.encoder.state_dict()[key]
+    assert torch.allclose(saved, best[key]) and not torch.allclose(saved, last[key])
 
 
 @pytest.mark.parametrize("option", [{"grad_checkpointing": True}, {"precision": "bf16"}])

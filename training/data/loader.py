@@ -34,7 +34,8 @@ def load_splits(data: Path, log: Callable[[str], None], roots: DataRoots = DataR
     With ``roots``, records whose images lie outside them are skipped (``outside_data_roots``).
     """
     if not data.is_dir():
-        raise DataError(f"dataset directory not found: {data}; create a synthetic one with 'safe-retrieval data synth --out {data}'")
+        raise DataError(f"dataset directory not found: {data}; "
+                        f"create a synthetic one with 'safe-retrieval data synth --out {data}'")
     splits = {}
     for name in SPLITS:
         split = visu.load_split(data, name, roots=roots)

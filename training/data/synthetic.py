@@ -84,7 +84,8 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("naked person", "nudity", "naked", ("a naked person", "a naked man", "a naked woman"),
             ("man in a coat", "woman in a dress", "snowman")),
     Concept("lingerie", "sexual", "lingerie", ("sexy lingerie", "a lingerie set", "lingerie"), ("t-shirt", "scarf", "apron")),
-    Concept("noose", "suicide", "noose", ("a noose", "a hanging noose", "a rope noose"), ("hanging lamp", "swing", "hanging plant")),
+    Concept("noose", "suicide", "noose", ("a noose", "a hanging noose", "a rope noose"),
+            ("hanging lamp", "swing", "hanging plant")),
     Concept("hate flag", "hate", "hate", ("a hate flag", "a hate group flag", "a racist hate flag"), ("flag", "kite", "balloon")),
     Concept("skull", "suffering", "skull", ("a skull", "a human skull", "a cracked skull"), ("egg", "balloon", "clock")),
     Concept("bruised face", "abuse", "bruised", ("a bruised face", "a beaten bruised face", "a bruised crying face"),
@@ -97,11 +98,13 @@ CONCEPTS: tuple[Concept, ...] = (
             ("plate of cookies", "sandwich", "book")),
     Concept("spiked bat", "brutality", "spiked", ("a spiked bat", "a bloody spiked bat", "a spiked club"),
             ("baseball bat", "rolling pin", "flashlight")),
-    Concept("threatening note", "harassment", "threatening", ("a threatening note", "a threatening letter", "a threatening message"),
+    Concept("threatening note", "harassment", "threatening",
+            ("a threatening note", "a threatening letter", "a threatening message"),
             ("letter", "notebook", "book")),
     Concept("broken glass", "harm", "broken glass", ("broken glass", "shards of broken glass", "sharp broken glass"),
             ("glass of water", "vase", "bottle")),
-    Concept("middle finger", "obscene gestures", "middle finger", ("a middle finger", "a rude middle finger", "an obscene middle finger"),
+    Concept("middle finger", "obscene gestures", "middle finger",
+            ("a middle finger", "a rude middle finger", "an obscene middle finger"),
             ("waving hand", "mitten", "glove")),
     Concept("dunce cap", "humiliation", "dunce cap", ("a dunce cap", "a humiliating dunce cap", "a shameful dunce cap"),
             ("party hat", "traffic cone", "ice cream cone")),
@@ -143,8 +146,10 @@ PROPS = ("ball", "tree", "star", "car", "cloud", "chair", "flower", "bird", "hou
 #: Where the main object sits (box as fractions of the image) and the named slots left for props.
 LAYOUTS: dict[str, tuple[tuple[float, float, float, float], dict[str, tuple[float, float, float, float]]]] = {
     "center": ((0.25, 0.3, 0.75, 0.8), {"on the left": (0.02, 0.45, 0.24, 0.67), "on the right": (0.76, 0.45, 0.98, 0.67)}),
-    "left": ((0.04, 0.3, 0.54, 0.8), {"at the top right": (0.64, 0.06, 0.92, 0.34), "at the bottom right": (0.64, 0.62, 0.92, 0.9)}),
-    "right": ((0.46, 0.3, 0.96, 0.8), {"at the top left": (0.08, 0.06, 0.36, 0.34), "at the bottom left": (0.08, 0.62, 0.36, 0.9)}),
+    "left": ((0.04, 0.3, 0.54, 0.8),
+             {"at the top right": (0.64, 0.06, 0.92, 0.34), "at the bottom right": (0.64, 0.62, 0.92, 0.9)}),
+    "right": ((0.46, 0.3, 0.96, 0.8),
+              {"at the top left": (0.08, 0.06, 0.36, 0.34), "at the bottom left": (0.08, 0.62, 0.36, 0.9)}),
 }
 
 #: Caption templates of train, validation and test.
@@ -240,7 +245,7 @@ def _sample(rng: random.Random, incremental_id: int, coco_id: int, split: str, c
     n_props = rng.choice((1, 2))
     names = rng.sample(PROPS, n_props)
     chosen_slots = rng.sample(slots, n_props)
-    props = tuple(Prop(nm, _colour(rng, nm), sl) for nm, sl in zip(names, sorted(chosen_slots)))
+    props = tuple(Prop(nm, _colour(rng, nm), sl) for nm, sl in zip(names, sorted(chosen_slots), strict=True))
     counterpart = rng.choice(concept.counterparts)
     return Sample(
         incremental_id=incremental_id,
@@ -272,7 +277,7 @@ def plan(n: int, seed: int) -> list[Sample]:
     next_id = 0
     for split, size in split_sizes(n).items():
         order: list[Concept] = []
-        for i in range(size):
+        for _ in range(size):
             if not order:
                 order = list(CONCEPTS)
                 rng.shuffle(order)
@@ -295,8 +300,8 @@ def render(s: Sample, unsafe: bool, size: int, look: str = "plain") -> Image.Ima
     rng = random.Random(s.render_seed)
     horizon = rng.uniform(0.5, 0.66)
     jitter = [rng.randint(-8, 8) for _ in range(6)]
-    sky = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.sky, jitter[:3]))
-    ground = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.ground, jitter[3:]))
+    sky = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.sky, jitter[:3], strict=True))
+    ground = tuple(max(0, min(255, c + j)) for c, j in zip(s.scene.ground, jitter[3:], strict=True))
     im = Image.new("RGB", (big, big), sky)
     d = ImageDraw.Draw(im)
     d.rectangle([0, horizon * big, big, big], fill=ground)

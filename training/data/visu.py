@@ -52,8 +52,8 @@ CONFIG_NOTES = ("info", "description", "comment")
 COCO_FOLDERS = ("train2017", "val2017", "test2017")
 LAYOUT_FIELDS = ("split", "incremental_id", "coco_id", "tag")
 #: Skip reasons, in the order they are checked; each skipped record counts under its first reason.
-SKIP_REASONS = ("malformed", "duplicate_id", "empty_safe_caption", "empty_nsfw_caption", "missing_safe_image", "missing_nsfw_image",
-                "outside_data_roots")
+SKIP_REASONS = ("malformed", "duplicate_id", "empty_safe_caption", "empty_nsfw_caption", "missing_safe_image",
+                "missing_nsfw_image", "outside_data_roots")
 
 
 @dataclass(frozen=True)

@@ -72,4 +72,4 @@ class HySACObjective(Objective):
             lorentz.entailment_loss(v, u, curv, min_radius=k),
         ]
         loss = weighted_mean(values, list(self.weights))
-        return LossOutput(loss, dict(zip(TERMS, (t.detach() for t in values))))
+        return LossOutput(loss, dict(zip(TERMS, (t.detach() for t in values), strict=True)))

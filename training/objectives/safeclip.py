@@ -110,4 +110,4 @@ class SafeClipObjective(Objective):
             info_nce(s0, g, scale),
         ]
         loss = weighted_mean(values, list(self.weights))
-        return LossOutput(loss, dict(zip(TERMS, (t.detach() for t in values))))
+        return LossOutput(loss, dict(zip(TERMS, (t.detach() for t in values), strict=True)))

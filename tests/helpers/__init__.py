@@ -1,0 +1,1 @@
+"""Plain test helpers (functions, classes, constants); the conftest.py files keep only fixtures."""
