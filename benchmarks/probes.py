@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -230,7 +231,7 @@ def _fuzz_images(n: int) -> list[bytes]:
         buf = io.BytesIO()
         try:
             Image.new(rng.choice(modes), (w, h), color=rng.randrange(256)).save(buf, rng.choice(formats))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):  # PIL cannot write it: nothing to send
             continue
         data = buf.getvalue()
         out.append(data[: rng.randrange(1, len(data))] if rng.random() < 0.3 else data)
@@ -552,6 +553,7 @@ def main() -> None:
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - a category that breaks is itself a finding
+                traceback.print_exc()
                 tally.add(name, False, f"the probe itself failed: {e.__class__.__name__}: {e}")
             seconds[name] = round(time.monotonic() - s, 1)
             print(f"{name}: {tally.rows.get(name, {}).get('tried', 0)} tried, "
