@@ -67,10 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     except SafeRetrievalError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except OSError as e:  # a full disk can meet any command that writes; the others are bugs worth a traceback
-        if e.errno != errno.ENOSPC:
+    except OSError as e:  # a full disk or a place it may not write can meet any command; others are bugs worth a traceback
+        if e.errno == errno.ENOSPC:
+            where = f" while writing {e.filename}" if e.filename else ""
+            typer.echo(f"error: the disk is full{where}; free some space or write somewhere else, then run the command "
+                       "again", err=True)
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
+            typer.echo(f"error: cannot write {e.filename} ({e.strerror}); choose a directory this user may write, "
+                       "or change its permissions", err=True)
+        else:
             raise
-        where = f" while writing {e.filename}" if e.filename else ""
-        typer.echo(f"error: the disk is full{where}; free some space or write somewhere else, then run the command "
-                   "again", err=True)
         sys.exit(SafeRetrievalError.exit_code)

@@ -1,7 +1,9 @@
 """The `model` and `embed` commands through the real console script."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers.cli import CLI, on_a_full_disk
@@ -67,6 +69,17 @@ def test_a_full_disk_gets_a_message_and_leaves_no_partial_dataset(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "the disk is full" in proc.stderr and "free some space" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == "", "a partial dataset (or its temp directory) was left on the full disk"
+
+
+def test_a_place_it_may_not_write_gets_a_message(cli, tmp_path):
+    # /sys refuses new directories even to root, where a chmod'ed tmp_path would not
+    out = Path("/sys/kernel/safe-retrieval-test/visu")
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no /sys here to refuse a write")
+    proc = cli("data", "synth", "--out", out, "--n", 10, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot write /sys/kernel/safe-retrieval-test") and "permissions" in lines[0]
 
 
 def test_every_command_has_help(cli):
