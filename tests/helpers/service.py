@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -159,3 +160,24 @@ NO_TRACE = ("Traceback", 'File "', "line ")
 def assert_no_trace(response: httpx.Response) -> None:
     for marker in NO_TRACE:
         assert marker not in response.text, f"response leaks internals: {response.text[:300]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> httpx.Response | None:
+    """Poll ``base/readyz`` until it answers 200, ``proc`` exits or ``timeout`` passes: the last answer, or None."""
+    deadline = time.monotonic() + timeout
+    ready = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            ready = httpx.get(f"{base}/readyz", timeout=2)
+            if ready.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    return ready

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,7 @@ import time
 import httpx
 
 from service import demo
-from tests.helpers.service import INDEX, copy_index
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.service import INDEX, copy_index, free_port, wait_ready
 
 
 def test_serve_command_reads_the_environment_and_stops_cleanly(world, tmp_path):
@@ -33,16 +26,7 @@ def test_serve_command_reads_the_environment_and_stops_cleanly(world, tmp_path):
     log = (tmp_path / "serve.log").open("wb")  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
-        ready = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        ready = wait_ready(proc, f"http://127.0.0.1:{port}", 90)
         assert ready is not None and ready.status_code == 200, (tmp_path / "serve.log").read_text()
         assert ready.json()["index"]["name"] == INDEX
         r = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"text": "a cat"}, timeout=30)

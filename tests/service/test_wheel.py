@@ -16,24 +16,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers.service import INDEX, copy_index
+from tests.helpers.service import INDEX, copy_index, free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "training", "indexer", "service")
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pip(*args: str, cwd: Path) -> None:
@@ -109,16 +102,7 @@ def test_the_installed_cli_serves_the_page_and_searches(world, target, tmp_path)
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        ready = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = httpx.get(f"{base}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        ready = wait_ready(proc, base, 120)
         assert ready is not None and ready.status_code == 200, log_path.read_text()
         page = httpx.get(f"{base}/", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
