@@ -7,7 +7,7 @@ time (UTC), the token's name (never the token), method, route, response status, 
 query (its text, the image's sha256 or the item id), the ids of the unsafe items returned, the
 client address, and for admin requests the job.
 
-Records are JSON lines appended to ``STATE_DIR/audit/audit.jsonl``, rotated by size to
+Records are JSON lines appended to ``AUDIT_DIR/audit.jsonl`` (default ``STATE_DIR/audit``), rotated by size to
 ``audit.jsonl.1`` (newest) ... ``audit.jsonl.N`` (oldest kept), and also emitted on the
 ``safe_retrieval.audit`` logger. Routes (and ``service.searching``, through the caller's
 ``service.deps.Caller.note``) only *note* what they did (:func:`privileged`, :func:`note`);
