@@ -368,7 +368,8 @@ def summary(samples: list[Sample], n: int, seed: int, image_size: int) -> dict:
         "layout": {"text_file": "ViSU-Text_{split}.json", "coco_root": "coco", "nsfw_root": "nsfw",
                    "nsfw_layout": "{split}/{incremental_id}/0.jpg"},
         "heldout": "the test scenes re-captioned with templates never used in train, validation or test",
-        "concepts": {c.name: {"tag": c.tag, "safe_counterparts": list(c.counterparts)} for c in CONCEPTS},
+        "concepts": {c.name: {"tag": c.tag, "keyword": c.keyword, "phrases": list(c.phrases),
+                              "safe_counterparts": list(c.counterparts)} for c in CONCEPTS},
         "splits": splits,
     }
 
