@@ -51,11 +51,17 @@ class TooLargeError(InputError):
     """The request body is over the configured limit (413)."""
 
 
+class UnprocessableError(InputError):
+    """A well-formed request the server cannot act on: a concept the dataset does not know, a method the
+    served model's geometry does not allow (422, as a body that fails validation)."""
+
+
 # Most specific first: the first class an error is an instance of decides its status.
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (NotFoundError, 404),
     (IndexNotFoundError, 404),
     (TooLargeError, 413),
+    (UnprocessableError, 422),
     (ImageError, 400),
     (ArchitectureError, 400),
     (InputError, 400),

@@ -44,9 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from service.errors import ConflictError, ForbiddenError, NotFoundError
-from service.schemas import IndexSource, ReindexRequest, RetrainRequest
-from training.errors import InputError, SafeRetrievalError
+from service.errors import ConflictError, ForbiddenError, NotFoundError, UnprocessableError
+from service.schemas import ForgetRequest, IndexSource, ReindexRequest, RetrainRequest
+from training.errors import DataError, InputError, SafeRetrievalError
 
 log = logging.getLogger("safe_retrieval.jobs")
 
@@ -274,6 +274,10 @@ class JobManager:
 
     def log_path(self, job_id: str) -> Path:
         return self.dir / job_id / "log.txt"
+
+    def folder(self, job_id: str) -> Path:
+        """The job's own folder (record, log, what its steps write under ``JOB_DIR``)."""
+        return self.dir / job_id
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -561,3 +565,109 @@ def train_step(req: RetrainRequest, *, model: Path, out: Path, roots: list[Path]
     if req.full_finetune:
         argv.append("--full-finetune")
     return argv
+
+
+# ------------------------------------------------------------------ forget jobs
+#: where a forget job's evaluation writes report.json and report.md, in the job's folder
+UNLEARNING = "unlearning"
+
+
+def forget_data(requested: str | None, model: Path, roots: list[Path]) -> Path:
+    """The dataset a forget job trains and evaluates on: the request's ``data``, else the served model's
+    training data (its provenance ``data``), which must lie under the data roots as any job path."""
+    if requested is not None:
+        return resolve_under_roots(requested, roots, what="data")
+    from training.artifact import read_config
+
+    known = (read_config(model).get("provenance") or {}).get("data")
+    if not isinstance(known, str) or not known:
+        raise UnprocessableError("the served model records no training data (its provenance has no 'data'); give `data`: "
+                                 "the ViSU-layout dataset, under the data roots, whose pairs show the concepts")
+    try:
+        return resolve_under_roots(known, roots, what="the served model's training data")
+    except InputError as e:
+        raise UnprocessableError(f"{e}; give `data`: a copy of that dataset (or another one) under the data roots") from e
+
+
+def forget_concepts(data: Path, names: list[str], roots: list[Path]) -> list[str]:
+    """The concepts that ``names`` (concept names or tags, any case) stand for in the dataset at ``data``.
+
+    A name the dataset does not know is an UnprocessableError (422) listing its concepts and tags.
+    The names come from the dataset's ``dataset.json`` (synthetic data); only a dataset without one
+    (real ViSU: a concept per tag) has its train split read for its tags. Nothing outside the data
+    roots is read.
+    """
+    from training.data import concepts, visu
+    from training.data.roots import DataRoots
+
+    confined = DataRoots.of([r for r in roots if os.path.isdir(r)])
+    summary = data / concepts.DATASET_SUMMARY
+    if summary.exists():
+        confined.check(summary, what=f"{data.name}/{concepts.DATASET_SUMMARY}")
+
+    def records() -> Any:  # read only when catalogue() needs the tags
+        yield from visu.load_split(data, "train", roots=confined).records
+
+    catalogue = concepts.catalogue(data, records())
+    if not catalogue.concepts:
+        raise UnprocessableError(f"the dataset {data} names no concept (no concept list in {concepts.DATASET_SUMMARY}, "
+                                 "no tag on its train records), so nothing can be forgotten from it; give another `data`")
+    try:
+        chosen = catalogue.resolve(names)
+    except InputError as e:
+        raise UnprocessableError(str(e)) from e
+    return [c.name for c in chosen]
+
+
+def check_forget_method(method: str, model: Path) -> None:
+    """``hac`` needs a hyperbolic (lorentz) model: on any other the request is refused (422), naming ``ac``."""
+    from training.artifact import read_config
+
+    geometry = read_config(model).get("geometry")
+    if method == "hac" and geometry != "lorentz":
+        raise UnprocessableError(f"method 'hac' (hyperbolic alignment calibration) needs a lorentz model, and the served "
+                                 f"model is {geometry}; use method 'ac', its Euclidean form (or 'cliperase')")
+
+
+def forget_steps(req: ForgetRequest, *, concepts: list[str], model: Path, out: Path, data: Path,
+                 roots: list[Path]) -> list[list[str]]:
+    """A forget job's training and evaluation steps (its index step is ``reindex_steps``).
+
+    ``train`` unlearns ``concepts`` from ``model`` into ``out``; ``eval --unlearning`` compares the
+    two on the test split of ``data`` and writes ``report.json`` into the job's ``UNLEARNING`` folder.
+    """
+    forget = ",".join(concepts)
+    train = ["train", "--method", req.method, "--model", str(model), "--forget", forget, "--data", str(data),
+             "--out", str(out), *data_root_args(roots)]
+    options = {"--preset": req.preset, "--epochs": req.epochs, "--lr": req.lr, "--seed": req.seed,
+               "--max-steps": req.max_steps}
+    for flag, value in options.items():
+        if value is not None:
+            train += [flag, str(value)]
+    evaluate = ["eval", "--unlearning", "--forget", forget, "--data", str(data), "--split", "test",
+                "--out", f"{JOB_DIR}/{UNLEARNING}", "--compare", str(model), str(out)]
+    return [train, evaluate]
+
+
+def unlearning_result(folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """A forget job's ``result["unlearning"]``: its evaluation's table (``report.json``: artifact directory name
+    -> metrics) with the concepts, the method and the forget/retain sizes the new model's provenance records.
+
+    Raises DataError when the evaluation left no readable report (the job then fails, changing nothing).
+    """
+    from training.artifact import read_config
+
+    path = folder / UNLEARNING / "report.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"the forget job's evaluation wrote no readable {path.name} ({e.__class__.__name__}); "
+                        "see the job's log, then submit the job again") from e
+    info = plan.get("unlearning") or {}
+    forgotten = (read_config(plan["new_model"]).get("provenance") or {}).get("forget") or {}
+    return {
+        "concepts": info.get("concepts"), "method": info.get("method"),
+        "forget_pairs": forgotten.get("forget_pairs"), "retain_pairs": forgotten.get("retain_pairs"),
+        "before": Path(plan["served_model"]).name, "after": Path(plan["new_model"]).name,
+        "table": table, "report": str(folder / UNLEARNING / "report.md"),
+    }

@@ -219,12 +219,38 @@ class RetrainRequest(StrictModel):
     source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
 
 
+#: a concept or tag to forget: no comma (the CLI's separator), at least one visible character
+CONCEPT_PATTERN = r"^[^,\x00-\x1f]*[^,\s\x00-\x1f][^,\x00-\x1f]*$"
+ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=CONCEPT_PATTERN)]
+ForgetMethod = Literal["cliperase", "ac", "hac", "ga", "graddiff", "kl"]
+
+
+class ForgetRequest(StrictModel):
+    """Unlearn concepts from the served model, evaluate before/after, and (``reindex``) swap model and index."""
+
+    concepts: list[ConceptName] = Field(
+        min_length=1, max_length=32,
+        description="Concept names or tags of the training data (a tag stands for all its concepts), e.g. [\"knife\"].",
+    )
+    method: ForgetMethod = Field("cliperase", description="Unlearning method; hac needs a lorentz (hyperbolic) model.")
+    data: PathText | None = Field(
+        None, description="ViSU-layout dataset whose pairs showing the concepts are forgotten, the others retained "
+        "(default: the served model's training data, from its provenance, when it lies under the data roots).")
+    preset: Literal["demo"] | None = None
+    epochs: int | None = Field(None, ge=1, le=1000, strict=True)
+    lr: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, strict=True)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, strict=True, description="Stop after this many optimizer steps.")
+    reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
+    source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
+
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class Job(BaseModel):
     id: str
-    kind: Literal["reindex", "retrain"]
+    kind: Literal["reindex", "retrain", "forget"]
     status: JobStatus
     progress: float = Field(0.0, ge=0, le=1)
     step: str | None = Field(None, description="The command now running.")
@@ -234,7 +260,8 @@ class Job(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     request: dict[str, Any] = {}
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = Field({}, description="On success: what was swapped in; a forget job adds `unlearning`, "
+                                    "the before/after table of its evaluation.")
 
 
 class JobList(BaseModel):

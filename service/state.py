@@ -24,7 +24,7 @@ from indexer.index import Index, check_model, generations_for, open_index
 from service.audit import AuditLog
 from service.batching import Batcher
 from service.errors import ConflictError, UnavailableError
-from service.jobs import JobManager, JobRecord
+from service.jobs import JobManager, JobRecord, unlearning_result
 from service.metrics import Metrics
 from service.settings import Settings
 from training import artifact as artifacts
@@ -295,7 +295,16 @@ class Services:
             log.warning("could not follow index %s to its current generation: %s", self.settings.index, e)
 
     def job_succeeded(self, job: JobRecord) -> dict[str, Any]:
-        """The jobs' ``on_success`` (past the job's commit point): accept what the job staged.
+        """The jobs' ``on_success``: accept what the job staged (``_accept``); a forget job's result adds
+        ``unlearning``, its evaluation's table, read before anything is switched (no table: the job fails)."""
+        extra: dict[str, Any] = {}
+        if job.kind == "forget":
+            assert self.jobs is not None, "only the job manager calls on_success"
+            extra["unlearning"] = unlearning_result(self.jobs.folder(job.id), job.plan)
+        return {**self._accept(job), **extra}
+
+    def _accept(self, job: JobRecord) -> dict[str, Any]:
+        """Past the job's commit point: accept what the job staged.
 
         For the served index: open the staged generation itself (not the pointer), check that it
         was built by the model, and only then switch the pointer and swap the pair, under the swap

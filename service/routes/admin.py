@@ -1,4 +1,4 @@
-"""``/v1/admin/*``: reindex and retrain jobs, their status and cancellation, a reload, and the audit log (admin token).
+"""``/v1/admin/*``: reindex, retrain and forget jobs, their status and cancellation, a reload, and the audit log (admin token).
 
 Job submissions and cancels are privileged requests: each leaves an audit record (token name ``admin``).
 """
@@ -16,8 +16,17 @@ from fastapi import APIRouter, Depends, Query, Request
 from service import audit
 from service.deps import ServicesDep, audited_admin, require_admin
 from service.errors import ForbiddenError, UnavailableError
-from service.jobs import JobManager, read_source, reindex_steps, train_step
-from service.schemas import AuditPage, IndexSource, Job, JobList, ReindexRequest, Reload, RetrainRequest
+from service.jobs import (
+    JobManager,
+    check_forget_method,
+    forget_concepts,
+    forget_data,
+    forget_steps,
+    read_source,
+    reindex_steps,
+    train_step,
+)
+from service.schemas import AuditPage, ForgetRequest, IndexSource, Job, JobList, ReindexRequest, Reload, RetrainRequest
 from service.settings import TOKEN_NAME
 from service.state import Services, model_candidates
 from training.errors import InputError
@@ -80,18 +89,52 @@ async def retrain(body: RetrainRequest, request: Request, services: ServicesDep)
     steps = [train_step(body, model=model, out=out, roots=settings.data_roots)]
     plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
     if body.reindex:
-        source = body.source
-        if source is None:
-            remembered = read_source(settings.state_dir)
-            if remembered is None:
-                raise InputError("nothing to reindex from yet: give `source` (the gallery to index with the new model)")
-            source = IndexSource(**remembered)
-        reindex = ReindexRequest(source=source)
-        steps += reindex_steps(reindex, model=out, name=settings.index, roots=settings.data_roots,
-                               media_root=settings.media_root, qdrant_url=settings.qdrant_url,
-                               index_root=settings.index_root)
-        plan["source"] = source.model_dump(exclude_none=True)
+        steps += _reindex_with(out, body.source, services, plan)
     job = _jobs(services).submit("retrain", body.model_dump(exclude_none=True), steps, plan)
+    audit.note(request, job=job["id"])
+    return job
+
+
+def _reindex_with(model: Path, source: IndexSource | None, services: Services, plan: dict[str, Any]) -> list[list[str]]:
+    """The step that rebuilds the served index with a job's new ``model`` (from ``source``, default: the last
+    reindex's), recording the source in ``plan``."""
+    settings = services.settings
+    if source is None:
+        remembered = read_source(settings.state_dir)
+        if remembered is None:
+            raise InputError("nothing to reindex from yet: give `source` (the gallery to index with the new model)")
+        source = IndexSource(**remembered)
+    plan["source"] = source.model_dump(exclude_none=True)
+    return reindex_steps(ReindexRequest(source=source), model=model, name=settings.index, roots=settings.data_roots,
+                         media_root=settings.media_root, qdrant_url=settings.qdrant_url, index_root=settings.index_root)
+
+
+FORGET_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    422: {"description": "A malformed body; or a concept the dataset does not know (the message lists its concepts "
+                         "and tags), `hac` on a Euclidean model, or no `data` when the served model records none."},
+}
+
+
+@router.post("/forget", response_model=Job, status_code=202, responses=FORGET_ERRORS,
+             summary="Make the served model forget concepts", dependencies=[Depends(audited_admin)])
+async def forget(body: ForgetRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
+    """Unlearn ``concepts`` from the served model, evaluate it before and after on the test split of the data
+    (the job's ``result.unlearning`` holds the table), and with ``reindex`` rebuild the served index with the
+    new model and swap both together. A job that fails or is cancelled changes nothing served."""
+    audit.note(request, query=body.model_dump(exclude_none=True))
+    settings = services.settings
+    model = _served_model(services)
+    check_forget_method(body.method, model)
+    data = forget_data(body.data, model, settings.data_roots)
+    concepts = await asyncio.to_thread(forget_concepts, data, body.concepts, settings.data_roots)
+    out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-forget-{body.method}"
+    steps = forget_steps(body, concepts=concepts, model=model, out=out, data=data, roots=settings.data_roots)
+    plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index,
+                            "served_model": str(model), "unlearning": {"concepts": concepts, "method": body.method}}
+    if body.reindex:
+        steps += _reindex_with(out, body.source, services, plan)
+    job = _jobs(services).submit("forget", body.model_dump(exclude_none=True), steps, plan)
     audit.note(request, job=job["id"])
     return job
 

@@ -246,7 +246,7 @@ def test_a_job_running_when_the_service_stopped_is_ended_and_failed_on_restart(t
 # ------------------------------------------------------------------ over HTTP
 #: every path field of the admin job requests, as (route, field)
 PATH_FIELDS = [(route, f"source.{name}") for route in ("reindex", "retrain")
-               for name in ("images", "manifest", "visu", "texts", "media_root")] + [("retrain", "data")]
+               for name in ("images", "manifest", "visu", "texts", "media_root")] + [("retrain", "data"), ("forget", "data")]
 
 
 def job_body(route: str, field: str, value: str) -> dict:
@@ -260,6 +260,8 @@ def job_body(route: str, field: str, value: str) -> dict:
         source = {"visu": "data", "split": "test", name: value}
     if route == "reindex":
         return {"source": source}
+    if route == "forget":
+        return {"concepts": ["knife"], "data": value, "reindex": False}
     return {"data": value, "reindex": False} if field == "data" else {"data": "data", "source": source}
 
 
@@ -528,7 +530,8 @@ def test_admin_routes_check_the_token_before_the_body(server):
     ]
     for token in (None, "wrong", MODERATOR):
         with server.client(token) as c:
-            for route in ("/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/jobs/x/cancel", "/v1/admin/reload"):
+            for route in ("/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/forget", "/v1/admin/jobs/x/cancel",
+                          "/v1/admin/reload"):
                 for body, kind in bad_bodies:
                     r = c.post(route, content=body, headers={"content-type": kind})
                     assert r.status_code == 401, (token, route, body[:20], r.text)
@@ -538,4 +541,5 @@ def test_admin_routes_check_the_token_before_the_body(server):
     with server.client(ADMIN) as c:  # with the token, the body is judged
         assert c.post("/v1/admin/reindex", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
         assert c.post("/v1/admin/retrain", json={"data": "x", "epochs": 1.5}).status_code == 422
+        assert c.post("/v1/admin/forget", json={"concepts": ["knife"], "epochs": 1.5}).status_code == 422
         assert c.get("/v1/admin/nothing-here").status_code == 404
