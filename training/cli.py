@@ -170,6 +170,12 @@ class MethodOpt(str, Enum):
     hysac = "hysac"
     safeclip = "safeclip"
     clip = "clip"
+    cliperase = "cliperase"
+    ac = "ac"
+    hac = "hac"
+    ga = "ga"
+    graddiff = "graddiff"
+    kl = "kl"
 
 
 class PrecisionOpt(str, Enum):
@@ -178,8 +184,9 @@ class PrecisionOpt(str, Enum):
 
 
 def train(
-    method: MethodOpt = typer.Option(MethodOpt.hysac,
-                                     help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline)."),
+    method: MethodOpt = typer.Option(
+        MethodOpt.hysac, help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline); or forget a concept "
+        "from --model with cliperase, ac, hac (Lorentz models), ga, graddiff or kl (with --forget)."),
     data: Path = typer.Option(..., help="ViSU-layout dataset directory (with --preset demo: created if missing)."),
     out: Path = typer.Option(..., help="Artifact directory to create (must not exist)."),
     model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name "
@@ -201,7 +208,19 @@ def train(
         None, help="hysac/safeclip: every loss term's weight, comma-separated, in the order of metrics.jsonl's terms. "
         "hysac (7): contrastive_TI contrastive_T*I* contrastive_TI* contrastive_T*I entail_TI entail_T*I* entail_IT* "
         "(default 1,1,1,1,eta,eta,eta); safeclip (8): cd_S_Sref cd_U_Sref cd_V_Vref cd_G_Vref nce_S_Vref nce_U_Vref "
-        "nce_Sref_V nce_Sref_G (default 0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5)."),
+        "nce_Sref_V nce_Sref_G (default 0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5); cliperase (3): retain_contrastive "
+        "forget_similarity consistency_KL (1,3,3); ac (4): retain_contrastive negative_calibration positive_calibration "
+        "performance (1,1,1,0.1); hac (6): retain_contrastive retain_entailment(omega_r) negative_calibration "
+        "positive_calibration forget_entailment(omega_f) norm(lambda) (1,1,1,1,1,0.1); graddiff (2): retain_contrastive "
+        "forget_contrastive (1,1); kl (2): forget_contrastive retain_KL (1,1)."),
+    forget: Optional[str] = typer.Option(
+        None, help="Unlearning: concepts or tags to forget, comma-separated (the dataset's dataset.json concepts, or its "
+        "records' tags); their pairs are the forget set, every other pair the retain set."),
+    forget_manifest: Optional[Path] = typer.Option(
+        None, help="Unlearning: a .csv/.jsonl with image and caption columns listing pairs to forget (also with --forget)."),
+    objective_option: List[str] = typer.Option(
+        [], "--objective-option", help="Unlearning: NAME=VALUE choices of the method (repeatable): ac perf=uniformity|none; "
+        "hac positive=exp-neg-dist|neg-dist, norm=shrink|grow|none."),
     precision: Optional[PrecisionOpt] = typer.Option(None, help="fp32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute transformer activations in backward to save memory."),
     resume: Optional[Path] = typer.Option(None, help="Run directory (OUT.run) or checkpoint directory to resume from."),
@@ -215,9 +234,11 @@ def train(
     data_root: List[Path] = typer.Option([], "--data-root", help="Read data files only under this directory, after "
                                          "resolving symlinks (repeatable; none given: no limit)."),
 ) -> None:
-    """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP and write an artifact (multi-GPU: run under torchrun)."""
+    """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP, or make one forget a concept; write an artifact
+    (multi-GPU: run under torchrun)."""
     # loaded by the command that needs it: the CLI and --help start without torch
     from training import recipes, trainer
+    from training.data import concepts
 
     cfg = recipes.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
@@ -226,6 +247,8 @@ def train(
         precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
         seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
         run_dir=run_dir, max_steps=max_steps, data_roots=tuple(str(p) for p in data_root),
+        forget=tuple(concepts.parse_names(forget)) if forget is not None else (), forget_manifest=forget_manifest,
+        objective_options=tuple(objective_option),
     )
     result = trainer.train(cfg)
     if result.artifact is not None:

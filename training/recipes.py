@@ -35,6 +35,13 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "hysac": {"lr": 1e-4, "batch_size": 32, "epochs": 50},
     "safeclip": {"lr": 1e-3, "batch_size": 16, "epochs": 50},
     "clip": {"lr": 1e-4, "batch_size": 32, "epochs": 50},
+    # unlearning: short fine-tunes from a trained model (CLIPErase: Adam 1e-6, batch 16, 20 epochs on CLIP ViT)
+    "cliperase": {"lr": 1e-6, "batch_size": 16, "epochs": 20},
+    "ac": {"lr": 1e-6, "batch_size": 16, "epochs": 10},
+    "hac": {"lr": 1e-6, "batch_size": 16, "epochs": 10},
+    "ga": {"lr": 1e-6, "batch_size": 16, "epochs": 5},
+    "graddiff": {"lr": 1e-6, "batch_size": 16, "epochs": 5},
+    "kl": {"lr": 1e-6, "batch_size": 16, "epochs": 5},
 }
 # Defaults of the fields that every method shares and a recipe may set.
 SHARED_DEFAULTS: dict[str, Any] = {"model": "tiny", "full_finetune": False, "patience": 5, "workers": 2, "eta": 1.0,
@@ -80,6 +87,9 @@ class TrainConfig:
     cache_mb: int = 1024  # keep preprocessed training images in memory when they fit in this many MiB
     progress: bool = True
     data_roots: tuple[str, ...] = ()  # read files only under these directories (the service's jobs); () reads anywhere
+    forget: tuple[str, ...] = ()  # unlearning: the concepts or tags to forget
+    forget_manifest: Path | None = None  # unlearning: a .csv/.jsonl of (image, caption) pairs to forget
+    objective_options: tuple[str, ...] = ()  # unlearning: "name=value" choices of the method (e.g. norm=grow)
 
 
 def load_recipes(directory: Path = RECIPE_DIR) -> dict[str, dict[str, Any]]:
@@ -161,15 +171,44 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             raise InputError(msg)
     if cfg.weights is not None:
         cfg = replace(cfg, weights=check_weights(cfg.weights, cfg.method))
+    check_forgetting(cfg)
     run_dir = cfg.run_dir or cfg.out.with_name(cfg.out.name + ".run")
     return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), run_dir=Path(run_dir))
+
+
+def check_forgetting(cfg: TrainConfig) -> None:
+    """``--forget``/``--forget-manifest`` and ``--objective-option`` go with the unlearning methods, and only with them."""
+    forgetting = cfg.method in objectives.FORGETTING
+    if forgetting and not cfg.forget and cfg.forget_manifest is None:
+        raise InputError(f"--method {cfg.method} unlearns: name what to forget with --forget CONCEPTS (concept names or "
+                         "tags, comma-separated) or --forget-manifest FILE")
+    if not forgetting and (cfg.forget or cfg.forget_manifest is not None):
+        raise InputError(f"--forget and --forget-manifest go with an unlearning method ({', '.join(objectives.FORGETTING)}), "
+                         f"not --method {cfg.method}; for example --method cliperase")
+    if not forgetting and cfg.objective_options:
+        raise InputError(f"--objective-option goes with an unlearning method ({', '.join(objectives.FORGETTING)})")
+    if forgetting and cfg.resume is None and not Path(str(cfg.model)).is_dir():
+        raise InputError(f"--method {cfg.method} unlearns from a trained model: give --model ARTIFACT (a directory), "
+                         f"not {cfg.model!r}")
+    options_dict(cfg)
+
+
+def options_dict(cfg: TrainConfig) -> dict[str, str]:
+    """``--objective-option`` values as a dict; a malformed one is an :class:`InputError`."""
+    out = {}
+    for item in cfg.objective_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InputError(f"--objective-option takes NAME=VALUE, like norm=grow; got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def check_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
     """``--weights`` as a tuple, or an :class:`InputError` that names the method's terms in order."""
     terms = objectives.objective_class(method).terms
     if len(terms) < 2:
-        raise InputError(f"--weights applies to --method hysac or safeclip; {method} has a single loss term, so drop it")
+        raise InputError(f"--weights applies to methods with several loss terms; {method} has a single one, so drop it")
     if len(weights) != len(terms) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
         raise InputError(
             f"--weights for {method} takes {len(terms)} non-negative numbers, not all zero, one per loss term in the "

@@ -52,10 +52,10 @@ from tqdm import tqdm
 
 from training import architectures, artifact, checkpoint, distributed, evaluate, lora, objectives, optim, recipes, traversal
 from training.checkpoint import BEST, CHECKPOINT, Progress
-from training.data import loader
+from training.data import forget, loader
 from training.data.roots import DataRoots
 from training.encoder import SafetyEncoder
-from training.errors import ArtifactError, OutOfMemory, SafeRetrievalError, TrainingInterrupted
+from training.errors import ArtifactError, InputError, OutOfMemory, SafeRetrievalError, TrainingInterrupted
 from training.objectives import Batch, Embeddings, Objective
 from training.recipes import TrainConfig, resolve_config
 
@@ -96,6 +96,24 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------- the source
+def source_geometry(cfg: TrainConfig, objective_cls: type[Objective]) -> str:
+    """The geometry the run trains in: the objective's, or for ``any`` (unlearning) the source artifact's own.
+
+    An unlearning method never converts its source: forgetting from a HySAC model with a Euclidean
+    method would forget from another model. ``hac`` on a Euclidean artifact is refused, suggesting ``ac``.
+    """
+    if cfg.method not in objectives.FORGETTING:
+        return objective_cls.geometry
+    have = artifact.read_config(str(cfg.model))["geometry"]
+    if objective_cls.geometry not in ("any", have):
+        raise InputError(
+            f"--method {cfg.method} unlearns in {objective_cls.geometry} space, but {cfg.model} is a {have} model; "
+            + ("use --method ac (alignment calibration in Euclidean space) or cliperase" if have == "euclidean"
+               else f"use a method that works on {have} models")
+        )
+    return have
+
+
 def load_source(source: str, geometry: str, *, pretrained: str | None = None) -> tuple[SafetyEncoder, dict[str, Any]]:
     """The encoder training starts from, with the geometry the method needs.
 
@@ -281,14 +299,20 @@ class _Run:
         val = splits["validation"].records
         self.val_records = val[: cfg.val_limit] if cfg.val_limit else val
         self.skipped = {k: dict(s.skipped or {}) for k, s in splits.items()}
+        self.forget_split = None
+        if cfg.method in objectives.FORGETTING:  # the train records become (retain pair, forget pair) quadruplets
+            self.forget_split = forget.split(self.train_records, cfg.data, forget=cfg.forget, manifest=cfg.forget_manifest,
+                                             roots=self.roots)
+            self.log(self.forget_split.describe())
+            self.train_records = forget.pairings(self.forget_split, seed=cfg.seed)
 
         objective_cls = objectives.objective_class(cfg.method)
         torch.manual_seed(cfg.seed)  # the same initial weights (and adapters) on every rank
-        encoder, source_info = load_source(cfg.model, objective_cls.geometry, pretrained=cfg.pretrained)
+        encoder, source_info = load_source(cfg.model, source_geometry(cfg, objective_cls), pretrained=cfg.pretrained)
         # built before the adapters go in: a frozen reference is the encoder as training found it
         objective = objectives.build(
             cfg.method, reference=encoder, eta=cfg.eta, gather_negatives=cfg.gather_negatives, clip_pairs=cfg.clip_pairs,
-            weights=cfg.weights,
+            weights=cfg.weights, options=recipes.options_dict(cfg),
         )
         if source_info.get("init") == "random":
             for name in objective.frozen():
@@ -300,6 +324,8 @@ class _Run:
         self.step_module = TrainStep(self.encoder, objective).to(ctx.device)
         self.opt = optim.build_optimizer(self.encoder, cfg.method, cfg)
         self.identity = checkpoint.identity(self.encoder, cfg, objective)
+        if self.forget_split is not None:  # a resumed run must forget the same pairs
+            self.identity["forget"] = self.forget_split.provenance()
         self.progress = Progress()
         resume = None
         if cfg.resume is not None:  # refuse a checkpoint that does not fit before anything is written
@@ -470,7 +496,8 @@ class _Run:
         unreadable = distributed.union_size(self.unreadable, len(self.train_records), ctx)
         if unreadable:  # skipped like the records load_splits skipped, and counted with them
             self.skipped.setdefault("train", {})["unreadable image"] = unreadable
-        improved = p.best_recall_sum is None or score > p.best_recall_sum
+        # unlearning keeps the last epoch: its validation recall falls by design as the concept goes
+        improved = p.best_recall_sum is None or score > p.best_recall_sum or self.objective.keep_last
         if improved:
             p.best_recall_sum, p.best_epoch, p.bad_epochs = score, p.epoch, 0
             if ctx.is_main:
@@ -528,6 +555,7 @@ class _Run:
             adapters="full" if cfg.full_finetune else f"lora r={cfg.lora_rank} alpha={cfg.lora_alpha:g}",
             lr=cfg.lr, batch_size=cfg.batch_size, world_size=self.ctx.world_size, seed=cfg.seed,
             gather_negatives=cfg.gather_negatives, preset=cfg.preset,
+            forget=self.forget_split.provenance() if self.forget_split is not None else None,
             **{**dict.fromkeys(OBJECTIVE_PROVENANCE), **self.objective.provenance()},
         )
         art = artifact.Artifact(plain.cpu(), bounds=bounds, safety=safety, provenance=prov)

@@ -46,8 +46,10 @@ class Concept:
     safe_counterparts: tuple[str, ...] = ()
 
     def named_in(self, caption: str) -> bool:
-        """Whether ``caption`` names this concept (its keyword as whole words; any caption without a keyword)."""
-        return self.keyword is None or _words(self.keyword).search(caption.lower()) is not None
+        """Whether ``caption`` names this concept: its keyword or one of its phrases, as whole words (any caption,
+        for a concept without a keyword)."""
+        text = caption.lower()
+        return self.keyword is None or any(_words(w).search(text) for w in (self.keyword, *self.phrases))
 
     def shown_by(self, record: Record) -> bool:
         return record.tag == self.tag and self.named_in(record.nsfw)
@@ -56,7 +58,9 @@ class Concept:
         """The safe counterpart that ``caption`` names (the longest that matches), or None."""
         text = caption.lower()
         for name in sorted(self.safe_counterparts, key=len, reverse=True):
-            if _words(name).search(text):
+            # a colour may sit inside a multi-word name: "a man in a red coat" names "man in a coat"
+            pattern = r"(?<!\w)" + r"\s+(?:\w+\s+)?".join(map(re.escape, name.split())) + r"(?!\w)"
+            if re.search(pattern, text):
                 return name
         return None
 

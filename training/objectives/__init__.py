@@ -1,4 +1,5 @@
-"""Training objectives, side by side: ``hysac`` (hyperbolic), ``safeclip`` (Euclidean unlearning), ``clip`` (baseline)."""
+"""Training objectives, side by side: ``hysac`` (hyperbolic), ``safeclip`` (Euclidean unlearning), ``clip`` (baseline),
+and the concept-unlearning methods ``cliperase``, ``ac``, ``hac``, ``ga``, ``graddiff``, ``kl`` (:mod:`.unlearning`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from training.objectives.clip import ClipObjective
 from training.objectives.hysac import HySACObjective
 from training.objectives.safeclip import DEFAULT_WEIGHTS as SAFECLIP_WEIGHTS
 from training.objectives.safeclip import SafeClipObjective
+from training.objectives.unlearning import UNLEARNING, UnlearningObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "hysac": HySACObjective,
     "safeclip": SafeClipObjective,
     "clip": ClipObjective,
+    **{cls.name: cls for cls in UNLEARNING},
 }
 METHODS: tuple[str, ...] = tuple(OBJECTIVES)
+FORGETTING: tuple[str, ...] = tuple(cls.name for cls in UNLEARNING)  # the methods that take --forget
 
 
 def objective_class(method: str) -> type[Objective]:
@@ -29,19 +33,27 @@ def reference_weights(method: str) -> tuple[float, ...]:
     cls = objective_class(method)
     if cls is SafeClipObjective:
         return SAFECLIP_WEIGHTS
+    if issubclass(cls, UnlearningObjective) and cls.default_weights:
+        return cls.default_weights
     return (1.0,) * len(cls.terms)
 
 
 def build(
     method: str, *, reference=None, eta: float = 1.0, gather_negatives: bool = False, clip_pairs: str = "safe",
-    weights: tuple[float, ...] | None = None,
+    weights: tuple[float, ...] | None = None, options: dict[str, str] | None = None,
 ) -> Objective:
     """The objective for ``method``; ``reference`` (the encoder before training) is needed by safeclip.
 
     ``weights``: the term weights of hysac or safeclip, in the order of the class's ``terms`` (None:
-    the reference's; for hysac ``[1, 1, 1, 1, eta, eta, eta]``). clip has a single term.
+    the reference's; for hysac ``[1, 1, 1, 1, eta, eta, eta]``). clip has a single term. ``options``: an
+    unlearning method's choices (``UnlearningObjective.options``); the unlearning methods with a
+    consistency term (cliperase, kl) also keep ``reference`` frozen.
     """
     cls = objective_class(method)
+    if issubclass(cls, UnlearningObjective):
+        return cls(reference, weights=weights, options=options)
+    if options:
+        raise InputError(f"--objective-option applies to the unlearning methods ({', '.join(FORGETTING)}), not {method}")
     if cls is SafeClipObjective:
         if reference is None:
             raise ValueError("safeclip needs the encoder before training as its frozen reference")
@@ -55,5 +67,5 @@ def build(
 
 __all__ = [
     "Batch", "Embeddings", "LossOutput", "Objective", "ClipObjective", "HySACObjective", "SafeClipObjective",
-    "OBJECTIVES", "METHODS", "objective_class", "reference_weights", "build",
+    "UnlearningObjective", "OBJECTIVES", "METHODS", "FORGETTING", "objective_class", "reference_weights", "build",
 ]

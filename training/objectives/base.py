@@ -59,10 +59,11 @@ class LossOutput:
 class Objective(nn.Module):
     """Base class: ``forward(embeddings, encoder) -> LossOutput``.
 
-    Class attributes say what the trainer must prepare: the encoder ``geometry``, whether the unsafe
-    half of each quadruplet is embedded (``uses_unsafe``), which of the encoder's learnable scalars
-    (``logit_scale``, ``curv``, ``visual_alpha``, ``textual_alpha``) this objective trains, and which
-    ``optimizer`` its reference uses. The methods below are how an objective tells the trainer what
+    Class attributes say what the trainer must prepare: the encoder ``geometry`` (``any``: the source
+    artifact's own), whether the unsafe half of each quadruplet is embedded (``uses_unsafe``), which of
+    the encoder's learnable scalars (``logit_scale``, ``curv``, ``visual_alpha``, ``textual_alpha``) this
+    objective trains, which ``optimizer`` its reference uses, and whether the last epoch is kept
+    (``keep_last``). The methods below are how an objective tells the trainer what
     else it owns, so that a new objective needs no branch in the loop.
     """
 
@@ -72,6 +73,7 @@ class Objective(nn.Module):
     trained_scalars: ClassVar[tuple[str, ...]] = ()
     terms: ClassVar[tuple[str, ...]] = ()  # names of the weighted loss terms, in the order ``--weights`` takes them
     optimizer: ClassVar[str] = "adamw"  # "adamw" (decay on weight matrices only) or "adam" (no decay)
+    keep_last: ClassVar[bool] = False  # the artifact is the last epoch's weights, not the best validation recall's
 
     def __init__(self, *, gather_negatives: bool = False):
         super().__init__()

@@ -1,0 +1,264 @@
+"""Concept unlearning, training side: concepts, forget/retain sets, the six objectives, the trainer and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import architectures, artifact, lorentz, objectives, recipes, trainer
+from training.data import concepts, forget, synthetic, visu
+from training.data.roots import DataRoots
+from training.encoder import SafetyEncoder
+from training.errors import InputError, OutsideRootsError
+from training.objectives import Embeddings
+from training.objectives.unlearning import UNLEARNING
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("unlearning-data") / "visu"
+    synthetic.generate(root, n=120, seed=5, image_size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_records(data):
+    return visu.load_split(data, "train").records
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    """geometry -> a randomly initialised tiny artifact to forget from."""
+    root = tmp_path_factory.mktemp("unlearning-bases")
+    out = {}
+    for geometry in ("euclidean", "lorentz"):
+        torch.manual_seed(0)
+        out[geometry] = artifact.save(artifact.Artifact(SafetyEncoder(architectures.resolve("tiny"), geometry)),
+                                      root / geometry)
+    return out
+
+
+# ------------------------------------------------------------------------------------ concepts
+def test_a_synthetic_dataset_names_every_record_s_concept(data, train_records):
+    cat = concepts.catalogue(data, train_records)
+    assert len(cat.concepts) == len(synthetic.CONCEPTS)
+    assert cat.tags["weapons"] == ("gun", "knife")
+    for r in train_records:
+        c = cat.concept_of(r)
+        assert c is not None and c.tag == r.tag and c.named_in(r.nsfw)
+        assert c.counterpart_in(r.safe) in c.safe_counterparts  # the safe half shows a harmless look-alike
+
+
+def test_names_and_tags_resolve_and_an_unknown_name_lists_the_known_ones(data, train_records):
+    cat = concepts.catalogue(data, train_records)
+    assert [c.name for c in cat.resolve(["Knife "])] == ["knife"]
+    assert {c.name for c in cat.resolve(["weapons", "pills"])} == {"gun", "knife", "pills"}
+    with pytest.raises(InputError) as e:
+        cat.resolve(["sword"])
+    assert "sword" in str(e.value) and "knife" in str(e.value) and "weapons (gun, knife)" in str(e.value)
+    with pytest.raises(InputError):
+        concepts.parse_names(" , ")
+    assert concepts.parse_names(["knife, gun", "drug use"]) == ["knife", "gun", "drug use"]
+
+
+def test_without_a_dataset_summary_each_tag_is_a_concept(tmp_path, train_records):
+    cat = concepts.catalogue(tmp_path, train_records)  # no dataset.json: the real ViSU case
+    assert set(cat.concepts) == {r.tag for r in train_records}
+    weapons = cat.resolve(["weapons"])[0]
+    assert all(weapons.shown_by(r) == (r.tag == "weapons") for r in train_records)
+
+
+def test_a_concept_s_words_leave_the_caption_and_the_rest_stays():
+    knife = concepts.Concept("knife", "weapons", "knife", ("a sharp knife", "a knife"))
+    assert knife.without("a photo of a sharp knife in a kitchen, with a red ball") == "a photo of in a kitchen, with a red ball"
+    assert not knife.named_in("a knifes edge")  # whole words only
+
+
+# ------------------------------------------------------------------------- forget and retain sets
+def test_the_forget_set_is_the_unsafe_pairs_showing_the_concept_and_the_retain_set_everything_else(data, train_records):
+    fs = forget.split(train_records, data, forget=["knife"])
+    shows = [r for r in train_records if "knife" in r.nsfw]  # "gun" would miss "a handgun"
+    assert {p.image for p in fs.forget} == {r.nsfw_image for r in shows} and len(fs.forget) == len(shows) > 0
+    retained = {p.image for p in fs.retain}
+    assert {r.safe_image for r in train_records} <= retained  # every safe look-alike (a spoon) is kept
+    assert not {r.nsfw_image for r in shows} & retained
+    assert len(fs.retain) == 2 * len(train_records) - len(shows)
+    assert fs.provenance() == {"concepts": ["knife"], "forget_pairs": len(shows), "retain_pairs": len(fs.retain),
+                               "manifest": None}
+
+
+def test_a_concept_no_training_pair_shows_is_refused_with_the_known_ones(data, train_records):
+    without_knives = [r for r in train_records if "knife" not in r.nsfw]
+    with pytest.raises(InputError, match="no training pair shows knife.*concepts: blood"):
+        forget.split(without_knives, data, forget=["knife"])
+
+
+def test_a_manifest_lists_pairs_to_forget_and_its_images_leave_the_retain_set(data, train_records, tmp_path):
+    chosen = train_records[:3]
+    manifest = tmp_path / "takedown.csv"
+    rows = ["image,caption"] + [f"{r.safe_image},{r.safe.replace(',', ' ')}" for r in chosen]
+    manifest.write_text("\n".join(rows) + "\n")
+    fs = forget.split(train_records, data, manifest=manifest)
+    assert {p.image for p in fs.forget} == {r.safe_image for r in chosen} and fs.concepts == ()
+    assert not {p.image for p in fs.retain} & {r.safe_image for r in chosen}
+    assert len(fs.retain) == 2 * len(train_records) - 3
+    jsonl = tmp_path / "takedown.jsonl"
+    jsonl.write_text(json.dumps({"image": str(chosen[0].nsfw_image), "caption": "x"}) + "\n")
+    both = forget.split(train_records, data, forget=["gun"], manifest=jsonl)
+    assert chosen[0].nsfw_image in {p.image for p in both.forget} and both.concepts == ("gun",)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("image,caption\n", "lists no pairs"),
+    ("image,caption\nmissing.jpg,a cat\n", "does not exist"),
+    ("image\nmissing.jpg\n", "needs a non-empty image and caption"),
+])
+def test_a_bad_manifest_says_what_is_wrong(data, train_records, tmp_path, content, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    with pytest.raises(InputError, match=message):
+        forget.split(train_records, data, manifest=manifest)
+
+
+def test_manifest_images_are_confined_to_the_data_roots(data, train_records, tmp_path):
+    manifest = data.parent / "m.csv"
+    outside = tmp_path / "x.jpg"
+    outside.write_bytes(train_records[0].safe_image.read_bytes())
+    manifest.write_text(f"image,caption\n{outside},a cat\n")
+    with pytest.raises(OutsideRootsError):
+        forget.split(train_records, data, manifest=manifest, roots=DataRoots.of([data.parent]))
+
+
+def test_forgetting_everything_leaves_no_retain_set_and_is_refused(data, train_records, tmp_path):
+    manifest = tmp_path / "all.csv"
+    manifest.write_text("image,caption\n" + "".join(f"{r.safe_image},a\n" for r in train_records))
+    with pytest.raises(InputError, match="retain set is empty"):
+        forget.split(train_records, data, forget=sorted({r.tag for r in train_records}), manifest=manifest)
+
+
+def test_pairings_walk_the_retain_set_once_and_cycle_the_forget_set(data, train_records):
+    fs = forget.split(train_records, data, forget=["knife"])
+    quads = forget.pairings(fs, seed=1)
+    assert [(q.safe, q.safe_image) for q in quads] == [(p.caption, p.image) for p in fs.retain]
+    k = len(fs.forget)
+    first = [q.nsfw_image for q in quads[:k]]
+    assert sorted(first) == sorted(p.image for p in fs.forget)  # each forget pair once before any repeats
+    assert [q.nsfw_image for q in quads[k:2 * k]] == first
+    assert [q.nsfw_image for q in forget.pairings(fs, seed=1)] == [q.nsfw_image for q in quads]
+
+
+# ------------------------------------------------------------------------------------ objectives
+def _embeddings(geometry: str, b: int = 6, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(b, d, generator=g) for _ in range(4)]
+    if geometry == "euclidean":
+        xs = [torch.nn.functional.normalize(x, dim=-1) for x in xs]
+    else:
+        xs = [lorentz.exp_map0(0.5 * x, 1.0) for x in xs]
+    return [x.requires_grad_(True) for x in xs]
+
+
+@pytest.mark.parametrize("cls", UNLEARNING, ids=lambda c: c.name)
+def test_every_method_gives_a_finite_loss_with_gradients_on_both_halves(cls):
+    geometry = "lorentz" if cls.geometry == "lorentz" else "euclidean"
+    enc = SafetyEncoder(architectures.resolve("tiny"), geometry)
+    obj = objectives.build(cls.name, reference=enc)
+    s, v, u, g = _embeddings(geometry)
+    refs = {"s_ref": s.detach() + 0.01, "v_ref": v.detach()} if obj.frozen() else {}
+    out = obj(Embeddings(s=s, v=v, u=u, g=g, **refs), enc)
+    assert torch.isfinite(out.loss) and set(out.terms) == set(cls.terms)
+    out.loss.backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0  # the forget half is always pushed
+    if cls.name != "ga":
+        assert s.grad is not None and s.grad.abs().sum() > 0  # and the retain half held
+
+
+def test_gradient_ascent_raises_the_forget_pairs_contrastive_loss():
+    enc = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
+    obj = objectives.build("ga")
+    s, v, u, g = _embeddings("euclidean")
+    out = obj(Embeddings(s=s, v=v, u=u, g=g), enc)
+    assert float(out.loss) == pytest.approx(-float(out.terms["forget_contrastive"]))
+
+
+def test_cliperase_consistency_is_zero_while_the_model_is_the_original():
+    enc = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
+    obj = objectives.build("cliperase", reference=enc)
+    s, v, u, g = _embeddings("euclidean")
+    out = obj(Embeddings(s=s, v=v, u=u, g=g, s_ref=s.detach(), v_ref=v.detach()), enc)
+    assert float(out.terms["consistency_KL"]) == pytest.approx(0.0, abs=1e-6)
+    moved = obj(Embeddings(s=s, v=v, u=u, g=g, s_ref=s.detach().roll(1, 0), v_ref=v.detach()), enc)
+    assert float(moved.terms["consistency_KL"]) > 1e-3
+
+
+def test_hac_forget_entailment_is_zero_once_the_forget_image_leaves_its_caption_s_cone():
+    enc = SafetyEncoder(architectures.resolve("tiny"), "lorentz")
+    obj = objectives.build("hac")
+    s, v, u, _ = _embeddings("lorentz")
+    inside = u.detach() * 1.5  # farther along the caption's own ray: inside its cone
+    outside = -u.detach()  # the opposite direction: far outside
+    terms_in = obj(Embeddings(s=s, v=v, u=u, g=inside), enc).terms
+    terms_out = obj(Embeddings(s=s, v=v, u=u, g=outside), enc).terms
+    assert float(terms_in["forget_entailment"]) > 0 and float(terms_out["forget_entailment"]) == 0
+
+
+def test_options_are_checked_and_recorded():
+    obj = objectives.build("hac", options={"norm": "grow"})
+    assert obj.provenance()["options"] == {"norm": "grow"} and obj.identity() == {"options": {"norm": "grow"}}
+    with pytest.raises(InputError, match="norm=shrink|grow|none"):
+        objectives.build("hac", options={"norm": "sideways"})
+    with pytest.raises(InputError, match="no option 'norm'"):
+        objectives.build("cliperase", options={"norm": "grow"})
+    with pytest.raises(InputError, match="unlearning methods"):
+        objectives.build("hysac", options={"norm": "grow"})
+
+
+# ------------------------------------------------------------------------------------ the trainer
+def _config(data: Path, out: Path, model: Path, **kw) -> recipes.TrainConfig:
+    base = dict(method="cliperase", data=data, out=out, model=str(model), forget=("knife",), full_finetune=True,
+                epochs=1, batch_size=BATCH, lr=1e-3, workers=0, progress=False, device="cpu", seed=0, max_steps=3)
+    return recipes.TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method, geometry", [("cliperase", "euclidean"), ("kl", "lorentz"), ("hac", "lorentz")])
+def test_an_unlearning_run_writes_an_artifact_that_records_what_it_forgot(method, geometry, data, bases, tmp_path):
+    out = tmp_path / "forgot"
+    result = trainer.train(_config(data, out, bases[geometry], method=method))
+    art = artifact.load(result.artifact, device="cpu")
+    assert art.geometry == geometry  # forgetting never converts its source
+    prov = art.provenance
+    assert prov["method"] == method and prov["forget"]["concepts"] == ["knife"]
+    assert prov["forget"]["forget_pairs"] > 0 and prov["forget"]["retain_pairs"] > prov["forget"]["forget_pairs"]
+    assert prov["weights"] == list(objectives.reference_weights(method))
+    assert result.steps == 3
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"method": "hysac"}, "go with an unlearning method"),
+    ({"forget": ()}, "name what to forget"),
+    ({"forget": ("sword",)}, "unknown concept 'sword'.*knife"),
+    ({"method": "hac"}, "use --method ac"),
+    ({"objective_options": ("norm",)}, "NAME=VALUE"),
+    ({"method": "ga", "weights": (1.0,)}, "single one"),
+])
+def test_bad_unlearning_input_is_refused_before_anything_is_written(kw, message, data, bases, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=message):
+        trainer.train(_config(data, out, bases["euclidean"], **kw))
+    assert not out.exists() and not out.with_name("out.run").exists()
+
+
+def test_the_cli_trains_a_forgetting_run_and_refuses_forget_without_a_method(cli, data, bases, tmp_path):
+    out = tmp_path / "cli-forgot"
+    cli("train", "--method", "ga", "--model", bases["euclidean"], "--forget", "knife,gun", "--data", data, "--out", out,
+        "--full-finetune", "--epochs", "1", "--batch-size", BATCH, "--max-steps", 2, "--device", "cpu", "--lr", "1e-4")
+    prov = json.loads((out / artifact.CONFIG).read_text())["provenance"]
+    assert prov["forget"]["concepts"] == ["gun", "knife"]
+    proc = cli("train", "--method", "clip", "--forget", "knife", "--data", data, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "unlearning method" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()

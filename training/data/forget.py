@@ -1,0 +1,152 @@
+"""The forget set and the retain set of an unlearning run, and the training records that pair them.
+
+A dataset's *pairs* are the (caption, image) pairs of its quadruplets: every safe pair ``(T, I)``
+and every unsafe pair ``(T*, I*)``. The **forget set** holds the unsafe pairs of the quadruplets
+that show a forgotten concept (:mod:`training.data.concepts`), plus the pairs a manifest lists
+(``--forget-manifest``: a ``.csv`` or ``.jsonl`` file with ``image`` and ``caption`` columns, images
+relative to the manifest). The **retain set** is every other pair: the safe halves of all
+quadruplets (the harmless look-alikes a takedown must not hurt), the unsafe pairs of the other
+concepts, and nothing whose image is listed in the manifest.
+
+The trainer reads quadruplets, so :func:`pairings` builds one per retain pair: its safe half is the
+retain pair and its unsafe half a forget pair, taken in a seeded order and cycled (the forget set is
+usually far smaller). The unlearning objectives read them as such: ``s, v`` retain, ``u, g`` forget.
+An epoch is one pass over the retain set.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from training.data import concepts as concept_catalogue
+from training.data.roots import DataRoots
+from training.data.visu import Quadruplet
+from training.errors import DataError, InputError
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Pair:
+    caption: str
+    image: Path
+
+
+@dataclass
+class ForgetSplit:
+    """What an unlearning run forgets and keeps."""
+
+    concepts: tuple[str, ...]  # the concept names selected (empty with a manifest alone)
+    forget: list[Pair]
+    retain: list[Pair]
+    manifest: Path | None = None
+
+    def describe(self) -> str:
+        what = ", ".join(self.concepts) if self.concepts else "the manifest's pairs"
+        return (f"forget set: {len(self.forget)} pairs ({what}"
+                + (f"; manifest {self.manifest}" if self.manifest and self.concepts else "")
+                + f"); retain set: {len(self.retain)} pairs")
+
+    def provenance(self) -> dict:
+        return {"concepts": list(self.concepts), "forget_pairs": len(self.forget), "retain_pairs": len(self.retain),
+                "manifest": str(self.manifest) if self.manifest else None}
+
+
+def read_manifest(path: Path, roots: DataRoots = DataRoots()) -> list[Pair]:
+    """The (image, caption) rows of a forget manifest; images relative to its folder, checked against ``roots``."""
+    path = Path(path)
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise InputError(f"--forget-manifest {path}: use a {' or '.join(MANIFEST_SUFFIXES)} file with image and caption columns")
+    try:
+        data = roots.read(path, what="--forget-manifest")[0] if roots else path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"--forget-manifest {path} does not exist") from None
+    except OSError as e:
+        raise InputError(f"cannot read --forget-manifest {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"--forget-manifest {path} is not UTF-8 text") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise InputError(f"--forget-manifest {path}, line {n}: not a JSON object") from None
+    pairs = []
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not str(row.get("image") or "").strip() or not str(row.get("caption") or "").strip():
+            raise InputError(f"--forget-manifest {path}, row {n}: every row needs a non-empty image and caption")
+        image = Path(str(row["image"]).strip())
+        image = image if image.is_absolute() else path.parent / image
+        if roots:
+            image = roots.check(image, what="a --forget-manifest image")
+        if not image.is_file():
+            raise InputError(f"--forget-manifest {path}, row {n}: image {image} does not exist")
+        pairs.append(Pair(str(row["caption"]).strip(), image))
+    if not pairs:
+        raise InputError(f"--forget-manifest {path} lists no pairs; give rows with image and caption columns")
+    return pairs
+
+
+def split(
+    records: Sequence[Quadruplet], data: Path, *, forget: Sequence[str] = (), manifest: Path | None = None,
+    roots: DataRoots = DataRoots(),
+) -> ForgetSplit:
+    """The forget and retain sets of ``records`` (a train split) for the concepts ``forget`` and/or a manifest.
+
+    A concept that no record shows, or an empty side, is an :class:`InputError` that says what to do.
+    """
+    cat = concept_catalogue.catalogue(data, records)
+    chosen = cat.resolve(forget) if forget else ()
+    forget_pairs: list[Pair] = []
+    retain: list[Pair] = []
+    shown: dict[str, int] = {c.name: 0 for c in chosen}
+    listed = read_manifest(manifest, roots) if manifest is not None else []
+    listed_images = {p.image.resolve() for p in listed}
+    for r in records:
+        c = next((c for c in chosen if c.shown_by(r)), None)
+        if c is not None:
+            shown[c.name] += 1
+            forget_pairs.append(Pair(r.nsfw, r.nsfw_image))
+        elif r.nsfw_image.resolve() not in listed_images:
+            retain.append(Pair(r.nsfw, r.nsfw_image))
+        if r.safe_image.resolve() not in listed_images:
+            retain.append(Pair(r.safe, r.safe_image))
+    missing = [n for n, k in shown.items() if not k]
+    if missing:
+        raise InputError(f"no training pair shows {', '.join(missing)}: nothing to forget; this dataset's {cat.known()}")
+    forget_pairs += listed
+    if not forget_pairs:
+        raise InputError("the forget set is empty: name concepts with --forget or pairs with --forget-manifest")
+    if not retain:
+        raise InputError("the retain set is empty: everything would be forgotten; forget fewer concepts, or train on a "
+                         "dataset that also holds pairs to keep")
+    return ForgetSplit(tuple(c.name for c in chosen), forget_pairs, retain, manifest)
+
+
+def pairings(fs: ForgetSplit, *, seed: int) -> list[Quadruplet]:
+    """One training quadruplet per retain pair: safe half = the retain pair, unsafe half = a forget pair.
+
+    Forget pairs follow a seeded permutation, cycled, so every one is used before any repeats.
+    """
+    if not fs.forget or not fs.retain:
+        raise DataError("pairings need a non-empty forget set and retain set")
+    order = list(range(len(fs.forget)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for i, keep in enumerate(fs.retain):
+        gone = fs.forget[order[i % len(order)]]
+        out.append(Quadruplet(incremental_id=i, coco_id=i, safe=keep.caption, nsfw=gone.caption, tag="",
+                              safe_image=keep.image, nsfw_image=gone.image))
+    return out
