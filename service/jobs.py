@@ -663,11 +663,13 @@ def unlearning_result(folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise DataError(f"the forget job's evaluation wrote no readable {path.name} ({e.__class__.__name__}); "
                         "see the job's log, then submit the job again") from e
+    if not isinstance(table, dict) or len(table) != 2:
+        raise DataError(f"the forget job's {path.name} does not hold two rows (before, after); see the job's log")
+    before, after = table  # in the order of --compare: the served model, then the new one
     info = plan.get("unlearning") or {}
     forgotten = (read_config(plan["new_model"]).get("provenance") or {}).get("forget") or {}
     return {
         "concepts": info.get("concepts"), "method": info.get("method"),
         "forget_pairs": forgotten.get("forget_pairs"), "retain_pairs": forgotten.get("retain_pairs"),
-        "before": Path(plan["served_model"]).name, "after": Path(plan["new_model"]).name,
-        "table": table, "report": str(folder / UNLEARNING / "report.md"),
+        "before": before, "after": after, "table": table, "report": str(folder / UNLEARNING / "report.md"),
     }

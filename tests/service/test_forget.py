@@ -182,3 +182,74 @@ def test_a_forget_job_cancelled_at_once_changes_nothing_served(world, tmp_path):
         _serves(s, c, before)
         assert _models(s) == []  # the new model (and its run) deleted
         assert s.services.generations().generations() == [before["generation"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """A data root holding ``tiny``: 120 synthetic quadruplets of 32 px (96 train, 12 test)."""
+    from training.data import synthetic
+
+    root = tmp_path_factory.mktemp("forget-data")
+    synthetic.generate(root / "tiny", n=120, seed=1, image_size=32)
+    return root
+
+
+METRICS = {"f_acc", "r_acc", "f_recall", "r_recall", "residue", "benign_drop", "multi_concept"}
+
+
+def test_a_forget_job_swaps_model_and_index_and_reports_its_table(world, tiny_root, tmp_path):
+    from training.artifact import read_config
+
+    settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"),
+                            data_roots=[world.root, tiny_root])
+    body = {"concepts": ["weapons"], "data": str(tiny_root / "tiny"), "epochs": 1, "max_steps": 3, "seed": 0,
+            "source": SOURCE}
+    with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
+        before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        job = admin.post("/v1/admin/forget", json=body)
+        assert job.status_code == 202, job.text
+        busy = admin.post("/v1/admin/forget", json=body)  # one job at a time
+        assert busy.status_code == 409 and busy.json()["job_id"] == job.json()["id"]
+        done = s.services.jobs.wait(job.json()["id"], timeout=180)
+        assert done["status"] == "succeeded", done
+        after = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        assert after["model"] != before["model"] and after["generation"] != before["generation"]
+        _serves(s, c, after)
+        result = done["result"]
+        assert result["swapped"] is True and result["index"] == after
+        new = Path(result["model"])
+        assert s.services.state.current.model_path == new and new.parent == settings.state_dir / "models"
+
+        table = result["unlearning"]
+        assert table["concepts"] == ["gun", "knife"] and table["method"] == "cliperase"  # the tag's concepts
+        assert table["before"] == world.model.name and table["after"] == new.name
+        assert set(table["table"]) == {table["before"], table["after"]}
+        for row in table["table"].values():
+            assert METRICS <= set(row), row
+        forgotten = read_config(new)["provenance"]["forget"]
+        assert forgotten["concepts"] == ["gun", "knife"]
+        assert (table["forget_pairs"], table["retain_pairs"]) == (forgotten["forget_pairs"], forgotten["retain_pairs"])
+        assert table["forget_pairs"] > 0 and table["retain_pairs"] > 0
+        assert Path(table["report"]).is_file()
+        assert "--forget gun,knife" in (s.settings.state_dir / "jobs" / done["id"] / "log.txt").read_text()
+
+
+def test_a_failed_forget_job_changes_nothing_served(world, tiny_root, tmp_path):
+    """A concept the dataset lists but no training pair shows passes the route's check; training refuses it."""
+    roots = tmp_path / "roots"
+    data = shutil.copytree(tiny_root / "tiny", roots / "odd")
+    summary = json.loads((data / "dataset.json").read_text())
+    summary["concepts"]["unicorn"] = {"tag": "myth", "keyword": "unicorn", "safe_counterparts": ["horse"]}
+    (data / "dataset.json").write_text(json.dumps(summary))
+    settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"),
+                            data_roots=[world.root, roots])
+    with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
+        before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        job = admin.post("/v1/admin/forget", json={"concepts": ["unicorn"], "data": "odd", "max_steps": 1,
+                                                   "source": SOURCE})
+        assert job.status_code == 202, job.text
+        done = s.services.jobs.wait(job.json()["id"], timeout=120)
+        assert done["status"] == "failed" and "unicorn" in done["error"], done
+        assert done["result"] == {}
+        _serves(s, c, before)
+        assert _models(s) == [] and s.services.generations().generations() == [before["generation"]]
