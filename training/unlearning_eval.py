@@ -15,8 +15,10 @@ for Lorentz ones (:func:`training.evaluate.similarity`; ties go to the earlier c
     *every* concept of the catalogue.
 ``r_acc`` (higher is better)
     The same on the unsafe images of the retain records. ``f_acc`` and ``r_acc`` partition the
-    split's unsafe images (a record whose caption names no concept of the catalogue is left out and
-    counted in ``details.json``).
+    split's unsafe images, except a record whose unsafe caption names no concept of the catalogue
+    (``concept_of`` is None): it has no class, so it is left out of both and counted as
+    ``unlabelled`` in ``details.json``; it still counts as a retain record everywhere else, as the
+    training side (:func:`training.data.concepts.select`) counts it.
 ``f_recall`` (lower is better)
     Text->image R@10; queries: the unsafe captions ``T*`` of the forget records, each hitting its own
     ``I*``; gallery: every image of the split, safe ``V`` and unsafe ``G`` (2N items).
