@@ -135,7 +135,7 @@ class TraversalOpt(str, Enum):
 
 
 def evaluate(
-    data: Path = typer.Option(..., help="Dataset directory in the ViSU layout (real or synthetic)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset directory in the ViSU layout (real or synthetic)."),
     out: Path = typer.Option(..., help="Report directory: report.json, report.md and PNG plots."),
     model: Optional[Path] = typer.Option(None, help="Artifact directory to evaluate."),
     compare: bool = typer.Option(False, "--compare", help="Evaluate every ARTIFACT argument into one table: --compare A B C."),
@@ -146,8 +146,29 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Encoding batch size."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N quadruplets (quick looks)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    unlearning: bool = typer.Option(False, "--unlearning", help="Measure forgetting instead (with --forget): f_acc, "
+                                    "r_acc, f_recall, r_recall, residue, benign_drop, multi_concept; the first "
+                                    "--compare artifact is the before model."),
+    forget: Optional[str] = typer.Option(None, help="--unlearning: the forgotten concepts or tags, comma-separated."),
+    imagefolder: Optional[Path] = typer.Option(None, help="--unlearning: also (or, without --data, only) f_acc/r_acc "
+                                               "on a folder of class subfolders (underscores read as spaces)."),
+    benign: Optional[str] = typer.Option(None, help="--unlearning: benign classes, comma-separated, whose safe images "
+                                         "benign_drop uses (default: the dataset's safe counterparts)."),
+    probe_limit: Optional[int] = typer.Option(None, help="--unlearning: fit the residue probe on at most N train "
+                                              "quadruplets (a seeded sample)."),
+    seed: int = typer.Option(0, help="--unlearning: seed of the residue probe's sample."),
 ) -> None:
-    """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report."""
+    """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report;
+    with --unlearning --forget, measure how much of the concepts each artifact still knows."""
+    if forget is not None and not unlearning:
+        raise InputError("--forget belongs to the unlearning evaluation; add --unlearning")
+    if unlearning and forget is None:
+        raise InputError("--unlearning needs the forgotten concepts; add --forget CONCEPTS (names or tags, "
+                         "comma-separated)")
+    if not unlearning:
+        for given, option in ((imagefolder, "--imagefolder"), (benign, "--benign"), (probe_limit, "--probe-limit")):
+            if given is not None:
+                raise InputError(f"{option} belongs to the unlearning evaluation; add --unlearning --forget CONCEPTS")
     if artifacts and not compare:
         raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; "
                          "to evaluate several artifacts use --compare A B C")
@@ -156,6 +177,21 @@ def evaluate(
     models = ([model] if model else []) + list(artifacts or [])
     if not models:
         raise InputError("give an artifact with --model, or several with --compare A B C")
+    if unlearning:
+        if limit is not None:
+            raise InputError("--limit is not used with --unlearning (every record of the split is measured); drop it")
+        # loaded by the command that needs it: the CLI and --help start without torch
+        from training import unlearning_eval
+
+        result = unlearning_eval.run(models, out, forget=forget or "", data=data, split=split, imagefolder=imagefolder,
+                                     benign=benign, device=device, batch_size=batch_size, seed=seed,
+                                     probe_limit=probe_limit)
+        typer.echo(unlearning_eval.markdown(result))
+        typer.echo(f"wrote {out / unlearning_eval.REPORT}, {out / unlearning_eval.DETAILS}, "
+                   f"{out / unlearning_eval.MARKDOWN} and {out / unlearning_eval.PLOT}")
+        return
+    if data is None:
+        raise InputError("give the dataset to evaluate on with --data DIR")
     # loaded by the command that needs it: the CLI and --help start without torch
     from training import evaluate as evaluation
 

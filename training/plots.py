@@ -2,7 +2,9 @@
 
 - ``d0_<model>.png``: histogram of distance to the origin per class S, V, U, G (lorentz models);
 - ``sweep_<model>.png``: R@1 and safety score against the traversal trigger threshold, one panel per
-  query modality, with the artifact's own threshold marked.
+  query modality, with the artifact's own threshold marked;
+- ``forget_vs_retain.png`` (``eval --unlearning``): zero-shot accuracy on the forgotten concepts (x)
+  against the retained ones (y), one labelled point per artifact; the top left corner is best.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def sweep_plot(sweep: dict[str, list[dict[str, float]]], path: Path, *, title: s
         ax.legend(fontsize="x-small")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
+    return path
+
+
+def forget_retain_plot(points: dict[str, tuple[float | None, float | None]], path: Path, *, title: str) -> Path:
+    """One labelled point per artifact: ``label -> (f_acc, r_acc)`` in percent (a None coordinate is left out)."""
+    fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    for label, (x, y) in points.items():
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y], s=36)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("forget accuracy f_acc, % (lower is better)")
+    ax.set_ylabel("retain accuracy r_acc, % (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
