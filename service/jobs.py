@@ -645,7 +645,7 @@ def forget_steps(req: ForgetRequest, *, concepts: list[str], model: Path, out: P
         if value is not None:
             train += [flag, str(value)]
     evaluate = ["eval", "--unlearning", "--forget", forget, "--data", str(data), "--split", "test",
-                "--out", f"{JOB_DIR}/{UNLEARNING}", "--compare", str(model), str(out)]
+                "--out", f"{JOB_DIR}/{UNLEARNING}", *data_root_args(roots), "--compare", str(model), str(out)]
     return [train, evaluate]
 
 

@@ -157,6 +157,11 @@ def evaluate(
     probe_limit: Optional[int] = typer.Option(None, help="--unlearning: fit the residue probe on at most N train "
                                               "quadruplets (a seeded sample)."),
     seed: int = typer.Option(0, help="--unlearning: seed of the residue probe's sample."),
+    zero_shot: str = typer.Option("auto", help="--unlearning: zero-shot prompts: 'prompt' (a photo of a {concept}), "
+                                  "'context' (each image's caption naming each class; synthetic data) or 'auto' "
+                                  "(context where the dataset allows it)."),
+    data_root: List[Path] = typer.Option([], "--data-root", help="--unlearning: read data files only under this "
+                                         "directory, after resolving symlinks (repeatable; none given: no limit)."),
 ) -> None:
     """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report;
     with --unlearning --forget, measure how much of the concepts each artifact still knows."""
@@ -166,7 +171,9 @@ def evaluate(
         raise InputError("--unlearning needs the forgotten concepts; add --forget CONCEPTS (names or tags, "
                          "comma-separated)")
     if not unlearning:
-        for given, option in ((imagefolder, "--imagefolder"), (benign, "--benign"), (probe_limit, "--probe-limit")):
+        for given, option in ((imagefolder, "--imagefolder"), (benign, "--benign"), (probe_limit, "--probe-limit"),
+                              (None if zero_shot == "auto" else zero_shot, "--zero-shot"),
+                              (data_root or None, "--data-root")):
             if given is not None:
                 raise InputError(f"{option} belongs to the unlearning evaluation; add --unlearning --forget CONCEPTS")
     if artifacts and not compare:
@@ -185,7 +192,8 @@ def evaluate(
 
         result = unlearning_eval.run(models, out, forget=forget or "", data=data, split=split, imagefolder=imagefolder,
                                      benign=benign, device=device, batch_size=batch_size, seed=seed,
-                                     probe_limit=probe_limit)
+                                     probe_limit=probe_limit, zero_shot=zero_shot,
+                                     data_roots=[str(p) for p in data_root])
         typer.echo(unlearning_eval.markdown(result))
         typer.echo(f"wrote {out / unlearning_eval.REPORT}, {out / unlearning_eval.DETAILS}, "
                    f"{out / unlearning_eval.MARKDOWN} and {out / unlearning_eval.PLOT}")

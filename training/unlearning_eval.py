@@ -10,6 +10,15 @@ Zero-shot classification embeds one prompt per class, ``"a photo of a {concept}"
 gives an image the class of its nearest prompt: cosine for Euclidean artifacts, geodesic distance
 for Lorentz ones (:func:`training.evaluate.similarity`; ties go to the earlier class).
 
+**In context** (``zero_shot="context"``, the default wherever the catalogue knows the phrases each
+concept is named with, i.e. on synthetic data): each image gets its own prompts, its caption with
+the concept's words swapped for each class's phrase (``a sharp knife`` -> ``a gun``, ``a skull``,
+...; the safe look-alikes likewise, ``a green spoon`` -> ``a green pencil``), so the classes differ
+in the object alone. A small model that never saw a caption without a scene cannot read a bare
+``a photo of a knife`` (the tiny demo base: 12.5 % top-1 over 22 concepts by bare prompt, 42 % in
+context; benchmarks/RESULTS.md, "Unlearning"). ``details.json`` keeps the bare-prompt ``f_acc`` and
+``r_acc`` of every artifact beside the in-context ones (``zero_shot_by_prompt``).
+
 ``f_acc`` (lower is better)
     Zero-shot top-1 accuracy on the unsafe images ``I*`` of the forget records, among the prompts of
     *every* concept of the catalogue.
@@ -77,6 +86,7 @@ from torch import Tensor
 
 from training import artifact
 from training.data.concepts import Catalogue, Concept, catalogue, parse_names
+from training.data.roots import DataRoots
 from training.data.visu import load_split
 from training.errors import DataError, ImageError, InputError
 from training.evaluate import (
@@ -98,6 +108,9 @@ BETTER: dict[str, str] = {"f_acc": "↓", "r_acc": "↑", "f_recall": "↓", "r_
 HEADERS: dict[str, str] = {"f_acc": "F-acc", "r_acc": "R-acc", "f_recall": "F-R@10", "r_recall": "R-R@10",
                            "residue": "Residue", "benign_drop": "Benign drop", "multi_concept": "Multi-concept R@10"}
 PROMPT = "a photo of a {concept}"
+#: How zero-shot classes are prompted: ``prompt`` (``PROMPT`` per class) or ``context`` (the image's own caption
+#: with its object swapped for each class's phrase; needs the catalogue's phrases); ``auto`` takes context when possible.
+ZERO_SHOT = ("auto", "prompt", "context")
 K = 10
 PROBE_L2 = 1e-3
 PROBE_STEPS = 200
@@ -186,6 +199,9 @@ class DataPlan:
     train_positive: list[bool]  # per train record: its unsafe image shows a forgotten concept
     notes: dict[str, str] = field(default_factory=dict)  # metric -> why it is null
     counts: dict[str, Any] = field(default_factory=dict)
+    zero_shot: str = "prompt"  # "prompt" or "context" (see ZERO_SHOT)
+    context: dict[int, list[str]] = field(default_factory=dict)  # record -> its unsafe caption naming each class
+    benign_context: dict[int, list[str]] = field(default_factory=dict)  # record -> its safe caption naming each class
 
 
 @dataclass
@@ -210,12 +226,14 @@ def _word_match(names: Sequence[str], caption: str) -> str | None:
 
 
 def plan_data(data: Path, split: str, requested: Sequence[str], *, benign: Sequence[str] | None = None,
-              probe_limit: int | None = None, seed: int = 0) -> DataPlan:
+              probe_limit: int | None = None, seed: int = 0, zero_shot: str = "auto",
+              roots: DataRoots = DataRoots()) -> DataPlan:
     """Read the split and the catalogue and decide every metric's images and queries; refuse what cannot be measured."""
     data = Path(data)
-    sp = load_split(data, split)
+    roots.check(data, what="--data")
+    sp = load_split(data, split, roots=roots)
     records = sp.records
-    cat: Catalogue = catalogue(data, records)
+    cat: Catalogue = catalogue(data, records, roots=roots)
     forgotten = cat.resolve(requested)
     names = set(c.name for c in forgotten)
     classes = list(cat.concepts)
@@ -276,7 +294,7 @@ def plan_data(data: Path, split: str, requested: Sequence[str], *, benign: Seque
     train: list = []
     positive: list[bool] = []
     try:
-        train = list(load_split(data, "train").records)
+        train = list(load_split(data, "train", roots=roots).records)
     except DataError as e:
         notes["residue"] = f"no train split to fit the probe on ({e})"
     if train and probe_limit is not None and len(train) > probe_limit:
@@ -303,13 +321,42 @@ def plan_data(data: Path, split: str, requested: Sequence[str], *, benign: Seque
         "residue": {"train_positive": sum(positive), "train_negative": 2 * len(train) - sum(positive),
                     "test_positive": len(forget), "test_negative": 2 * len(records) - len(forget)} if train else None,
     }
-    return DataPlan(data, info, forgotten, classes, records, forget, retain, label, benign_classes, benign_items,
+    plan = DataPlan(data, info, forgotten, classes, records, forget, retain, label, benign_classes, benign_items,
                     source, multi, train, positive, notes, counts)
+    return _with_context(plan, cat, zero_shot, in_catalogue=not benign)
 
 
-def plan_folder(root: Path, requested: Sequence[str], forgotten: Sequence[Concept] = ()) -> FolderPlan:
+def _with_context(plan: DataPlan, cat: Catalogue, mode: str, *, in_catalogue: bool) -> DataPlan:
+    """Settle the zero-shot mode and, in context, every labelled image's own prompts (one per class)."""
+    if mode not in ZERO_SHOT:
+        raise InputError(f"--zero-shot {mode}: use one of {', '.join(ZERO_SHOT)}")
+    possible = all(c.canonical for c in cat.concepts.values())
+    if mode == "context" and not possible:
+        raise InputError("--zero-shot context needs the phrases each concept is named with (a synthetic dataset's "
+                         "dataset.json); use --zero-shot prompt")
+    if mode == "prompt" or not possible:
+        return plan
+    plan.zero_shot = "context"
+    for i in plan.concept_label:
+        c = cat.concept_of(plan.records[i])
+        prompts = [c.swap(plan.records[i].nsfw, cat.concepts[k].canonical or k) for k in plan.classes] if c else []
+        if prompts and all(p is not None for p in prompts):
+            plan.context[i] = [p for p in prompts if p is not None]
+    if in_catalogue:
+        for i, _ in plan.benign_items:
+            c = cat.concept_of(plan.records[i])
+            prompts = [c.swap_counterpart(plan.records[i].safe, name) for name in plan.benign_classes] if c else []
+            if prompts and all(p is not None for p in prompts):
+                plan.benign_context[i] = [p for p in prompts if p is not None]
+    return plan
+
+
+
+def plan_folder(root: Path, requested: Sequence[str], forgotten: Sequence[Concept] = (),
+                roots: DataRoots = DataRoots()) -> FolderPlan:
     """Class folders of an ImageFolder-style dataset and which of them are forgotten (refused when none or all are)."""
     root = Path(root)
+    roots.check(root, what="--imagefolder")
     if not root.is_dir():
         raise InputError(f"--imagefolder {root} is not a directory; give a folder holding one subfolder per class")
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -320,7 +367,8 @@ def plan_folder(root: Path, requested: Sequence[str], forgotten: Sequence[Concep
     labels: list[int] = []
     per_class: dict[str, int] = {}
     for k, d in enumerate(folders):
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and roots.contains(p.resolve()))  # a symlink out of the data roots is not read
         per_class[classes[k]] = len(files)
         paths += files
         labels += [k] * len(files)
@@ -354,18 +402,40 @@ def _prompts(encoder, names: Sequence[str], prompt: str, batch_size: int) -> Ten
     return encoder.encode_text([prompt.format(concept=n) for n in names], batch_size=max(batch_size, 1))
 
 
+def zero_shot_in_context(encoder, images: Tensor, prompts: Sequence[Sequence[str]], space: Space, batch_size: int) -> Tensor:
+    """The class of each image among its own prompts (row i: image i's caption naming each class). ``(N, D) -> (N,)``."""
+    if not len(prompts):
+        return torch.empty(0, dtype=torch.long)
+    c = len(prompts[0])
+    flat = encoder.encode_text([t for row in prompts for t in row], batch_size=max(batch_size, 1))
+    per_image = flat.reshape(len(prompts), c, -1)
+    return torch.stack([zero_shot(images[i : i + 1], per_image[i], space)[0] for i in range(len(prompts))])
+
+
+def _classify(encoder, images: Tensor, rows: Sequence[int], classes: Sequence[str], context: dict[int, list[str]],
+              space: Space, *, prompt: str, batch_size: int) -> Tensor:
+    """Zero-shot classes of ``images[rows]``: in context where ``context`` has every row, else by ``prompt``."""
+    index = torch.tensor(list(rows), dtype=torch.long)
+    if context and all(i in context for i in rows):
+        return zero_shot_in_context(encoder, images[index.to(images.device)], [context[i] for i in rows], space, batch_size)
+    return zero_shot(images[index.to(images.device)], _prompts(encoder, classes, prompt, batch_size), space)
+
+
 def measure_data(art, plan: DataPlan, *, prompt: str = PROMPT, batch_size: int = 64) -> dict[str, Any]:
     """Every metric but ``benign_drop`` (which needs the reference) for one loaded artifact, and its benign accuracy."""
     enc, space = art.encoder, space_of(art)
     emb = embed_records(enc, plan.records, batch_size=batch_size)
     n = len(plan.records)
     out: dict[str, Any] = dict.fromkeys(METRICS)
-    # zero-shot on the unsafe images
-    prompts = _prompts(enc, plan.classes, prompt, batch_size)
-    pred = zero_shot(emb["G"], prompts, space)
+    # zero-shot on the unsafe images (in context, and by the bare prompt for the record)
+    by_prompt: dict[str, float | None] = {}
     for key, side in (("f_acc", plan.forget), ("r_acc", plan.retain)):
         rows = [i for i in side if i in plan.concept_label]
-        out[key] = accuracy(pred[rows], torch.tensor([plan.concept_label[i] for i in rows], dtype=torch.long))
+        labels = torch.tensor([plan.concept_label[i] for i in rows], dtype=torch.long)
+        out[key] = accuracy(_classify(enc, emb["G"], rows, plan.classes, plan.context, space, prompt=prompt,
+                                      batch_size=batch_size), labels)
+        by_prompt[key] = accuracy(_classify(enc, emb["G"], rows, plan.classes, {}, space, prompt=prompt,
+                                            batch_size=batch_size), labels) if plan.context else out[key]
     # retrieval over every image of the split
     gallery = torch.cat([emb["V"], emb["G"]])
     f = torch.tensor(plan.forget, dtype=torch.long)
@@ -386,11 +456,10 @@ def measure_data(art, plan: DataPlan, *, prompt: str = PROMPT, batch_size: int =
         out["residue"] = probe_balanced_accuracy(torch.cat([tv, tg]), train_y, gallery, test_y)
     benign_acc = None
     if plan.benign_items:
-        bp = _prompts(enc, plan.benign_classes, prompt, batch_size)
-        rows = torch.tensor([i for i, _ in plan.benign_items], dtype=torch.long)
-        bpred = zero_shot(emb["V"][rows.to(emb["V"].device)], bp, space)
+        bpred = _classify(enc, emb["V"], [i for i, _ in plan.benign_items], plan.benign_classes, plan.benign_context,
+                          space, prompt=prompt, batch_size=batch_size)
         benign_acc = accuracy(bpred, torch.tensor([k for _, k in plan.benign_items], dtype=torch.long))
-    return {"metrics": out, "benign_acc": benign_acc}
+    return {"metrics": out, "benign_acc": benign_acc, "by_prompt": by_prompt}
 
 
 def measure_folder(art, plan: FolderPlan, *, prompt: str = PROMPT, batch_size: int = 64) -> dict[str, Any]:
@@ -444,6 +513,8 @@ def run(
     seed: int = 0,
     prompt: str = PROMPT,
     probe_limit: int | None = None,
+    zero_shot: str = "auto",
+    data_roots: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """``safe-retrieval eval --unlearning``: measure ``models`` (the first is the *before* model) and write the report.
 
@@ -467,8 +538,10 @@ def run(
     benign_names = parse_names(benign) if benign else None
     configs = [artifact.read_config(p) for p in models]  # a wrong path fails before any embedding work
     names = list(labels) if labels is not None else _labels(models)
-    plan = plan_data(data, split, requested, benign=benign_names, probe_limit=probe_limit, seed=seed) if data else None
-    folder = plan_folder(imagefolder, requested, plan.forgotten if plan else ()) if imagefolder else None
+    roots = DataRoots.of(data_roots)
+    plan = plan_data(data, split, requested, benign=benign_names, probe_limit=probe_limit, seed=seed,
+                     zero_shot=zero_shot, roots=roots) if data else None
+    folder = plan_folder(imagefolder, requested, plan.forgotten if plan else (), roots) if imagefolder else None
 
     report: dict[str, dict[str, Any]] = {}
     per_model: dict[str, dict[str, Any]] = {}
@@ -482,6 +555,7 @@ def run(
             measured = measure_data(art, plan, prompt=prompt, batch_size=batch_size)
             metrics = measured["metrics"]
             extra["benign_acc"] = measured["benign_acc"]
+            extra["zero_shot_by_prompt"] = measured["by_prompt"]  # f_acc/r_acc with PROMPT, whatever the mode
             if k == 0:
                 reference_benign = measured["benign_acc"]
             if len(models) > 1 and reference_benign is not None and measured["benign_acc"] is not None:
@@ -527,6 +601,7 @@ def _details(plan: DataPlan | None, folder: FolderPlan | None, requested: Sequen
                    "concepts": [c.name for c in plan.forgotten] if plan else list(folder.forgotten if folder else ())},
         "classes": plan.classes if plan else None,
         "prompt": prompt,
+        "zero_shot": plan.zero_shot if plan else "prompt",
         "k": K,
         "seed": seed,
         "reference": next(iter(per_model)),
@@ -543,6 +618,13 @@ def _details(plan: DataPlan | None, folder: FolderPlan | None, requested: Sequen
 
 
 # ------------------------------------------------------------------------------------------ markdown
+def _zero_shot_words(details: dict[str, Any]) -> str:
+    if details.get("zero_shot") == "context":
+        return ("in context (each image's own caption naming each class; by the bare prompt "
+                f"\"{details['prompt']}\" in details.json)")
+    return f"prompts \"{details['prompt']}\""
+
+
 def _cell(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
@@ -565,7 +647,7 @@ def markdown(result: dict[str, Any]) -> str:
     else:
         lines.append(f"Data: {where}.")
     lines += [
-        f"Percent. Zero-shot prompts \"{details['prompt']}\"; retrieval R@{details['k']} over every image of the split. "
+        f"Percent. Zero-shot {_zero_shot_words(details)}; retrieval R@{details['k']} over every image of the split. "
         f"Residue: balanced accuracy of a linear probe (50 = chance). "
         f"Benign drop: relative to `{details['reference']}`. Lorentz artifacts ranked by geodesic distance, "
         "Euclidean by cosine.",

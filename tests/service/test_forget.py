@@ -69,6 +69,7 @@ def test_forget_steps_train_then_evaluate_confined_to_the_data_roots(tmp_path):
     assert evaluate[evaluate.index("--out") + 1] == f"{JOB_DIR}/unlearning"
     assert evaluate[evaluate.index("--split") + 1] == "test"
     assert evaluate[-3:] == ["--compare", str(tmp_path / "served"), str(tmp_path / "new")]  # before, after
+    assert [evaluate[i + 1] for i, a in enumerate(evaluate) if a == "--data-root"] == [str(root)]  # eval reads there only
 
 
 # ------------------------------------------------------------------ refused before any job starts

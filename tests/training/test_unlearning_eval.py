@@ -117,8 +117,9 @@ FORGET = "weapons,drug use,blood,violence,vandalism,nudity,sexual,suicide,hate,s
 @pytest.fixture(scope="module")
 def compared(setup):
     out = setup / "report"
+    # by the bare prompt: "aligned" was aligned to the bare prompts
     result = ue.run([setup / "before", setup / "after", setup / "aligned"], out, forget=FORGET, data=setup / "data",
-                    device="cpu", probe_limit=80)
+                    device="cpu", probe_limit=80, zero_shot="prompt")
     return result, out
 
 
@@ -305,3 +306,47 @@ def test_eval_unlearning_end_to_end(cli, setup, tmp_path):
     assert details["benign"]["classes"] == ["spoon", "umbrella", "pencil", "camera"]
     assert details["benign"]["source"].startswith("--benign") and details["seed"] == 3
     assert {p.name for p in out.iterdir()} == {"report.json", "details.json", "report.md", "forget_vs_retain.png"}
+
+
+def test_in_context_each_image_is_classified_among_its_own_caption_naming_each_class(setup):
+    from training.data.concepts import catalogue
+
+    plan = ue.plan_data(setup / "data", "test", ["graffiti"])  # auto: the synthetic catalogue has phrases
+    cat = catalogue(setup / "data")
+    assert plan.zero_shot == "context" and set(plan.context) == set(plan.concept_label)
+    for i, prompts in plan.context.items():
+        record, truth = plan.records[i], cat.concept_of(plan.records[i])
+        assert len(prompts) == len(plan.classes)
+        assert prompts[plan.concept_label[i]] == truth.swap(record.nsfw, truth.canonical)
+        # the prompts differ in the object alone: removing each class's phrase leaves the same scene
+        rest = {p.replace(cat.concepts[k].canonical, "") for p, k in zip(prompts, plan.classes, strict=True)}
+        assert len(rest) == 1
+    assert plan.benign_context and all(len(p) == len(plan.benign_classes) for p in plan.benign_context.values())
+    assert ue.plan_data(setup / "data", "test", ["graffiti"], zero_shot="prompt").context == {}
+
+
+def test_in_context_needs_phrases_and_the_bare_prompt_figures_are_kept(setup, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(setup / "data", bare)
+    (bare / "dataset.json").unlink()  # no catalogue: one concept per tag, no phrases (as real ViSU)
+    with pytest.raises(InputError, match="--zero-shot prompt"):
+        ue.plan_data(bare, "test", ["weapons"], zero_shot="context")
+    assert ue.plan_data(bare, "test", ["weapons"]).zero_shot == "prompt"
+    result = ue.run([setup / "before"], tmp_path / "ctx", forget="graffiti", data=setup / "data", device="cpu",
+                    probe_limit=40)
+    assert result["details"]["zero_shot"] == "context"
+    assert set(result["details"]["models"]["before"]["zero_shot_by_prompt"]) == {"f_acc", "r_acc"}
+    assert "in context" in (tmp_path / "ctx" / ue.MARKDOWN).read_text()
+
+
+def test_data_roots_confine_what_the_evaluation_reads(setup, tmp_path):
+    from training.errors import OutsideRootsError
+
+    elsewhere = tmp_path / "roots"
+    elsewhere.mkdir()
+    with pytest.raises(OutsideRootsError):
+        ue.run([setup / "before"], tmp_path / "out", forget="graffiti", data=setup / "data", device="cpu",
+               data_roots=[elsewhere])
+    assert not (tmp_path / "out").exists()

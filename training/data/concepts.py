@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
+from training.data.roots import DataRoots
 from training.errors import InputError
 
 DATASET_SUMMARY = "dataset.json"
@@ -58,10 +59,31 @@ class Concept:
         """The safe counterpart that ``caption`` names (the longest that matches), or None."""
         text = caption.lower()
         for name in sorted(self.safe_counterparts, key=len, reverse=True):
-            # a colour may sit inside a multi-word name: "a man in a red coat" names "man in a coat"
-            pattern = r"(?<!\w)" + r"\s+(?:\w+\s+)?".join(map(re.escape, name.split())) + r"(?!\w)"
-            if re.search(pattern, text):
+            if re.search(_counterpart_pattern(name), text):
                 return name
+        return None
+
+    @property
+    def canonical(self) -> str | None:
+        """The phrase that names this concept in an in-context prompt (its shortest), or None without phrases."""
+        return min(self.phrases, key=len) if self.phrases else None
+
+    def swap(self, caption: str, phrase: str) -> str | None:
+        """``caption`` with this concept's words (its longest phrase that occurs) replaced by ``phrase``; None if absent."""
+        text = caption.lower()
+        for own in self.phrases:
+            pattern = _words(own)
+            if pattern.search(text):
+                return pattern.sub(phrase, text, count=1)
+        return None
+
+    def swap_counterpart(self, caption: str, name: str) -> str | None:
+        """``caption`` with the safe counterpart it names (with a colour inside, if any) replaced by ``name``."""
+        text = caption.lower()
+        for own in sorted(self.safe_counterparts, key=len, reverse=True):
+            match = re.search(_counterpart_pattern(own), text)
+            if match:
+                return text[: match.start()] + name + text[match.end():]
         return None
 
     def without(self, caption: str) -> str:
@@ -73,6 +95,11 @@ class Concept:
                 text = pattern.sub("", text.lower())
                 break
         return re.sub(r"\s+", " ", text).strip(" ,;")
+
+
+def _counterpart_pattern(name: str) -> str:
+    """A counterpart's words, whole, where a colour may sit inside a multi-word name ("a man in a red coat")."""
+    return r"(?<!\w)" + r"\s+(?:\w+\s+)?".join(map(re.escape, name.lower().split())) + r"(?!\w)"
 
 
 def _words(text: str) -> re.Pattern[str]:
@@ -141,7 +168,7 @@ def _concept(name: str, entry: dict) -> Concept:
                    safe_counterparts=tuple(str(s).lower() for s in entry.get("safe_counterparts", ())))
 
 
-def catalogue(data: Path, records: Iterable[Record] = ()) -> Catalogue:
+def catalogue(data: Path, records: Iterable[Record] = (), *, roots: DataRoots = DataRoots()) -> Catalogue:
     """The concepts of the dataset at ``data``: its ``dataset.json`` list, else one per tag of ``records``.
 
     A ``dataset.json`` written before keywords were recorded names each concept by its own words.
@@ -150,7 +177,8 @@ def catalogue(data: Path, records: Iterable[Record] = ()) -> Catalogue:
     entries: dict = {}
     if summary_path.is_file():
         try:
-            entries = json.loads(summary_path.read_text()).get("concepts") or {}
+            text = roots.read(summary_path, what="dataset.json")[0] if roots else summary_path.read_bytes()
+            entries = json.loads(text).get("concepts") or {}
         except (OSError, ValueError, AttributeError):
             entries = {}
     if entries:

@@ -107,7 +107,7 @@ def split(
 
     A concept that no record shows, or an empty side, is an :class:`InputError` that says what to do.
     """
-    cat = concept_catalogue.catalogue(data, records)
+    cat = concept_catalogue.catalogue(data, records, roots=roots)
     chosen = cat.resolve(forget) if forget else ()
     forget_pairs: list[Pair] = []
     retain: list[Pair] = []
