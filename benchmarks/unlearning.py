@@ -10,7 +10,9 @@ Runs the real commands: ``data synth`` (demo recipe, seed 0), ``train --method c
 (the base, standing in for a pretrained CLIP) and ``train --method hysac --preset demo --model BASE``
 (the HySAC model ``hac`` forgets from), once; then, for every seed and forget set, ``train --method M
 --preset demo --model BASE --forget CONCEPTS --seed S`` for each method (``hac`` from the HySAC model)
-and ``eval --unlearning --compare BEFORE AFTER...`` on the test split. The seed is the unlearning
+and ``eval --unlearning --compare BEFORE AFTER...`` on the test split of a *fresh* dataset of the same generator
+(``--eval-n 6000``, seed 1: 600 test quadruplets, about 27 images per concept, where the demo data's 120 give 5 or 6,
+so one image moves a forget figure by 17-20 points). The seed is the unlearning
 run's (its data order); base, HySAC model and data stay fixed, so the spread is that of the unlearning.
 Prints a table of each method's mean and standard deviation over the seeds and writes
 ``benchmarks/results/unlearning.json`` (every run's metrics and timings).
@@ -61,14 +63,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--forget", action="append", help="a forget set (comma-separated); repeatable")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--eval-n", type=int, default=6000, help="size of the fresh evaluation dataset (its test split: n / 10)")
+    ap.add_argument("--probe-limit", type=int, default=960, help="train quadruplets the residue probe is fitted on")
     args = ap.parse_args()
     forget_sets = args.forget or ["knife", "knife,pills"]
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    data, base, hysac = work / "visu", work / "base", work / "hysac"
+    data, base, hysac, fresh = work / "visu", work / "base", work / "hysac", work / f"fresh{args.eval_n}"
     timings: dict[str, float] = {}
     if not data.exists():
         timings["data"] = sh("data", "synth", "--out", data, "--n", 1200, "--seed", 0, "--unsafe-look", "generated")
+    if not fresh.exists():
+        timings["fresh data"] = sh("data", "synth", "--out", fresh, "--n", args.eval_n, "--seed", 1, "--unsafe-look",
+                                   "generated")
     if not base.exists():
         timings["base"] = sh("train", "--method", "clip", "--preset", "demo-base", "--data", data, "--out", base)
     if "hac" in args.methods and not hysac.exists():
@@ -93,7 +100,8 @@ def main() -> None:
                 report = folder / f"eval-{geometry}"
                 if not (report / "report.json").exists():
                     timings[f"{folder.name}/eval-{geometry}"] = sh(
-                        "eval", "--unlearning", "--forget", forget, "--data", data, "--split", "test", "--out", report,
+                        "eval", "--unlearning", "--forget", forget, "--data", fresh, "--split", "test", "--out", report,
+                        "--probe-limit", args.probe_limit,
                         "--compare", before, *(folder / m for m in methods))
                 table = json.loads((report / "report.json").read_text())
                 for name, metrics in table.items():

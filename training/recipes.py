@@ -208,7 +208,8 @@ def check_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
     """``--weights`` as a tuple, or an :class:`InputError` that names the method's terms in order."""
     terms = objectives.objective_class(method).terms
     if len(terms) < 2:
-        raise InputError(f"--weights applies to methods with several loss terms; {method} has a single one, so drop it")
+        raise InputError(f"--weights applies to methods with several loss terms; {method} has a single loss term, "
+                         "so drop it")
     if len(weights) != len(terms) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
         raise InputError(
             f"--weights for {method} takes {len(terms)} non-negative numbers, not all zero, one per loss term in the "

@@ -6,7 +6,8 @@ soon as the gates are collected (and moves them to the end of the run): the chil
 other tests leave idle (they wait on servers, subprocesses and disks) and little of what they use.
 The gates' fixture then waits for it. Run alone, ``python -m tests.helpers.gates DIR`` trains them in DIR.
 
-``DIR/visu`` is the demo dataset, ``DIR/<label>`` each artifact, ``DIR/done.json`` the labels' paths
+``DIR/visu`` is the demo dataset, ``DIR/fresh`` the unlearning gates' evaluation set, ``DIR/<label>``
+each artifact, ``DIR/done.json`` the labels' paths
 (written last: its presence means everything is there), ``DIR/train.log`` the child's output.
 """
 
@@ -28,6 +29,9 @@ LOG = "train.log"
 #: the demo base recognises (5 of the 6 test images in context); it barely knows a knife (0 of 6), so a drop
 #: could not be measured there (benchmarks/RESULTS.md, "Unlearning").
 FORGET = ("graffiti",)
+#: The unlearning gates measure on a fresh dataset of the same generator: its 600 test quadruplets hold
+#: about 27 images per concept, where the demo data's 120 hold 5 or 6 (one image is then 17-20 points).
+FRESH_N = 6000
 #: label -> (method, TrainConfig options, the label of the model it starts from)
 MODELS: dict[str, tuple[str, dict, str | None]] = {
     "base": ("clip", {"preset": "demo-base"}, None),
@@ -42,11 +46,15 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
 def train_all(root: Path) -> dict[str, Path]:
     """Generate the demo data and train every model of :data:`MODELS` under ``root``, in order."""
     from training import recipes, trainer
+    from training.data import synthetic
 
     data = root / "visu"
     if not data.exists():
         recipes.synthesize_for_recipe("demo", data, seed=0)
-    paths: dict[str, Path] = {"data": data}
+    fresh = root / "fresh"
+    if not fresh.exists():
+        synthetic.generate(fresh, n=FRESH_N, seed=1, unsafe_look="generated")
+    paths: dict[str, Path] = {"data": data, "fresh": fresh}
     for label, (method, options, source) in MODELS.items():
         out = root / label
         if not out.exists():

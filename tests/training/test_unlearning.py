@@ -143,13 +143,25 @@ def test_forgetting_everything_leaves_no_retain_set_and_is_refused(data, train_r
 
 def test_pairings_walk_the_retain_set_once_and_cycle_the_forget_set(data, train_records):
     fs = forget.split(train_records, data, forget=["knife"])
-    quads = forget.pairings(fs, seed=1)
+    quads = forget.pairings(fs, seed=1, twin_repeats=0)
     assert [(q.safe, q.safe_image) for q in quads] == [(p.caption, p.image) for p in fs.retain]
     k = len(fs.forget)
     first = [q.nsfw_image for q in quads[:k]]
     assert sorted(first) == sorted(p.image for p in fs.forget)  # each forget pair once before any repeats
     assert [q.nsfw_image for q in quads[k:2 * k]] == first
-    assert [q.nsfw_image for q in forget.pairings(fs, seed=1)] == [q.nsfw_image for q in quads]
+    assert [q.nsfw_image for q in forget.pairings(fs, seed=1, twin_repeats=0)] == [q.nsfw_image for q in quads]
+
+
+def test_twins_pair_each_forgotten_quadruplet_s_safe_half_with_its_own_forget_pair(data, train_records):
+    fs = forget.split(train_records, data, forget=["knife"])
+    shows = {r.nsfw_image: r for r in train_records if "knife" in r.nsfw}
+    assert len(fs.twins) == len(shows)
+    for keep, gone in fs.twins:  # the same scene: a spoon where the knife was
+        assert shows[gone.image].safe_image == keep.image and keep in fs.retain
+    quads = forget.pairings(fs, seed=1, twin_repeats=3)
+    extra = quads[len(fs.retain):]
+    assert len(extra) == 3 * len(fs.twins)
+    assert all(shows[q.nsfw_image].safe_image == q.safe_image for q in extra)
 
 
 # ------------------------------------------------------------------------------------ objectives
@@ -244,7 +256,7 @@ def test_an_unlearning_run_writes_an_artifact_that_records_what_it_forgot(method
     ({"forget": ("sword",)}, "unknown concept 'sword'.*knife"),
     ({"method": "hac"}, "use --method ac"),
     ({"objective_options": ("norm",)}, "NAME=VALUE"),
-    ({"method": "ga", "weights": (1.0,)}, "single one"),
+    ({"method": "ga", "weights": (1.0,)}, "single loss term"),
 ])
 def test_bad_unlearning_input_is_refused_before_anything_is_written(kw, message, data, bases, tmp_path):
     out = tmp_path / "out"

@@ -11,7 +11,12 @@ concepts, and nothing whose image is listed in the manifest.
 The trainer reads quadruplets, so :func:`pairings` builds one per retain pair: its safe half is the
 retain pair and its unsafe half a forget pair, taken in a seeded order and cycled (the forget set is
 usually far smaller). The unlearning objectives read them as such: ``s, v`` retain, ``u, g`` forget.
-An epoch is one pass over the retain set.
+An epoch is one pass over the retain set, plus ``twin_repeats`` passes over the **twins**: each
+forgotten quadruplet's own safe half (the same scene with a harmless look-alike: a painting where
+the graffiti was) paired with its forget pair. The look-alikes are the retain pairs most at risk,
+and a twin row shows the model exactly what must go (the object) and what must stay (the scene and
+the look-alike): without them, forgetting graffiti on the demo data cost 11-18 points of zero-shot
+accuracy on paintings, posters and clocks (benchmarks/RESULTS.md, "Unlearning").
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import csv
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +35,7 @@ from training.data.visu import Quadruplet
 from training.errors import DataError, InputError
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
+TWIN_REPEATS = 4  # passes over the twins per epoch (44 twins x 4 = 9 % more rows on the demo data)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class ForgetSplit:
     forget: list[Pair]
     retain: list[Pair]
     manifest: Path | None = None
+    twins: list[tuple[Pair, Pair]] = field(default_factory=list)  # (the safe half, its forget pair) per forgotten quadruplet
 
     def describe(self) -> str:
         what = ", ".join(self.concepts) if self.concepts else "the manifest's pairs"
@@ -111,6 +118,7 @@ def split(
     chosen = cat.resolve(forget) if forget else ()
     forget_pairs: list[Pair] = []
     retain: list[Pair] = []
+    twins: list[tuple[Pair, Pair]] = []
     shown: dict[str, int] = {c.name: 0 for c in chosen}
     listed = read_manifest(manifest, roots) if manifest is not None else []
     listed_images = {p.image.resolve() for p in listed}
@@ -119,6 +127,8 @@ def split(
         if c is not None:
             shown[c.name] += 1
             forget_pairs.append(Pair(r.nsfw, r.nsfw_image))
+            if r.safe_image.resolve() not in listed_images:
+                twins.append((Pair(r.safe, r.safe_image), forget_pairs[-1]))
         elif r.nsfw_image.resolve() not in listed_images:
             retain.append(Pair(r.nsfw, r.nsfw_image))
         if r.safe_image.resolve() not in listed_images:
@@ -132,11 +142,12 @@ def split(
     if not retain:
         raise InputError("the retain set is empty: everything would be forgotten; forget fewer concepts, or train on a "
                          "dataset that also holds pairs to keep")
-    return ForgetSplit(tuple(c.name for c in chosen), forget_pairs, retain, manifest)
+    return ForgetSplit(tuple(c.name for c in chosen), forget_pairs, retain, manifest, twins)
 
 
-def pairings(fs: ForgetSplit, *, seed: int) -> list[Quadruplet]:
-    """One training quadruplet per retain pair: safe half = the retain pair, unsafe half = a forget pair.
+def pairings(fs: ForgetSplit, *, seed: int, twin_repeats: int = TWIN_REPEATS) -> list[Quadruplet]:
+    """One training quadruplet per retain pair: safe half = the retain pair, unsafe half = a forget pair;
+    then ``twin_repeats`` rows per twin: safe half = the forgotten quadruplet's own safe half.
 
     Forget pairs follow a seeded permutation, cycled, so every one is used before any repeats.
     """
@@ -147,6 +158,10 @@ def pairings(fs: ForgetSplit, *, seed: int) -> list[Quadruplet]:
     out = []
     for i, keep in enumerate(fs.retain):
         gone = fs.forget[order[i % len(order)]]
+        out.append(Quadruplet(incremental_id=i, coco_id=i, safe=keep.caption, nsfw=gone.caption, tag="",
+                              safe_image=keep.image, nsfw_image=gone.image))
+    for keep, gone in fs.twins * twin_repeats:
+        i = len(out)
         out.append(Quadruplet(incremental_id=i, coco_id=i, safe=keep.caption, nsfw=gone.caption, tag="",
                               safe_image=keep.image, nsfw_image=gone.image))
     return out
