@@ -43,9 +43,28 @@ MODELS: dict[str, tuple[str, dict, str | None]] = {
 }
 
 
-def train_all(root: Path) -> dict[str, Path]:
-    """Generate the demo data and train every model of :data:`MODELS` under ``root``, in order."""
+#: After the base, two processes of one thread each train these chains side by side: the tiny models gain
+#: little from a second thread, so two single-threaded trainings finish sooner than one after the other.
+CHAINS: tuple[tuple[str, ...], ...] = (("hysac", "hac", "cliperase"), ("safeclip", "clip"))
+
+
+def train(root: Path, labels: tuple[str, ...]) -> None:
+    """Train ``labels`` of :data:`MODELS` under ``root`` in order (their sources must be there or among them)."""
     from training import recipes, trainer
+
+    for label in labels:
+        out = root / label
+        if out.exists():
+            continue
+        method, options, source = MODELS[label]
+        model = str(root / source) if source else None
+        cfg = recipes.TrainConfig(method=method, data=root / "visu", out=out, model=model, progress=False, **options)
+        trainer.train(cfg)
+
+
+def train_all(root: Path) -> dict[str, Path]:
+    """Generate the demo data and the fresh evaluation set, train the base, then the :data:`CHAINS` side by side."""
+    from training import recipes
     from training.data import synthetic
 
     data = root / "visu"
@@ -54,14 +73,13 @@ def train_all(root: Path) -> dict[str, Path]:
     fresh = root / "fresh"
     if not fresh.exists():
         synthetic.generate(fresh, n=FRESH_N, seed=1, unsafe_look="generated")
-    paths: dict[str, Path] = {"data": data, "fresh": fresh}
-    for label, (method, options, source) in MODELS.items():
-        out = root / label
-        if not out.exists():
-            model = str(paths[source]) if source else None
-            cfg = recipes.TrainConfig(method=method, data=data, out=out, model=model, progress=False, **options)
-            trainer.train(cfg)
-        paths[label] = out
+    train(root, ("base",))
+    chains = [subprocess.Popen([sys.executable, "-m", "tests.helpers.gates", str(root), *chain], cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for chain in CHAINS]
+    failed = [" ".join(chain) for chain, p in zip(CHAINS, chains, strict=True) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"training {'; '.join(failed)} failed")
+    paths = {"data": data, "fresh": fresh, **{label: root / label for label in MODELS}}
     (root / DONE).write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
 
@@ -104,7 +122,13 @@ class Background:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m tests.helpers.gates DIR [LABEL ...]: everything, or those labels (one thread)
     started = time.time()
-    train_all(Path(sys.argv[1]))
-    print(f"gate models trained in {time.time() - started:.0f} s", flush=True)
+    if len(sys.argv) > 2:
+        import torch
+
+        torch.set_num_threads(1)
+        train(Path(sys.argv[1]), tuple(sys.argv[2:]))
+    else:
+        train_all(Path(sys.argv[1]))
+    print(f"gate models {' '.join(sys.argv[2:]) or 'all'} trained in {time.time() - started:.0f} s", flush=True)
