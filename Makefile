@@ -30,7 +30,8 @@ lint: venv
 test: lint browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Quality gates of the training methods on the synthetic benchmark (trains the base and three demo models).
+# Quality gates of the training methods on the synthetic benchmark (trains the base, three demo models and two
+# unlearning runs).
 gates: venv
 	$(PY) -m pytest -q -m gates tests/training/test_quality_gates.py
 
