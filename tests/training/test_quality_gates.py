@@ -12,10 +12,15 @@ real evaluator, and the claims the papers make are checked on them:
   without traversal and better than the baseline;
 - Safe-CLIP does the same without traversal, better than the baseline (an xfail: not reliably,
   see that test), and at least moves unsafe captions off its reference's unsafe images;
-- HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring).
+- HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring);
+- unlearning: CLIPErase from the base forgets ``graffiti`` (zero-shot accuracy down 50 points or more)
+  while the other concepts and the harmless look-alikes lose at most 10 points each, measured on a
+  fresh 600-quadruplet test split; HAC from the HySAC model is held to the same bar (a strict xfail:
+  the demo HySAC model recognises too little for a 50-point drop).
 
-They are part of ``make test`` (training the base and the three models takes about 15 minutes on
-two quiet cores, done in the background while the rest of the suite runs: tests/helpers/gates.py);
+They are part of ``make test`` (training the base, the three models and the two unlearning runs takes
+about 15 minutes on two quiet cores, done in the background while the rest of the suite runs:
+tests/helpers/gates.py);
 ``make gates`` runs them alone (marker ``gates``). The measured numbers, and
 how they move with the seed and the test set, are recorded in benchmarks/RESULTS.md.
 """
