@@ -24,28 +24,14 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+from train_eval import sh  # one way to run a CLI step in every benchmark (this folder is on sys.path)
+
+from training.unlearning_eval import BETTER, METRICS
+
 METHODS = ("cliperase", "ac", "hac", "ga", "graddiff", "kl")
-METRICS = ("f_acc", "r_acc", "f_recall", "r_recall", "residue", "benign_drop", "multi_concept")
-BETTER = {"f_acc": "↓", "r_acc": "↑", "f_recall": "↓", "r_recall": "↑", "residue": "↓", "benign_drop": "↓",
-          "multi_concept": "↑"}
-CLI = str(Path(sys.executable).parent / "safe-retrieval")
 OUT = Path(__file__).parent / "results" / "unlearning.json"
-
-
-def sh(*args) -> float:
-    """Run one CLI command, echo it, fail loudly; returns its wall time in seconds."""
-    cmd = [CLI, *map(str, args)]
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, text=True, capture_output=True)
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - t0
 
 
 def fmt(values: list[float | None]) -> str:

@@ -122,16 +122,21 @@ def split(
     shown: dict[str, int] = {c.name: 0 for c in chosen}
     listed = read_manifest(manifest, roots) if manifest is not None else []
     listed_images = {p.image.resolve() for p in listed}
+
+    def kept(image: Path) -> bool:  # resolved only when a manifest lists images: no syscall per record otherwise
+        return not listed_images or image.resolve() not in listed_images
+
     for r in records:
         c = next((c for c in chosen if c.shown_by(r)), None)
+        safe_kept = kept(r.safe_image)
         if c is not None:
             shown[c.name] += 1
             forget_pairs.append(Pair(r.nsfw, r.nsfw_image))
-            if r.safe_image.resolve() not in listed_images:
+            if safe_kept:
                 twins.append((Pair(r.safe, r.safe_image), forget_pairs[-1]))
-        elif r.nsfw_image.resolve() not in listed_images:
+        elif kept(r.nsfw_image):
             retain.append(Pair(r.nsfw, r.nsfw_image))
-        if r.safe_image.resolve() not in listed_images:
+        if safe_kept:
             retain.append(Pair(r.safe, r.safe_image))
     missing = [n for n, k in shown.items() if not k]
     if missing:

@@ -114,7 +114,7 @@ class UnlearningObjective(Objective):
         self.weights = tuple(float(w) for w in (weights or self.default_weights or (1.0,) * len(self.terms)))
         if len(self.weights) != len(self.terms):
             raise ValueError(f"{self.name} takes {len(self.terms)} weights, got {len(self.weights)}")
-        self.chosen = check_options(self.name, options or {})
+        self.chosen = check_options(self.name, self.options, options or {})
         self.ref = None
         if self.needs_reference:
             if reference is None:
@@ -158,11 +158,8 @@ class UnlearningObjective(Objective):
         return self.chosen.get(name, self.options[name][0])
 
 
-def check_options(method: str, given: dict[str, str]) -> dict[str, str]:
-    """``given`` checked against the method's options; an :class:`InputError` names the allowed ones."""
-    from training.objectives import objective_class  # the registry imports this module
-
-    allowed = getattr(objective_class(method), "options", {})
+def check_options(method: str, allowed: dict[str, tuple[str, ...]], given: dict[str, str]) -> dict[str, str]:
+    """``given`` checked against ``method``'s ``allowed`` options; an :class:`InputError` names the allowed ones."""
     for key, value in given.items():
         if key not in allowed:
             known = "; ".join(f"{k}={'|'.join(v)}" for k, v in allowed.items()) or "none"
