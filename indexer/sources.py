@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from training.data.fields import json_kind as _kind
+from training.data.fields import parse_tags as _tags
 from training.data.roots import DataRoots
 from training.errors import DataError, InputError, OutsideRootsError
 from training.images import IMAGE_SUFFIXES
@@ -94,37 +96,6 @@ def folder_items(folder: Path, roots: DataRoots = DataRoots()) -> list[Item]:
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return [Item("image", path=p) for p in paths]
-
-
-def _tags(value: Any) -> tuple[str, ...]:
-    """Tags from a list or a separated string; ValueError for anything else (a dict, nested lists)."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        s = value.strip()
-        if s.startswith("["):
-            try:
-                return _tags(json.loads(s))
-            except (json.JSONDecodeError, RecursionError):
-                pass
-        for sep in "|;,":
-            s = s.replace(sep, "\x00")
-        return tuple(t.strip() for t in s.split("\x00") if t.strip())
-    if isinstance(value, (list, tuple)):
-        bad = [t for t in value if t is not None and not isinstance(t, (str, int, float))]
-        if bad:
-            raise ValueError(f"tags must be strings, not {_kind(bad[0])}")
-        return tuple(str(t).strip() for t in value if t is not None and str(t).strip())
-    if isinstance(value, (int, float)):
-        return (str(value),)
-    raise ValueError(f"tags must be a list of strings or one string separated by | ; or , (not {_kind(value)})")
-
-
-def _kind(v: Any) -> str:
-    """A value's type in the words of JSON, for messages."""
-    names = {dict: "an object", list: "a list", tuple: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null", bytes: "binary data"}
-    return names.get(type(v), type(v).__name__)
 
 
 def _rows(path: Path, data: bytes) -> list[tuple[int, Any]]:

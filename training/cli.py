@@ -258,10 +258,12 @@ def train(
         "positive_calibration forget_entailment(omega_f) norm(lambda) (1,1,1,1,1,0.1); graddiff (2): retain_contrastive "
         "forget_contrastive (1,1); kl (2): forget_contrastive retain_KL (1,1)."),
     forget: Optional[str] = typer.Option(
-        None, help="Unlearning: concepts or tags to forget, comma-separated (the dataset's dataset.json concepts, or its "
-        "records' tags); their pairs are the forget set, every other pair the retain set."),
+        None, help="Unlearning: concepts or tags to forget, comma-separated (the dataset's dataset.json concepts, its "
+        "records' tags, or the tags of --forget-manifest); their pairs are the forget set, every other pair the retain set."),
     forget_manifest: Optional[Path] = typer.Option(
-        None, help="Unlearning: a .csv/.jsonl with image and caption columns listing pairs to forget (also with --forget)."),
+        None, help="Unlearning: a .csv/.jsonl with image and caption columns listing pairs to forget (also with --forget); "
+        "an optional tags column makes its tags concepts: with --forget, a tagged row goes only when one of its tags is "
+        "named."),
     objective_option: List[str] = typer.Option(
         [], "--objective-option", help="Unlearning: NAME=VALUE choices of the method (repeatable): ac perf=uniformity|none; "
         "hac positive=exp-neg-dist|neg-dist, norm=shrink|grow|none."),

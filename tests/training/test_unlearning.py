@@ -113,14 +113,44 @@ def test_a_manifest_lists_pairs_to_forget_and_its_images_leave_the_retain_set(da
     assert chosen[0].nsfw_image in {p.image for p in both.forget} and both.concepts == ("gun",)
 
 
+def test_a_manifest_s_tags_are_concepts_and_forget_chooses_among_its_rows(data, train_records, tmp_path):
+    a, b, c = train_records[:3]
+    manifest = tmp_path / "takedowns.jsonl"
+    rows = [{"image": str(a.safe_image), "caption": "case 7", "tags": ["Takedown-7"]},
+            {"image": str(b.safe_image), "caption": "case 8", "tags": "takedown-8|gun"},
+            {"image": str(c.safe_image), "caption": "listed by hand"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    only_7 = forget.split(train_records, data, forget=["takedown-7"], manifest=manifest)
+    assert {p.image for p in only_7.forget} == {a.safe_image, c.safe_image}  # the untagged row always goes
+    assert b.safe_image in {p.image for p in only_7.retain}  # a row of another request stays where it was
+    assert only_7.concepts == ("takedown-7",) and only_7.provenance()["manifest_pairs"] == 2
+    guns = forget.split(train_records, data, forget=["weapons"], manifest=manifest)  # a dataset tag selects rows too
+    assert b.safe_image in {p.image for p in guns.forget} and a.safe_image not in {p.image for p in guns.forget}
+    assert "2 from manifest" in guns.describe()
+    everything = forget.split(train_records, data, manifest=manifest)
+    assert {p.image for p in everything.forget} == {a.safe_image, b.safe_image, c.safe_image}
+    with pytest.raises(InputError, match="unknown concept 'takedown-9'.*the manifest's tags: gun, takedown-7, takedown-8"):
+        forget.split(train_records, data, forget=["takedown-9"], manifest=manifest)
+
+
+def test_a_concept_only_the_manifest_shows_is_forgotten_from_the_manifest(data, train_records, tmp_path):
+    without_knives = [r for r in train_records if "knife" not in r.nsfw]
+    knife = next(r for r in train_records if "knife" in r.nsfw)
+    manifest = tmp_path / "knives.csv"
+    manifest.write_text(f"image,caption,tags\n{knife.nsfw_image},a knife,knife\n")
+    fs = forget.split(without_knives, data, forget=["knife"], manifest=manifest)
+    assert [p.image for p in fs.forget] == [knife.nsfw_image] and fs.concepts == ("knife",)
+
+
 @pytest.mark.parametrize("content, message", [
     ("image,caption\n", "lists no pairs"),
     ("image,caption\nmissing.jpg,a cat\n", "does not exist"),
     ("image\nmissing.jpg\n", "needs a non-empty image and caption"),
+    ('{"image": "IMG", "caption": "a cat", "tags": {"a": 1}}\n', r"row 1: tags must be a list of strings.*not an object"),
 ])
 def test_a_bad_manifest_says_what_is_wrong(data, train_records, tmp_path, content, message):
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(content)
+    manifest = tmp_path / ("m.jsonl" if content.startswith("{") else "m.csv")
+    manifest.write_text(content.replace("IMG", str(train_records[0].safe_image)))
     with pytest.raises(InputError, match=message):
         forget.split(train_records, data, manifest=manifest)
 

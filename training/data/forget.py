@@ -8,6 +8,12 @@ relative to the manifest). The **retain set** is every other pair: the safe halv
 quadruplets (the harmless look-alikes a takedown must not hurt), the unsafe pairs of the other
 concepts, and nothing whose image is listed in the manifest.
 
+A manifest may carry a ``tags`` column (a list, or one string split on ``|``, ``;`` or ``,``): its tags
+are concepts too. With ``--forget``, a tagged row is forgotten only when one of its tags is named
+(directly, or as a concept or tag of the dataset that ``--forget`` selects), so one takedown list can
+serve several requests; an untagged row is always forgotten, since it was listed by hand. Without
+``--forget`` every row is forgotten.
+
 The trainer reads quadruplets, so :func:`pairings` builds one per retain pair: its safe half is the
 retain pair and its unsafe half a forget pair, taken in a seeded order and cycled (the forget set is
 usually far smaller). The unlearning objectives read them as such: ``s, v`` retain, ``u, g`` forget.
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from training.data import concepts as concept_catalogue
+from training.data.fields import parse_tags
 from training.data.roots import DataRoots
 from training.data.visu import Quadruplet
 from training.errors import DataError, InputError
@@ -42,31 +49,36 @@ TWIN_REPEATS = 4  # passes over the twins per epoch (44 twins x 4 = 9 % more row
 class Pair:
     caption: str
     image: Path
+    tags: tuple[str, ...] = ()  # a manifest row's tags, lower-cased
 
 
 @dataclass
 class ForgetSplit:
     """What an unlearning run forgets and keeps."""
 
-    concepts: tuple[str, ...]  # the concept names selected (empty with a manifest alone)
+    concepts: tuple[str, ...]  # the concepts and manifest tags selected (empty with a manifest alone)
     forget: list[Pair]
     retain: list[Pair]
     manifest: Path | None = None
     twins: list[tuple[Pair, Pair]] = field(default_factory=list)  # (the safe half, its forget pair) per forgotten quadruplet
+    from_manifest: int = 0  # forget pairs the manifest gave
 
     def describe(self) -> str:
         what = ", ".join(self.concepts) if self.concepts else "the manifest's pairs"
         return (f"forget set: {len(self.forget)} pairs ({what}"
-                + (f"; manifest {self.manifest}" if self.manifest and self.concepts else "")
+                + (f"; {self.from_manifest} from manifest {self.manifest}" if self.manifest and self.concepts else "")
                 + f"); retain set: {len(self.retain)} pairs")
 
     def provenance(self) -> dict:
-        return {"concepts": list(self.concepts), "forget_pairs": len(self.forget), "retain_pairs": len(self.retain),
-                "manifest": str(self.manifest) if self.manifest else None}
+        out = {"concepts": list(self.concepts), "forget_pairs": len(self.forget), "retain_pairs": len(self.retain),
+               "manifest": str(self.manifest) if self.manifest else None}
+        if self.manifest:
+            out["manifest_pairs"] = self.from_manifest
+        return out
 
 
 def read_manifest(path: Path, roots: DataRoots = DataRoots()) -> list[Pair]:
-    """The (image, caption) rows of a forget manifest; images relative to its folder, checked against ``roots``."""
+    """The (image, caption, tags) rows of a forget manifest; images relative to its folder, checked against ``roots``."""
     path = Path(path)
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise InputError(f"--forget-manifest {path}: use a {' or '.join(MANIFEST_SUFFIXES)} file with image and caption columns")
@@ -100,7 +112,11 @@ def read_manifest(path: Path, roots: DataRoots = DataRoots()) -> list[Pair]:
             image = roots.check(image, what="a --forget-manifest image")
         if not image.is_file():
             raise InputError(f"--forget-manifest {path}, row {n}: image {image} does not exist")
-        pairs.append(Pair(str(row["caption"]).strip(), image))
+        try:
+            tags = tuple(t.lower() for t in parse_tags(row.get("tags")))
+        except ValueError as e:
+            raise InputError(f"--forget-manifest {path}, row {n}: {e}") from None
+        pairs.append(Pair(str(row["caption"]).strip(), image, tags))
     if not pairs:
         raise InputError(f"--forget-manifest {path} lists no pairs; give rows with image and caption columns")
     return pairs
@@ -112,16 +128,27 @@ def split(
 ) -> ForgetSplit:
     """The forget and retain sets of ``records`` (a train split) for the concepts ``forget`` and/or a manifest.
 
-    A concept that no record shows, or an empty side, is an :class:`InputError` that says what to do.
+    A name that is neither a concept or tag of the dataset nor a tag of the manifest, a concept that
+    nothing shows, or an empty side, is an :class:`InputError` that says what to do.
     """
     cat = concept_catalogue.catalogue(data, records, roots=roots)
-    chosen = cat.resolve(forget) if forget else ()
+    listed = read_manifest(manifest, roots) if manifest is not None else []
+    names = [n.strip().lower() for n in forget]
+    manifest_tags = sorted({t for p in listed for t in p.tags})
+    of_dataset = [n for n in names if n in cat.concepts or n in cat.tags]
+    of_manifest = list(dict.fromkeys(n for n in names if n not in of_dataset and n in manifest_tags))
+    unknown = [n for n in names if n not in of_dataset and n not in of_manifest]
+    if unknown:
+        raise InputError(f"unknown concept {unknown[0]!r}: this dataset's {cat.known()}"
+                         + (f"; the manifest's tags: {', '.join(manifest_tags)}" if manifest_tags else ""))
+    chosen = cat.resolve(of_dataset) if of_dataset else ()
+    wanted = set(names) | {c.name for c in chosen} | {c.tag.lower() for c in chosen}
+    listed = [p for p in listed if not names or not p.tags or wanted & set(p.tags)]
+    listed_images = {p.image.resolve() for p in listed}
     forget_pairs: list[Pair] = []
     retain: list[Pair] = []
     twins: list[tuple[Pair, Pair]] = []
-    shown: dict[str, int] = {c.name: 0 for c in chosen}
-    listed = read_manifest(manifest, roots) if manifest is not None else []
-    listed_images = {p.image.resolve() for p in listed}
+    shown: dict[str, int] = {c.name: sum(1 for p in listed if {c.name, c.tag.lower()} & set(p.tags)) for c in chosen}
 
     def kept(image: Path) -> bool:  # resolved only when a manifest lists images: no syscall per record otherwise
         return not listed_images or image.resolve() not in listed_images
@@ -147,7 +174,8 @@ def split(
     if not retain:
         raise InputError("the retain set is empty: everything would be forgotten; forget fewer concepts, or train on a "
                          "dataset that also holds pairs to keep")
-    return ForgetSplit(tuple(c.name for c in chosen), forget_pairs, retain, manifest, twins)
+    return ForgetSplit(tuple(c.name for c in chosen) + tuple(of_manifest), forget_pairs, retain, manifest, twins,
+                       from_manifest=len(listed))
 
 
 def pairings(fs: ForgetSplit, *, seed: int, twin_repeats: int = TWIN_REPEATS) -> list[Quadruplet]:
