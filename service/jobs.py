@@ -592,31 +592,26 @@ def forget_data(requested: str | None, model: Path, roots: list[Path]) -> Path:
 def forget_concepts(data: Path, names: list[str], roots: list[Path]) -> list[str]:
     """The concepts that ``names`` (concept names or tags, any case) stand for in the dataset at ``data``.
 
-    A name the dataset does not know is an UnprocessableError (422) listing its concepts and tags.
-    The names come from the dataset's ``dataset.json`` (synthetic data); only a dataset without one
-    (real ViSU: a concept per tag) has its train split read for its tags. Nothing outside the data
-    roots is read.
+    The request is checked as the job's training step will check it (:func:`training.data.forget.split`
+    on the train split), so it fails here, before any job starts: a name the dataset does not know (the
+    message lists its concepts and tags), a concept no training pair shows, or nothing left to retain
+    is an UnprocessableError (422). Nothing outside the data roots is read.
     """
-    from training.data import concepts, visu
+    from training.data import concepts, forget, visu
     from training.data.roots import DataRoots
 
     confined = DataRoots.of([r for r in roots if os.path.isdir(r)])
     summary = data / concepts.DATASET_SUMMARY
     if summary.exists():
         confined.check(summary, what=f"{data.name}/{concepts.DATASET_SUMMARY}")
-
-    def records() -> Any:  # read only when catalogue() needs the tags
-        yield from visu.load_split(data, "train", roots=confined).records
-
-    catalogue = concepts.catalogue(data, records())
-    if not catalogue.concepts:
+    records = visu.load_split(data, "train", roots=confined).records
+    if not concepts.catalogue(data, records, roots=confined).concepts:
         raise UnprocessableError(f"the dataset {data} names no concept (no concept list in {concepts.DATASET_SUMMARY}, "
                                  "no tag on its train records), so nothing can be forgotten from it; give another `data`")
     try:
-        chosen = catalogue.resolve(names)
+        return list(forget.split(records, data, forget=names, roots=confined).concepts)
     except InputError as e:
         raise UnprocessableError(str(e)) from e
-    return [c.name for c in chosen]
 
 
 def check_forget_method(method: str, model: Path) -> None:

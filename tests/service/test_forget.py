@@ -1,7 +1,8 @@
 """``POST /v1/admin/forget``: its checks before any job starts, and forget jobs on the real service.
 
-Bad requests are refused synchronously (unknown concept -> 422 listing the known ones; ``hac`` on a
-Euclidean model -> 422 naming ``ac``; no dataset known -> 422) and submit no job. A forget job runs
+Bad requests are refused synchronously (unknown concept, or one no training pair shows -> 422 listing
+the known ones; ``hac`` on a Euclidean model -> 422 naming ``ac``; no dataset known -> 422) and submit
+no job. A forget job runs
 the real CLI (``train --forget``, ``eval --unlearning``, ``index build --no-switch``) on a tiny
 synthetic dataset; it swaps the served model and index together and its result holds the
 evaluation's table, while a cancelled or failed one leaves the served pair as it was.
@@ -105,6 +106,22 @@ def test_without_data_a_model_that_records_none_is_422_asking_for_it(server, wor
         for bad in ("/etc", "../..", "nothing-here"):
             r = c.post("/v1/admin/forget", json={"concepts": ["knife"], "data": bad})
             assert r.status_code == 400, (bad, r.text)
+        assert c.get("/v1/admin/jobs").json() == {"jobs": []}
+
+
+def test_a_concept_no_training_pair_shows_is_422_before_any_job(server, world):
+    from training.data import concepts, synthetic, visu
+
+    few = world.root / "forget-few"  # 10 train quadruplets: most of the 22 concepts appear in none
+    if not few.exists():
+        synthetic.generate(few, n=12, seed=0)
+    records = visu.load_split(few, "train").records
+    absent = next(c for c in concepts.catalogue(few, records).concepts.values() if not any(c.shown_by(r) for r in records))
+    present = next(c for c in concepts.catalogue(few, records).concepts.values() if any(c.shown_by(r) for r in records))
+    with server.client(ADMIN) as c:
+        r = c.post("/v1/admin/forget", json={"concepts": [present.name, absent.name], "data": "forget-few"})
+        assert r.status_code == 422, r.text
+        assert f"no training pair shows {absent.name}" in r.json()["detail"] and KNOWN in r.json()["detail"]
         assert c.get("/v1/admin/jobs").json() == {"jobs": []}
 
 
@@ -236,21 +253,20 @@ def test_a_forget_job_swaps_model_and_index_and_reports_its_table(world, tiny_ro
 
 
 def test_a_failed_forget_job_changes_nothing_served(world, tiny_root, tmp_path):
-    """A concept the dataset lists but no training pair shows passes the route's check; training refuses it."""
+    """A dataset without a validation split passes the route's checks (they read the train split only); the
+    job's training step refuses it."""
     roots = tmp_path / "roots"
     data = shutil.copytree(tiny_root / "tiny", roots / "odd")
-    summary = json.loads((data / "dataset.json").read_text())
-    summary["concepts"]["unicorn"] = {"tag": "myth", "keyword": "unicorn", "safe_counterparts": ["horse"]}
-    (data / "dataset.json").write_text(json.dumps(summary))
+    (data / "ViSU-Text_validation.json").unlink()
     settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"),
                             data_roots=[world.root, roots])
     with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
         before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
-        job = admin.post("/v1/admin/forget", json={"concepts": ["unicorn"], "data": "odd", "max_steps": 1,
+        job = admin.post("/v1/admin/forget", json={"concepts": ["knife"], "data": "odd", "max_steps": 1,
                                                    "source": SOURCE})
         assert job.status_code == 202, job.text
         done = s.services.jobs.wait(job.json()["id"], timeout=120)
-        assert done["status"] == "failed" and "unicorn" in done["error"], done
+        assert done["status"] == "failed" and "no ViSU-Text file for split 'validation'" in done["error"], done
         assert done["result"] == {}
         _serves(s, c, before)
         assert _models(s) == [] and s.services.generations().generations() == [before["generation"]]

@@ -31,11 +31,16 @@ DATASET_SUMMARY = "dataset.json"
 
 
 class Record(Protocol):
-    """What is read of a quadruplet (``training.data.visu.Quadruplet`` has it)."""
+    """What is read of a quadruplet (``training.data.visu.Quadruplet`` has it); read-only, as a frozen record's."""
 
-    safe: str
-    nsfw: str
-    tag: str
+    @property
+    def safe(self) -> str: ...
+
+    @property
+    def nsfw(self) -> str: ...
+
+    @property
+    def tag(self) -> str: ...
 
 
 @dataclass(frozen=True)
