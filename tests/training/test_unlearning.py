@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,6 +97,12 @@ def test_a_concept_no_training_pair_shows_is_refused_with_the_known_ones(data, t
     without_knives = [r for r in train_records if "knife" not in r.nsfw]
     with pytest.raises(InputError, match="no training pair shows knife.*concepts: blood"):
         forget.split(without_knives, data, forget=["knife"])
+
+
+def test_a_dataset_that_names_no_concept_says_so(tmp_path, train_records):
+    untagged = [dataclasses.replace(r, tag="") for r in train_records]  # no dataset.json in tmp_path, no tags
+    with pytest.raises(InputError, match="unknown concept 'knife': the dataset .* names no concept"):
+        forget.split(untagged, tmp_path, forget=["knife"])
 
 
 def test_a_manifest_lists_pairs_to_forget_and_its_images_leave_the_retain_set(data, train_records, tmp_path):

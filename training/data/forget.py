@@ -139,7 +139,9 @@ def split(
     of_manifest = list(dict.fromkeys(n for n in names if n not in of_dataset and n in manifest_tags))
     unknown = [n for n in names if n not in of_dataset and n not in of_manifest]
     if unknown:
-        raise InputError(f"unknown concept {unknown[0]!r}: this dataset's {cat.known()}"
+        known = (f"this dataset's {cat.known()}" if cat.concepts else f"the dataset {data} names no concept (no concept "
+                 f"list in {concept_catalogue.DATASET_SUMMARY}, no tag on its train records)")
+        raise InputError(f"unknown concept {unknown[0]!r}: {known}"
                          + (f"; the manifest's tags: {', '.join(manifest_tags)}" if manifest_tags else ""))
     chosen = cat.resolve(of_dataset) if of_dataset else ()
     wanted = set(names) | {c.name for c in chosen} | {c.tag.lower() for c in chosen}
