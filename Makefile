@@ -6,13 +6,17 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv browser lint test gates demo docker-smoke clean
+.PHONY: venv browser compose lint test gates demo docker-smoke clean
 
 venv: $(STAMP)
 
 # The web page is tested in a real browser: Debian's chromium, driven by playwright (no browser download).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The compose file is checked by the Compose that Debian ships (docker-compose 1.29), as an operator would run it.
+compose:
+	@command -v docker-compose >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
 
 # torch comes from this machine's local wheels through pip (uv/poetry would download GBs).
 $(STAMP): pyproject.toml
@@ -27,7 +31,7 @@ lint: venv
 	$(VENV)/bin/ruff check service indexer training tests benchmarks
 	$(PY) -m mypy service indexer
 
-test: lint browser
+test: lint browser compose
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Quality gates of the training methods on the synthetic benchmark (trains the base, three demo models and two

@@ -29,6 +29,27 @@ Categories (a probe *misbehaves* when the answer breaks a promise of the API, no
   was dead), and jobs cancelled at every stage (before, while and after staging). Misbehaves: a
   duplicate point, a changed served pair after a job that did not succeed, a stale pair after one that did.
 
+The second pass (issue 20) adds:
+
+- ``burst``: forty valid 6300 x 6300 RGB PNGs of zeros (116 kB each, inside the pixel and aspect limits)
+  sent at once to the upload route while a client times text queries. Misbehaves: an answer other than
+  200 or 503/429 with Retry-After, a dead server, a text query over 2 s. Records the server's RSS
+  before, its peak (VmHWM, reset first) and after, and the text latency before and during.
+- ``oracle``: unsafe items' ids against absent ids, as an ordinary caller, on the item, media and
+  item-search routes. Misbehaves: a different status or body (but for the id), medians apart by 1.5x.
+- ``jobs_files``: a 3 GB sparse ``huge.png`` under a data root (the CLI's peak RSS, its recorded
+  failure, the same through a reindex job); seventy concurrent forget submissions while a job runs
+  (each a 409 within 2 s); twelve reindex jobs cancelled 0-2.75 s after submission, then one that
+  swaps (no generation directory without its record left behind).
+- ``refused_starts``: a replica with ``RUN_JOBS=false`` and no ``AUDIT_DIR``; moderator token files of
+  modes 0620, 0660, 0644, 0602, and 0640 owned by an ordinary user. Misbehaves: a server that starts,
+  a message that does not say what to do, a token in the message.
+- ``audit_faults`` (root: mounts a tmpfs): a server whose ``AUDIT_DIR`` is a 4 MiB tmpfs, filled to the
+  last byte and freed (503 while full, 200 once freed, a job submission while full creates no job,
+  no half line); moderator requests rejected before their route (malformed JSON, float ``k``, 413,
+  broken multipart, bad id, an admin bad body): one record each; ``X-Forwarded-For`` from a caller
+  that is no configured proxy; out-of-range and numeric ``since``/``until`` and a float ``limit``.
+
     .venv/bin/python benchmarks/probes.py [--fuzz-examples 25] [--leakage 600] [--load-seconds 20]
 
 Prints the table and writes benchmarks/results/probes.json.
@@ -120,10 +141,10 @@ def free_port() -> int:
 class Server:
     """``safe-retrieval serve`` as a child process on a free loopback port."""
 
-    def __init__(self, work: Path, paths: dict[str, Path]):
+    def __init__(self, work: Path, paths: dict[str, Path], *, name: str = "state", env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.state = work / "state"
+        self.state = work / name
         shutil.rmtree(self.state, ignore_errors=True)
         self.env = {
             **os.environ,
@@ -133,9 +154,9 @@ class Server:
             "SAFE_RETRIEVAL_ADMIN_TOKEN": ADMIN,
             "SAFE_RETRIEVAL_MODERATOR_TOKENS": json.dumps({"alice": MOD_A, "bob": MOD_B}),
             "SAFE_RETRIEVAL_PORT": str(self.port), "SAFE_RETRIEVAL_DEVICE": "cpu", "SAFE_RETRIEVAL_STORE_RETRY_S": "0.5",
-            "SAFE_RETRIEVAL_JOB_CANCEL_GRACE_S": "5",
+            "SAFE_RETRIEVAL_JOB_CANCEL_GRACE_S": "5", **(env or {}),
         }
-        self.log = (work / "server.log").open("ab")
+        self.log = (work / f"server-{name}.log").open("ab")
         self.proc = subprocess.Popen([CLI, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 120
@@ -146,7 +167,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not become ready; see {work / 'server.log'}")
+                raise RuntimeError(f"the server did not become ready; see {self.log.name}")
             time.sleep(0.3)
 
     def client(self, token: str | None = None, timeout: float = 60) -> httpx.Client:
@@ -400,7 +421,8 @@ def leakage(server: Server, tally: Tally, data: Path, n: int) -> None:
             resp = c.post("/v1/search", json=body)
         got = {h["id"] for h in resp.json().get("results", [])} if resp.status_code == 200 else set()
         flagged = [h["id"] for h in resp.json().get("results", []) if h.get("unsafe")] if resp.status_code == 200 else []
-        tally.add("leakage", resp.status_code == 200 and not (got & unsafe) and not flagged,
+        expected = 404 if "item_id" in body else 200  # an unsafe item does not exist for an ordinary caller
+        tally.add("leakage", resp.status_code == expected and not (got & unsafe) and not flagged,
                   f"{str(body)[:80]} -> {resp.status_code} leaked {sorted(got & unsafe)[:3]}")
 
     with ThreadPoolExecutor(8) as pool:
@@ -408,8 +430,8 @@ def leakage(server: Server, tally: Tally, data: Path, n: int) -> None:
     with server.client() as c:
         for item in sorted(unsafe)[:50]:
             for path in (f"/v1/items/{item}", f"/v1/media/{item}"):
-                r = c.get(path)
-                tally.add("leakage", r.status_code in (401, 403), f"GET {path} -> {r.status_code}")
+                r = c.get(path)  # an unsafe item looks exactly like an absent one (the oracle category times it)
+                tally.add("leakage", r.status_code == 404, f"GET {path} -> {r.status_code}")
     tally.rows.setdefault("leakage", {}).setdefault("unsafe_items_in_index", len(unsafe))
 
 
@@ -520,6 +542,342 @@ def faults(server: Server, tally: Tally, work: Path, paths: dict[str, Path]) -> 
                                 f"pointer {restarted_pointer}")
 
 
+# ------------------------------------------------------------------ the second pass (issue 20)
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _mib(kb: int) -> float:
+    return round(kb / 1024, 1)
+
+
+def burst(server: Server, tally: Tally, n: int = 40, side: int = 6300) -> None:
+    """``n`` valid side x side RGB PNGs of zeros (116 kB each, inside the pixel and aspect limits) sent at once
+    to /v1/search/upload while one client times text queries: no death, bounded memory, 200 or 503 each."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buf, "PNG")
+    png = buf.getvalue()
+    pid = server.proc.pid
+    cleared = True
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS := current RSS
+    except OSError:
+        cleared = False
+    rss0 = _status_kb(pid, "VmRSS")
+    done = threading.Event()
+    text_ms: list[float] = []
+
+    def texts() -> None:
+        with server.client(timeout=120) as c:
+            i = 0
+            while not done.is_set():
+                t = time.perf_counter()
+                r = c.post("/v1/search", json={"text": f"a red car parked on a street {i}", "k": 10})
+                text_ms.append((time.perf_counter() - t) * 1e3)
+                tally.add("burst", r.status_code == 200, f"text query during the burst -> {r.status_code}")
+                i += 1
+
+    gate = threading.Barrier(n)
+
+    def upload(_: int) -> tuple[int, bool]:
+        with server.client(timeout=300) as c:
+            gate.wait()
+            r = c.post("/v1/search/upload", files={"image": ("zeros.png", png, "image/png")})
+        return r.status_code, "retry-after" in r.headers
+
+    t_text = threading.Thread(target=texts)
+    t_text.start()
+    time.sleep(0.5)  # the text client's baseline before the burst
+    base = list(text_ms)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(upload, range(n)))
+    burst_s = time.perf_counter() - t0
+    during = text_ms[len(base):]
+    done.set()
+    t_text.join()
+    time.sleep(2.0)
+    alive = server.proc.poll() is None
+    ready = alive and httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    for status, retry in answers:
+        tally.add("burst", status == 200 or (status in (429, 503) and retry), f"upload -> {status} retry-after={retry}")
+    tally.add("burst", alive and ready, "the server died or stopped answering after the burst")
+    peak, after = _status_kb(pid, "VmHWM") if alive else 0, _status_kb(pid, "VmRSS") if alive else 0
+    worst = max(during) if during else float("nan")
+    tally.add("burst", worst < 2000, f"a text query took {worst:.0f} ms during the burst")
+    codes: dict[str, int] = {}
+    for status, _ in answers:
+        codes[str(status)] = codes.get(str(status), 0) + 1
+    tally.rows["burst"].update({
+        "images": n, "side": side, "png_bytes": len(png), "answers": codes, "burst_seconds": round(burst_s, 2),
+        "rss_before_mib": _mib(rss0), "peak_rss_mib": _mib(peak) if cleared else None, "rss_after_mib": _mib(after),
+        "text_ms_before_median": round(sorted(base)[len(base) // 2], 1) if base else None,
+        "text_ms_during_median": round(sorted(during)[len(during) // 2], 1) if during else None,
+        "text_ms_during_max": round(worst, 1), "text_queries_during": len(during),
+    })
+
+
+def _records(server: Server) -> list[dict[str, Any]]:
+    with server.client(ADMIN) as c:
+        r = c.get("/v1/admin/audit", params={"limit": 10_000})
+    return r.json().get("records", []) if r.status_code == 200 else []
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` up to the last byte (unbuffered writes until ENOSPC); the filler's path."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (2**16, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def audit_faults(tally: Tally, work: Path, paths: dict[str, Path]) -> None:
+    """The audit trail fails closed everywhere and recovers: a server whose AUDIT_DIR is a 4 MiB tmpfs
+    that fills and frees; pre-route rejections; forwarded addresses; out-of-range times."""
+    mnt = work / "audit-tmpfs"
+    mnt.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    if not mounted:
+        tally.add("audit_faults", False, "could not mount a tmpfs (needs root): the full-disk probes did not run")
+        return
+    indexes = work / "audit-indexes"  # its own copy: Qdrant Edge allows one process per store
+    shutil.rmtree(indexes, ignore_errors=True)
+    shutil.copytree(paths["indexes"], indexes, ignore=shutil.ignore_patterns(".pin-*", ".lock"))
+    server = None
+    try:
+        server = Server(work, paths, name="state-audit", env={"SAFE_RETRIEVAL_AUDIT_DIR": str(mnt),
+                                                              "SAFE_RETRIEVAL_INDEX_ROOT": str(indexes)})
+        def search(token: str | None, **headers: str) -> httpx.Response:
+            with server.client(token) as c:
+                return c.post("/v1/search", json={"text": "a knife on a table", "safety": "strict"}, headers=headers)
+
+        tally.add("audit_faults", search(MOD_A).status_code == 200, "a moderator search before the disk fills")
+        jobs_before = len(server.client(ADMIN).get("/v1/admin/jobs").json()["jobs"])
+        filler = _fill(mnt)
+        # records still fit in the log's last allocated page (its block, on a disk); once that is full, 503s
+        until_full = [search(MOD_A).status_code]
+        while until_full[-1] == 200 and len(until_full) < 64:
+            until_full.append(search(MOD_A).status_code)
+        full = [search(MOD_A).status_code for _ in range(3)]
+        tally.add("audit_faults", until_full[-1] == 503 and full == [503] * 3,
+                  f"moderator searches on a full disk -> {until_full} then {full}")
+        tally.rows["audit_faults"]["served_in_the_last_page"] = len(until_full) - 1
+        tally.add("audit_faults", search(None).status_code == 200, "an ordinary search while the audit disk is full")
+        with server.client(ADMIN) as c:
+            r = c.post("/v1/admin/reindex", json={"source": {"images": "inside"}})
+            jobs_after = len(c.get("/v1/admin/jobs").json()["jobs"])
+        tally.add("audit_faults", r.status_code == 503 and jobs_after == jobs_before,
+                  f"job submission on a full audit disk -> {r.status_code}, jobs {jobs_before} -> {jobs_after}")
+        filler.unlink()
+        recovered = [search(MOD_A).status_code for _ in range(3)]
+        tally.add("audit_faults", recovered == [200] * 3, f"moderator searches once space is freed -> {recovered}")
+        lines = (mnt / "audit.jsonl").read_bytes().splitlines()
+        whole = all(line.startswith(b"{") and line.endswith(b"}") for line in lines)
+        tally.add("audit_faults", whole, "a half-written line is left in the audit log")
+        # every request that presents a moderator token leaves one record, whatever its status
+        limit = int(server.env.get("SAFE_RETRIEVAL_MAX_BODY_BYTES", 10 * 2**20))
+        rejected = [
+            ("POST", "/v1/search", {"content": b"{not json", "headers": {"content-type": "application/json"}}, MOD_A),
+            ("POST", "/v1/search", {"json": {"text": "a", "k": 67.0}}, MOD_A),
+            ("POST", "/v1/search", {"content": b"x" * (limit + 1), "headers": {"content-type": "application/json"}},
+             MOD_B),
+            ("POST", "/v1/search/upload", {"content": b"--x\r\nbroken", "headers": {
+                "content-type": "multipart/form-data; boundary=x"}}, MOD_A),
+            ("POST", "/v1/search/upload", {"files": {"image": ("a.png", _png((8, 8)), "image/png")},
+                                           "data": {"k": "67.0"}}, MOD_B),
+            ("GET", "/v1/items/not-a-uuid", {}, MOD_A),
+            ("POST", "/v1/admin/reindex", {"content": b"{not json", "headers": {"content-type": "application/json"}},
+             ADMIN),
+        ]
+        for method, path, kwargs, token in rejected:
+            before = len(_records(server))
+            with server.client(token) as c:
+                r = c.request(method, path, **kwargs)
+            new = _records(server)[before:]
+            ok = r.status_code >= 400 and len(new) == 1 and new[0].get("status") == r.status_code
+            tally.add("audit_faults", ok, f"{method} {path} {token[-5:]} -> {r.status_code}, {len(new)} records "
+                                          f"{[x.get('status') for x in new]}")
+        # the client address: X-Forwarded-For from a loopback caller that is no configured proxy is not believed
+        before = len(_records(server))
+        search(MOD_A, **{"X-Forwarded-For": "6.6.6.6"})
+        new = _records(server)[before:]
+        tally.add("audit_faults", [x.get("client") for x in new] == ["127.0.0.1"],
+                  f"X-Forwarded-For from an untrusted caller -> client {[x.get('client') for x in new]}")
+        with server.client(ADMIN) as c:
+            for params in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"},
+                           {"until": "0.5"}, {"since": "1e30"}, {"limit": "5.0"}):
+                r = c.get("/v1/admin/audit", params=params)
+                tally.add("audit_faults", r.status_code == 422 and not traced(r), f"audit {params} -> {r.status_code}")
+    finally:
+        if server is not None:
+            server.stop()
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        shutil.rmtree(indexes, ignore_errors=True)
+
+
+def oracle(server: Server, tally: Tally, rounds: int = 40) -> None:
+    """An unsafe item's id (computable from a guessed caption) must look exactly like an absent id to an
+    ordinary caller: the same status and body on every route, and a similar time."""
+    import statistics
+    import uuid
+
+    unsafe = sorted(_unsafe_ids(server))[:10]
+    times: dict[str, list[float]] = {"unsafe": [], "absent": []}
+    routes: list[Callable[[httpx.Client, str], httpx.Response]] = [
+        lambda c, i: c.get(f"/v1/items/{i}"), lambda c, i: c.get(f"/v1/media/{i}"),
+        lambda c, i: c.post("/v1/search", json={"item_id": i}),
+        lambda c, i: c.post("/v1/search", json={"item_id": i, "safety": "traverse", "target": "text"}),
+    ]
+    with server.client() as c:
+        for k in range(rounds):
+            hidden = unsafe[k % len(unsafe)]
+            absent = str(uuid.UUID(int=uuid.UUID(hidden).int ^ (k + 1)))
+            for route in routes:
+                pair = {}
+                for kind, item in (("unsafe", hidden), ("absent", absent)) if k % 2 else (("absent", absent), ("unsafe", hidden)):
+                    t = time.perf_counter()
+                    pair[kind] = route(c, item)
+                    times[kind].append(time.perf_counter() - t)
+                a, b = pair["unsafe"], pair["absent"]
+                same = a.status_code == b.status_code == 404 and a.text == b.text.replace(absent, hidden)
+                tally.add("oracle", same, f"unsafe {a.status_code} {a.text[:80]} vs absent {b.status_code} {b.text[:80]}")
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    tally.add("oracle", 0.67 < med["unsafe"] / med["absent"] < 1.5,
+              f"median time unsafe {med['unsafe']:.2f} ms vs absent {med['absent']:.2f} ms")
+    tally.rows["oracle"].update({"median_ms_unsafe": round(med["unsafe"], 2), "median_ms_absent": round(med["absent"], 2)})
+
+
+def refused_starts(tally: Tally, work: Path, paths: dict[str, Path]) -> None:
+    """Settings a security reviewer refuses: the server must not start, and say why."""
+    tokens = work / "tokens"
+    tokens.mkdir(exist_ok=True)
+    base = {**os.environ, "SAFE_RETRIEVAL_MODEL": str(paths["model"]), "SAFE_RETRIEVAL_INDEX_ROOT": str(paths["indexes"]),
+            "SAFE_RETRIEVAL_PORT": str(free_port())}
+    cases: list[tuple[str, dict[str, str], str]] = []
+    state = work / "replica-state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir()
+    cases.append(("replica without AUDIT_DIR", {"SAFE_RETRIEVAL_RUN_JOBS": "false", "SAFE_RETRIEVAL_STATE_DIR": str(state),
+                                                "SAFE_RETRIEVAL_MODERATOR_TOKEN": MOD_A}, "AUDIT_DIR"))
+    for mode, owner in ((0o620, 0), (0o660, 0), (0o644, 0), (0o602, 0), (0o640, 4321)):
+        f = tokens / f"tokens-{mode:o}-{owner}"
+        f.write_text("carol:carol-token\n")
+        os.chmod(f, mode)
+        if owner and os.getuid() == 0:
+            os.chown(f, owner, owner)
+        elif owner:
+            continue
+        cases.append((f"tokens file {mode:04o} owner {owner}", {"SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE": str(f),
+                                                               "SAFE_RETRIEVAL_STATE_DIR": str(work / "refused-state")},
+                      "chmod 0600"))
+    for what, env, words in cases:
+        proc = subprocess.run([CLI, "serve"], env={**base, **env}, capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        tally.add("refused_starts", proc.returncode != 0 and words in out and "carol-token" not in out,
+                  f"{what}: exit {proc.returncode} {out.strip()[-160:]}")
+    tally.add("refused_starts", not (state / "audit").exists(), "the refused replica wrote into the state volume")
+
+
+def _maxrss_of(args: list[Any]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``args`` under a fresh interpreter that reports its children's peak RSS (KiB) on its last line."""
+    wrapper = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stdout.write(p.stdout + '\\n' + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+               "sys.stderr.write(p.stderr); sys.exit(p.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *map(str, args)], capture_output=True, text=True, timeout=900)
+    head, _, last = proc.stdout.rpartition("\n")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, head, proc.stderr), int(last or 0)
+
+
+def jobs_files(server: Server, tally: Tally, work: Path, paths: dict[str, Path]) -> None:
+    """What a job reads and leaves: a 3 GB sparse image under a data root, cancels while the store is created,
+    and seventy forget submissions while a job runs."""
+    from PIL import Image
+
+    from indexer.generations import GEN_RE, META
+
+    roots = Path(json.loads(server.env["SAFE_RETRIEVAL_DATA_ROOTS"])[0])
+    folder = roots / "huge-files"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(folder / f"ok-{i}.png")
+    with open(folder / "huge.png", "wb") as f:
+        f.truncate(3 * 2**30)
+    # the CLI a reindex job runs, its peak memory measured
+    root = work / "huge-indexes"
+    shutil.rmtree(root, ignore_errors=True)
+    proc, maxrss = _maxrss_of([CLI, "index", "build", "--model", paths["model"], "--name", "huge", "--images", folder,
+                               "--root", root, "--workers", 0, "--no-progress", "--json"])
+    result = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    tally.add("jobs_files", result.get("failed") == 1 and result.get("indexed") == 4 and maxrss < 1.5 * 2**20,
+              f"index build with a 3 GB sparse file: {proc.returncode} {str(result)[:160]} peak {maxrss // 1024} MiB")
+    failures = [json.loads(x) for p in (root / "huge").rglob("failures.jsonl") for x in p.read_text().splitlines()]
+    tally.add("jobs_files", any("huge.png" in json.dumps(x) for x in failures), f"failures recorded: {str(failures)[:200]}")
+    # the same build without the huge file: what the CLI itself takes (torch, the model, the store)
+    control = work / "huge-control"
+    shutil.rmtree(control, ignore_errors=True)
+    shutil.copytree(folder, control, ignore=shutil.ignore_patterns("huge.png"))
+    _, baseline = _maxrss_of([CLI, "index", "build", "--model", paths["model"], "--name", "control", "--images", control,
+                              "--root", root, "--workers", 0, "--no-progress", "--json"])
+    tally.add("jobs_files", maxrss - baseline < 100 * 1024,
+              f"the 3 GB file cost {(maxrss - baseline) // 1024} MiB over the same build without it")
+    tally.rows["jobs_files"].update({"index_build_peak_rss_mib": maxrss // 1024,
+                                     "without_the_file_peak_rss_mib": baseline // 1024})
+    shutil.rmtree(control, ignore_errors=True)
+    with server.client(ADMIN, timeout=300) as c:
+        r = c.post("/v1/admin/reindex", json={"name": "probe-huge", "source": {"images": "huge-files"}})
+        job = server.wait_job(r.json()["id"]) if r.status_code == 202 else {"status": r.status_code}
+    tally.add("jobs_files", job.get("status") == "succeeded", f"reindex job with the 3 GB file -> {str(job)[:200]}")
+    # seventy forget submissions while a job runs: each a fast 409
+    target = roots / "gallery-data"
+    if not target.exists():
+        shutil.copytree(paths["data"], target)
+    body = {"source": {"visu": "gallery-data", "split": "test", "captions": True, "media_root": "gallery-data"}}
+    with server.client(ADMIN, timeout=300) as c:
+        running = c.post("/v1/admin/reindex", json=body)
+
+        def forget(_: int) -> tuple[int, float]:
+            with server.client(ADMIN, timeout=60) as f:
+                t = time.perf_counter()
+                r = f.post("/v1/admin/forget", json={"concepts": ["graffiti"], "data": "gallery-data", "preset": "demo"})
+                return r.status_code, time.perf_counter() - t
+
+        with ThreadPoolExecutor(70) as pool:
+            answers = list(pool.map(forget, range(70)))
+        if running.status_code == 202:
+            c.post(f"/v1/admin/jobs/{running.json()['id']}/cancel")
+    slowest = max(t for _, t in answers)
+    tally.add("jobs_files", all(code == 409 for code, _ in answers) and slowest < 2.0,
+              f"70 forgets during a job: {sorted({code for code, _ in answers})}, slowest {slowest:.2f} s")
+    tally.rows["jobs_files"]["forget_409_slowest_s"] = round(slowest, 2)
+    # cancels at every instant of a job's start, store creation included, then one job that swaps (and prunes)
+    with server.client(ADMIN, timeout=300) as c:
+        for k in range(12):
+            r = c.post("/v1/admin/reindex", json=body)
+            if r.status_code == 202:
+                time.sleep(0.25 * k)
+                c.post(f"/v1/admin/jobs/{r.json()['id']}/cancel")
+        r = c.post("/v1/admin/reindex", json=body)
+        job = server.wait_job(r.json()["id"]) if r.status_code == 202 else {"status": r.status_code}
+    home = paths["indexes"] / "gallery"
+    orphans = [p.name for p in home.iterdir() if GEN_RE.match(p.name) and not (p / META).exists()]
+    tally.add("jobs_files", job.get("status") == "succeeded" and not orphans,
+              f"after 12 cancels and a swap: job {job.get('status')}, directories without a record {orphans}")
+
+
 # ------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -544,6 +902,11 @@ def main() -> None:
         ("fuzz", lambda: fuzz(server, tally, args.fuzz_examples)),
         ("load_swaps", lambda: load_swaps(server, tally, args.load_seconds, args.clients, paths["data"])),
         ("faults", lambda: faults(server, tally, WORK, paths)),
+        ("burst", lambda: burst(server, tally)),
+        ("oracle", lambda: oracle(server, tally)),
+        ("jobs_files", lambda: jobs_files(server, tally, WORK, paths)),
+        ("refused_starts", lambda: refused_starts(tally, WORK, paths)),
+        ("audit_faults", lambda: audit_faults(tally, WORK, paths)),
     ]
     try:
         for name, step in steps:

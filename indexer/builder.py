@@ -157,11 +157,12 @@ def _resumable(gens: Generations, art: "Artifact", sources: str) -> str | None:
 def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, sources: str = "",
           media_root: Path | None = None, batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2,
           progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
-          roots: DataRoots = DataRoots(), switch: bool = True,
+          max_file_bytes: int | None = None, roots: DataRoots = DataRoots(), switch: bool = True,
           staged: "Callable[[str], None] | None" = None) -> JobResult:
     """Index ``items`` into a new (or resumed) generation of ``gens.name`` and switch to it.
 
-    With ``roots``, an image file outside them is a recorded failure (``indexer.pipeline``).
+    With ``roots``, an image file outside them is a recorded failure (``indexer.pipeline``); so is one over
+    ``max_pixels`` or ``max_file_bytes`` (default ``training.images.MAX_FILE_BYTES``, checked before reading).
 
     ``model`` is an artifact or its directory (loaded only once the lock is held, so a busy index
     fails before any model is loaded). ``switch=False`` leaves the complete generation staged (no
@@ -194,7 +195,8 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
         failures = gens.failures_path(gen, suffix)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
                   progress_path=gens.progress_path(gen, suffix), progress=progress,
-                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), roots=roots, **_pixels(max_pixels))
+                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), roots=roots,
+                  **_limits(max_pixels, max_file_bytes))
         try:
             summary = job.run(shard(items, rank, world) if world > 1 else items)
         except BaseException:
@@ -218,8 +220,10 @@ def _switch_and_prune(gens: Generations, gen: str, keep: int) -> list[str]:
     return gens.prune(keep, protect={gen})
 
 
-def _pixels(max_pixels: int | None) -> dict[str, int]:
-    return {} if max_pixels is None else {"max_pixels": max_pixels}
+def _limits(max_pixels: int | None, max_file_bytes: int | None) -> dict[str, int]:
+    """The Job's per-image limits that were given (the others keep the pipeline's defaults)."""
+    given = {"max_pixels": max_pixels, "max_bytes": max_file_bytes}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _sum(parts: list["Summary"]) -> "Summary":
@@ -269,7 +273,7 @@ def _writable_copy(gens: Generations, cur: str, meta: dict[str, Any]) -> tuple[s
 
 def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, media_root: Path | None = None,
         batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2, progress: bool = True,
-        break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
+        break_lock: bool = False, device: str = "auto", max_pixels: int | None = None, max_file_bytes: int | None = None,
         roots: DataRoots = DataRoots(), switch: bool = True, staged: "Callable[[str], None] | None" = None) -> JobResult:
     """Add ``items`` to the current generation (same model only); stored items are skipped.
 
@@ -291,7 +295,7 @@ def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, m
         failures = gens.failures_path(gen)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
                   progress_path=gens.progress_path(gen), progress=progress, desc=f"add to {gen}", roots=roots,
-                  **_pixels(max_pixels))
+                  **_limits(max_pixels, max_file_bytes))
         try:
             summary = job.run(items)
         except BaseException:

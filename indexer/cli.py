@@ -20,6 +20,7 @@ from training.data.roots import DataRoots
 from training.errors import InputError
 
 index_app = typer.Typer(
+    rich_markup_mode=None,  # help text is literal: "[caption]" must not be read as markup and vanish
     help="Indexes: build, update, inspect and drop vector indexes (Qdrant Edge embedded, or a Qdrant server).",
     no_args_is_help=True,
 )
@@ -54,6 +55,9 @@ SWITCH_OPT = typer.Option(True, "--switch/--no-switch",
                           help="Switch NAME to the new generation and prune old ones (--no-switch: leave it staged).")
 RESULT_OPT = typer.Option(None, "--result-file", dir_okay=False,
                           help="Write the generation (as soon as it is chosen, then the job's result) to this JSON file.")
+# the default is training.images.MAX_FILE_BYTES (not imported here: PIL would load at CLI start-up)
+MAX_FILE_BYTES_OPT = typer.Option(None, "--max-file-bytes", min=1,
+                                  help="Skip larger image files as failures, from their size before reading (default 64 MiB).")
 
 
 def _roots(dirs: List[Path]) -> DataRoots:
@@ -160,6 +164,7 @@ def build_cmd(
     break_lock: bool = typer.Option(False, "--break-lock", help="Remove a server lock left by a dead build."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Skip larger images as failures (default 40 Mpx)."),
+    max_file_bytes: Optional[int] = MAX_FILE_BYTES_OPT,
     data_root: List[Path] = DATA_ROOT_OPT,
     switch: bool = SWITCH_OPT,
     result_file: Optional[Path] = RESULT_OPT,
@@ -180,7 +185,7 @@ def build_cmd(
     try:
         result = builder.build(gens, model, items, sources=sig, media_root=media, batch_size=batch_size, workers=workers,
                                keep=keep, progress=progress, break_lock=break_lock, device=device, max_pixels=max_pixels,
-                               roots=roots, switch=switch, staged=out.staged)
+                               max_file_bytes=max_file_bytes, roots=roots, switch=switch, staged=out.staged)
     except KeyboardInterrupt:
         raise _interrupted("build") from None
     if result.points >= 0:  # non-zero ranks of a torchrun job have nothing to report
@@ -208,6 +213,7 @@ def add_cmd(
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Skip larger images as failures (default 40 Mpx)."),
+    max_file_bytes: Optional[int] = MAX_FILE_BYTES_OPT,
     data_root: List[Path] = DATA_ROOT_OPT,
     switch: bool = SWITCH_OPT,
     result_file: Optional[Path] = RESULT_OPT,
@@ -223,8 +229,8 @@ def add_cmd(
     out = _ResultFile(result_file, gens.name)
     try:
         result = builder.add(gens, model, items, media_root=media, batch_size=batch_size, workers=workers, keep=keep,
-                             progress=progress, device=device, max_pixels=max_pixels, roots=roots, switch=switch,
-                             staged=out.staged)
+                             progress=progress, device=device, max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                             roots=roots, switch=switch, staged=out.staged)
     except KeyboardInterrupt:
         raise _interrupted("add") from None
     out.done(result, switch)

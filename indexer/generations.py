@@ -331,11 +331,17 @@ class LocalGenerations(Generations):
         return {g for g in out if isinstance(g, str)}
 
     def prune(self, keep: int = DEFAULT_KEEP, *, protect: AbstractSet[str] = frozenset()) -> list[str]:
-        """As ``Generations.prune``, plus leftovers of killed jobs (half-copied or half-deleted directories)."""
+        """As ``Generations.prune``, plus leftovers of killed jobs: half-copied or half-deleted directories,
+        and generation directories without a record (a job stopped while it created the store, before
+        ``meta.json``: such a directory is no generation, nothing can resume it, and under the lock no
+        job is creating one)."""
         gone = super().prune(keep, protect=protect)
         for p in self.dir.glob(".*"):
             if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".deleting")):
                 shutil.rmtree(p, ignore_errors=True)
+        for p in self.dir.iterdir() if self.dir.is_dir() else ():
+            if GEN_RE.match(p.name) and p.is_dir() and not (p / META).exists() and p.name not in protect:
+                self.delete_generation(p.name)
         return gone
 
     def drop(self) -> list[str]:

@@ -4,8 +4,9 @@
   preprocess it. Items whose id is already stored are not decoded again, so a resumed run spends
   its time on what is missing.
 - The main process encodes each batch on the model's device and upserts it as one batch.
-- An unreadable, corrupt, missing or oversized image never stops the job: it is counted as failed
-  and written to ``failures.jsonl`` (rewritten by each run, so it lists exactly the current failures).
+- An unreadable, corrupt, missing or oversized image (over ``max_pixels``, or a file over ``max_bytes``,
+  refused from its size before it is read) never stops the job: it is counted as failed and written to
+  ``failures.jsonl`` (rewritten by each run, so it lists exactly the current failures).
   So is a malformed manifest row (``Item.error``) and, with data roots, a file that is outside them:
   the check is made on the file the worker actually opened, and ``uri`` is that file's real path.
 - Ids are content hashes and stored ids are skipped, so a run killed at any point (even ``kill -9``)
@@ -39,7 +40,7 @@ from training import lorentz, traversal
 from training.artifact import Artifact
 from training.data.roots import DataRoots
 from training.errors import ImageError, InputError, OutsideRootsError
-from training.images import MAX_PIXELS, preprocess_bytes
+from training.images import MAX_FILE_BYTES, MAX_PIXELS, preprocess_bytes, read_image_file
 
 DEFAULT_BATCH = 64
 
@@ -69,9 +70,9 @@ class ImageReader(Dataset):
     """Worker-side half of the pipeline: ``i -> {i, id, pixels (3, H, W) | None, error | None, real}``."""
 
     def __init__(self, items: Sequence[Item], transform, *, known: frozenset[str] = frozenset(),
-                 max_pixels: int = MAX_PIXELS, roots: DataRoots = DataRoots()):
+                 max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FILE_BYTES, roots: DataRoots = DataRoots()):
         self.items, self.transform, self.known, self.max_pixels = items, transform, known, max_pixels
-        self.roots = roots
+        self.max_bytes, self.roots = max_bytes, roots
 
     def __len__(self) -> int:
         return len(self.items)
@@ -81,7 +82,7 @@ class ImageReader(Dataset):
         assert item.path is not None, "the dataset holds image items only"
         try:
             try:
-                data, real = self.roots.read(item.path, what="image")
+                data, real = read_image_file(item.path, max_bytes=self.max_bytes, roots=self.roots)
             except OutsideRootsError as e:
                 raise ImageError(str(e)) from e
             except FileNotFoundError as e:
@@ -193,9 +194,9 @@ class Job:
     def __init__(self, art: Artifact, store: VectorStore, *, media_root: Path | None = None, batch_size: int = DEFAULT_BATCH,
                  workers: int = 2, failures_path: Path | None = None, progress_path: Path | None = None,
                  progress: bool = True, desc: str = "indexing", max_pixels: int = MAX_PIXELS,
-                 roots: DataRoots = DataRoots()):
+                 max_bytes: int = MAX_FILE_BYTES, roots: DataRoots = DataRoots()):
         self.art, self.store, self.media_root, self.max_pixels = art, store, media_root, max_pixels
-        self.roots = roots
+        self.max_bytes, self.roots = max_bytes, roots
         self.batch_size, self.workers = max(1, batch_size), max(0, workers)
         self.failures_path, self.progress_path = failures_path, progress_path
         self.show, self.desc = progress, desc
@@ -240,7 +241,8 @@ class Job:
     # ----------------------------------------------------------------- stages
     def _images(self, items: Sequence[Item]) -> None:
         enc = self.art.encoder
-        reader = ImageReader(items, enc.transform, known=frozenset(self.seen), max_pixels=self.max_pixels, roots=self.roots)
+        reader = ImageReader(items, enc.transform, known=frozenset(self.seen), max_pixels=self.max_pixels,
+                             max_bytes=self.max_bytes, roots=self.roots)
         loader = DataLoader(reader, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
                             pin_memory=enc.device.type == "cuda", worker_init_fn=functools.partial(die_with_parent, os.getpid()))
         for batch in loader:

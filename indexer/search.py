@@ -88,7 +88,8 @@ class SearchResult:
     query: QueryReport
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query.to_dict(), "hits": [h.to_dict() for h in self.hits]}
+        # "results", as the HTTP API's SearchResponse names them
+        return {"query": self.query.to_dict(), "results": [h.to_dict() for h in self.hits]}
 
 
 def _can_traverse(art: Artifact, threshold: float | None, target: str) -> bool:

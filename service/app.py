@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -23,14 +24,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from service import handlers
+from service.admission import MemoryBudget
 from service.audit import AuditLog, AuditTrail
 from service.batching import Batcher
 from service.jobs import JobManager
 from service.metrics import Metrics
-from service.middleware import AdminGate, BodyLimit, RequestMetrics
+from service.middleware import AdminGate, AuditedCaller, BodyLimit, RequestMetrics
 from service.routes import admin, health, items, search, web
 from service.settings import Settings
-from service.startup import check_model, check_page, check_state_dir, listen
+from service.startup import check_audit_dir, check_model, check_page, check_state_dir, listen
 from service.state import PairLoader, ServedState, Services
 from training.errors import SafeRetrievalError
 
@@ -40,6 +42,7 @@ PIN_RENEW_S = 60.0  # well within indexer.generations.PIN_TTL_S
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
+    check_audit_dir(settings)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -50,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             cache_size=settings.cache_size, dtype=settings.inference_dtype,
                             torch_threads=settings.torch_threads, metrics=metrics),
             audit=audit,
+            image_budget=MemoryBudget(settings.image_memory_budget_bytes, max_wait_s=settings.image_admission_wait_s,
+                                      metrics=metrics),
         )
         if settings.run_jobs:
             services.jobs = JobManager(
@@ -87,17 +92,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.audit = audit = AuditLog(settings.audit_dir or settings.state_dir / "audit", max_bytes=settings.audit_max_bytes,
                                        keep=settings.audit_keep)
     handlers.install(app)
-    for router in (search.router, items.router, admin.router, health.router, web.router):
+    routers = (search.router, items.router, admin.router, health.router, web.router)
+    for router in routers:
         app.include_router(router)
     check_page(web.STATIC)
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
-    app.add_middleware(AuditTrail, audit=audit)  # innermost: it reads the matched route
+    # added innermost first; they run in the opposite order (service/middleware.py says why)
     app.add_middleware(AdminGate, settings=settings)  # before any admin route reads its body
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # added last: runs first
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuditTrail, audit=audit,  # outside the body limit: a privileged 413 leaves its record too
+                       identify=AuditedCaller(settings, [route for router in routers for route in router.routes]))
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: runs first, counts what the client gets
     return app
 
 
@@ -139,6 +147,15 @@ def _version() -> str:
         return "0"
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for ``settings``. ``X-Forwarded-For``/``-Proto`` are believed only from
+    ``TRUSTED_PROXIES`` (uvicorn alone believes any loopback caller): otherwise the client address, the
+    one the audit log records, is the connection's peer."""
+    return {"log_level": "info", "access_log": settings.access_log, "timeout_graceful_shutdown": 10,
+            "server_header": False, "proxy_headers": bool(settings.trusted_proxies),
+            "forwarded_allow_ips": list(settings.trusted_proxies)}
+
+
 def serve(settings: Settings) -> None:
     """Run the app under uvicorn until interrupted (one worker: jobs and swaps belong to one process)."""
     app = create_app(settings)
@@ -146,8 +163,7 @@ def serve(settings: Settings) -> None:
     check_state_dir(settings)
     sock = listen(settings.host, settings.port)  # before the model loads: a taken port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(app, log_level="info", access_log=settings.access_log, timeout_graceful_shutdown=10,
-                            server_header=False)
+    config = uvicorn.Config(app, **uvicorn_options(settings))
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])

@@ -1,24 +1,28 @@
 """The audit trail of privileged access: who saw unsafe content, when, and with what query.
 
-A *privileged request* is one authenticated with a moderator token on the search, items, media and
-embed routes (whether or not unsafe items came back), or an admin job submission or cancel (token
-name ``admin``). Each leaves exactly one record; ordinary requests leave none. A record holds the
-time (UTC), the token's name (never the token), method, route, response status, safety mode, the
-query (its text, the image's sha256 or the item id), the ids of the unsafe items returned, the
-client address, and for admin requests the job.
+A *privileged request* is one that presents a moderator token on the search, items, media and embed
+routes (whether or not unsafe items came back, whatever its status: a malformed or oversized body
+too), or the admin token on a job submission or cancel (token name ``admin``). Each leaves exactly
+one record; ordinary requests and wrong tokens leave none. A record holds the time (UTC), the
+token's name (never the token), method, route, response status, safety mode, the query (its text,
+the image's sha256 or the item id), the ids of the unsafe items returned, the client address, and
+for admin requests the job.
 
 Records are JSON lines appended to ``AUDIT_DIR/audit.jsonl`` (default ``STATE_DIR/audit``), rotated by size to
 ``audit.jsonl.1`` (newest) ... ``audit.jsonl.N`` (oldest kept), and also emitted on the
-``safe_retrieval.audit`` logger. Routes (and ``service.searching``, through the caller's
-``service.deps.Caller.note``) only *note* what they did (:func:`privileged`, :func:`note`);
-the :class:`AuditTrail` middleware writes the record when the response starts, so the client cannot
-see a response whose record is not written, and a record that cannot be written turns the response
-into a 503 (fail closed: no unaudited access to unsafe content).
+``safe_retrieval.audit`` logger. The :class:`AuditTrail` middleware recognises the privileged caller
+from the request's headers before anything else runs; routes (and ``service.searching``, through the
+caller's ``service.deps.Caller.note``) only *note* what they did (:func:`note`). The middleware writes
+the record when the response starts, so the client cannot see a response whose record is not written,
+and a record that cannot be written turns the response into a 503 (fail closed: no unaudited access
+to unsafe content). An action that must not happen unaudited (a job's start, a cancel) writes its
+record first (:func:`record_now`): no record, no action. A full disk costs 503s only while it is full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,16 +30,19 @@ import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import UnavailableError
+
 ADMIN = "admin"
 SCOPE_KEY = "safe_retrieval.audit"  # this request's notes, in the ASGI scope
 FILE_NAME = "audit.jsonl"
+FILE_MODE = 0o640  # moderators' queries: not for every user of the machine
 log = logging.getLogger("safe_retrieval.audit")
 service_log = logging.getLogger("safe_retrieval.service")
 
@@ -53,7 +60,13 @@ def as_utc(when: datetime) -> str:
 
 
 class AuditLog:
-    """An append-only JSON-lines file rotated by size; thread-safe, one flushed line per record."""
+    """An append-only JSON-lines file rotated by size; thread-safe, one whole line per record.
+
+    A record is one ``os.write`` of its whole line on an ``O_APPEND`` descriptor; a write that fails
+    part-way (a full disk) is cut back to the last whole line, so the file never holds half a record,
+    and the next write starts afresh: the log recovers by itself as soon as it can be written again.
+    Only one process may write a log (one ``AUDIT_DIR`` per replica).
+    """
 
     def __init__(self, directory: Path, *, max_bytes: int, keep: int):
         self.directory = Path(directory)
@@ -61,18 +74,29 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self._lock = threading.Lock()
-        self._file: TextIO | None = None
+        self._fd: int | None = None
         self._size = 0
 
-    def _open(self) -> TextIO:
+    def _open(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._file = f = open(self.path, "a", encoding="utf-8")
-        self._size = f.tell()
-        return f
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            self._size = _whole_lines(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return fd
 
-    def _rotate(self, current: TextIO) -> TextIO:
-        current.close()
-        self._file = None
+    def _reset(self) -> None:
+        """Forget the descriptor (the next write reopens the file, wherever this one stopped)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _rotate(self) -> int:
+        self._reset()
         oldest = self.directory / f"{FILE_NAME}.{self.keep}"
         oldest.unlink(missing_ok=True)
         for n in range(self.keep - 1, 0, -1):
@@ -85,19 +109,15 @@ class AuditLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (blocking; :meth:`awrite` from the event loop). OSError when it cannot be written."""
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-        size = len(line.encode())
+        data = line.encode()
         with self._lock:
             try:
-                f = self._open() if self._file is None else self._file
-                if self._size and self._size + size > self.max_bytes:
-                    f = self._rotate(f)
-                f.write(line)
-                f.flush()
-                self._size += size
+                fd = self._open() if self._fd is None else self._fd
+                if self._size and self._size + len(data) > self.max_bytes:
+                    fd = self._rotate()
+                self._size = _append(fd, data)
             except OSError:
-                if self._file is not None:  # reopen on the next write, wherever this one stopped
-                    self._file.close()
-                    self._file = None
+                self._reset()
                 raise
         log.info("%s", line.rstrip("\n"))
 
@@ -159,9 +179,41 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._reset()
+
+
+def _whole_lines(fd: int) -> int:
+    """The size of the file open at ``fd`` after cutting off an incomplete last line (a write a crash
+    interrupted: never acknowledged, so never a record)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    os.ftruncate(fd, end)
+    service_log.warning("cut an incomplete last line (%d bytes) off the audit log", size - end)
+    return end
+
+
+def _append(fd: int, data: bytes) -> int:
+    """Append ``data`` at the end of the file open at ``fd`` (``O_APPEND``) and return the new size, or raise
+    OSError having cut the file back to its size before: a short write (a full disk) leaves no half line."""
+    before = os.fstat(fd).st_size
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError:
+        if written:
+            os.ftruncate(fd, before)  # if this fails too, the next open cuts the half line off
+        raise
+    return before + written
 
 
 # ------------------------------------------------------------------ what the routes note
@@ -198,14 +250,21 @@ async def note_query(request: Request, *, text: str | None = None, image: bytes 
 
 
 # ------------------------------------------------------------------ the writer
+REFUSED = ("the audit log cannot be written, so privileged requests are refused; free space on the disk of the audit "
+           "directory (SAFE_RETRIEVAL_AUDIT_DIR, default STATE_DIR/audit) or make it writable: requests are served "
+           "again as soon as it can be written")
+_WRITTEN = "_written"  # in the notes: this request's record is written (never a second one)
+_LOG_KEY = "safe_retrieval.audit_log"  # the AuditLog, in the ASGI scope (for record_now)
+
+
 def _record(scope: Scope, notes: dict[str, Any], status: int) -> dict[str, Any]:
-    route = scope.get("route")
+    route = getattr(scope.get("route"), "path", None) or notes.get("route") or scope.get("path")
     client = scope.get("client")
     record = {
         "time": now(),
         "token": notes["token"],
         "method": scope.get("method"),
-        "route": getattr(route, "path", scope.get("path")),
+        "route": route,
         "status": status,
         "safety": notes.get("safety"),
         "query": notes.get("query"),
@@ -217,12 +276,41 @@ def _record(scope: Scope, notes: dict[str, Any], status: int) -> dict[str, Any]:
     return record
 
 
-class AuditTrail:
-    """ASGI middleware: one record per privileged request, written before its response starts."""
+def record_now(request: Request, status: int) -> None:
+    """Write this privileged request's record now, with ``status`` (what its response will be), before an
+    action that must not happen unaudited (a job's start, a cancel); the middleware then writes no second one.
 
-    def __init__(self, app: ASGIApp, audit: AuditLog):
+    Blocking: call it from a worker thread. Raises UnavailableError (503) when the record cannot be written:
+    the caller must then not act. Does nothing for an ordinary request.
+    """
+    notes = request.scope.get(SCOPE_KEY)
+    audit: AuditLog | None = request.scope.get(_LOG_KEY)
+    if notes is None or audit is None or "token" not in notes or notes.get(_WRITTEN):
+        return
+    try:
+        audit.write(_record(request.scope, notes, status))
+    except OSError:
+        service_log.exception("could not write the audit record of %s %s", request.method, request.url.path)
+        raise UnavailableError(REFUSED) from None
+    notes[_WRITTEN] = True
+
+
+#: who a request's record names, from its headers alone: ``(token name, route template)``, or None
+Identify = Callable[[Scope], "tuple[str, str] | None"]
+
+
+class AuditTrail:
+    """ASGI middleware: one record per privileged request, written before its response starts.
+
+    ``identify`` names the privileged caller from the request's headers before anything else runs, so a
+    request refused before its route (a malformed body, one over the size limit) leaves its record too;
+    routes may also mark their caller (:func:`privileged`).
+    """
+
+    def __init__(self, app: ASGIApp, audit: AuditLog, identify: Identify | None = None):
         self.app = app
         self.audit = audit
+        self.identify = identify
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -230,23 +318,26 @@ class AuditTrail:
             return
         notes: dict[str, Any] = {}
         scope[SCOPE_KEY] = notes
-        written = refused = False
+        scope[_LOG_KEY] = self.audit
+        found = self.identify(scope) if self.identify is not None else None
+        if found is not None:
+            notes["token"], notes["route"] = found
+        refused = False
 
         async def audited(message: Message) -> None:
-            nonlocal written, refused
+            nonlocal refused
             if refused:
                 return  # the rest of a response replaced by the 503 below
-            if message["type"] == "http.response.start" and "token" in notes and not written:
-                written = True
+            if message["type"] == "http.response.start" and "token" in notes and not notes.get(_WRITTEN):
+                notes[_WRITTEN] = True
                 try:
                     await self.audit.awrite(_record(scope, notes, message["status"]))
                 except OSError:
                     service_log.exception("could not write the audit record of %s %s", scope.get("method"),
                                           scope.get("path"))
                     refused = True
-                    response = JSONResponse({"error": "UnavailableError", "detail":
-                                             "the audit log cannot be written, so privileged requests are refused; "
-                                             "check the disk of the state directory"}, status_code=503)
+                    response = JSONResponse({"error": "UnavailableError", "detail": REFUSED}, status_code=503,
+                                            headers={"Retry-After": "5"})
                     await response(scope, receive, send)
                     return
             await send(message)
@@ -254,7 +345,8 @@ class AuditTrail:
         try:
             await self.app(scope, receive, audited)
         finally:
-            if "token" in notes and not written:  # an unhandled error: the 500 is sent outside this middleware
+            if "token" in notes and not notes.get(_WRITTEN):  # an unhandled error: the 500 is sent outside this middleware
+                notes[_WRITTEN] = True
                 try:
                     await self.audit.awrite(_record(scope, notes, 500))
                 except OSError:

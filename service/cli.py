@@ -14,6 +14,7 @@ from training import cli as training_cli
 from training.errors import SafeRetrievalError
 
 app = typer.Typer(
+    rich_markup_mode=None,  # help text is literal: "[caption]" must not be read as markup and vanish
     help="safe-retrieval: image/text retrieval that stays safe when the query is not.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -64,6 +64,12 @@ def moderator_name(settings: Settings, given: str | None) -> str | None:
     return found
 
 
+def admin_matches(settings: Settings, given: str | None) -> bool:
+    """Whether ``given`` is the configured admin token (constant time); False while none is configured."""
+    expected = settings.token("admin")
+    return expected is not None and _matches(given, expected)
+
+
 def check_admin(settings: Settings, given: str | None) -> None:
     """Raise 403 when no admin token is configured, 401 when ``given`` is missing or wrong."""
     expected = settings.token("admin")

@@ -309,15 +309,25 @@ class JobManager:
             return next((j for j in self._jobs.values() if j.status in ACTIVE), None)
 
     # -------------------------------------------------------------- submitting
+    def check_idle(self) -> None:
+        """Raise ConflictError (409) naming the job that is running, if one is: before any costly check of a request."""
+        busy = self.running()
+        if busy is not None:
+            raise ConflictError(f"job {busy.id} ({busy.kind}) is {busy.status}; wait for it or cancel it", busy.id)
+
     def submit(self, kind: str, request: dict[str, Any], steps: builtins.list[builtins.list[str]],
-               plan: dict[str, Any]) -> dict[str, Any]:
-        """Start a job now, or raise ConflictError naming the job that is running."""
+               plan: dict[str, Any], *, before_start: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Start a job now, or raise ConflictError naming the job that is running.
+
+        ``before_start(job_id)`` runs once the job may start but before it exists (the audit record of the
+        request that submits it): if it raises, nothing is created and the exception propagates.
+        """
         with self._lock:
-            busy = self.running()
-            if busy is not None:
-                raise ConflictError(f"job {busy.id} ({busy.kind}) is {busy.status}; wait for it or cancel it", busy.id)
+            self.check_idle()
             now = time.time()  # ids sort in submission order: second, millisecond, then a random tag
             job_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
+            if before_start is not None:
+                before_start(job_id)
             job = JobRecord(id=job_id, kind=kind, request=request, steps=steps, plan=plan)
             self._jobs[job_id] = job
             self._cancel[job_id] = threading.Event()
@@ -328,16 +338,20 @@ class JobManager:
             thread.start()
             return self._public(job)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str, *, before: Callable[[], None] | None = None) -> dict[str, Any]:
         """Ask a queued/running job to stop and wait for it to end.
 
         Before the job's commit point it ends ``cancelled`` and its outputs are deleted; after it the
         cancel is too late and the job ends as its acceptance decides. Finished jobs are returned unchanged.
+        ``before()`` runs once the job is found, before the cancel takes effect (the request's audit
+        record): if it raises, the job is left as it was and the exception propagates.
         """
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 raise NotFoundError(f"no job {job_id!r}; GET /v1/admin/jobs lists them")
+            if before is not None:
+                before()
             event = self._cancel.get(job_id)
             if job.status in ACTIVE and event is not None and not job.committed:  # after the commit: too late
                 event.set()
@@ -538,8 +552,11 @@ def source_args(source: IndexSource, roots: list[Path], default_media_root: Path
 
 
 def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
-                  qdrant_url: str | None, index_root: Path) -> list[list[str]]:
+                  qdrant_url: str | None, index_root: Path, max_file_bytes: int | None = None) -> list[list[str]]:
     """The index step of a job: it stages a generation (``--no-switch``) and reports it (``--result-file``).
+
+    ``max_file_bytes`` (the service's ``JOB_MAX_FILE_BYTES``) becomes ``--max-file-bytes``: image files over
+    it are failures of the job, refused from their size before they are read.
 
     An incremental job on a Qdrant server is refused: there ``index add`` changes the served
     collection in place, which no cancel could undo (see ``indexer.builder._check_stageable``).
@@ -550,6 +567,7 @@ def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Pa
     verb = "add" if req.incremental else "build"
     return [["index", verb, "--model", str(model), "--name", name,
              *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root),
+             *(["--max-file-bytes", str(max_file_bytes)] if max_file_bytes is not None else []),
              "--no-switch", "--result-file", INDEX_RESULT]]
 
 

@@ -13,7 +13,8 @@ __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
 
 class Metrics:
-    """Latency per stage, batch sizes, queries by safety mode, unsafe/redirect counts, cache, jobs, requests."""
+    """Latency per stage, batch sizes, queries by safety mode, unsafe/redirect counts, cache, jobs, requests,
+    refused query images and the image memory in use."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -38,8 +39,17 @@ class Metrics:
         self.jobs = Gauge("safe_retrieval_jobs", "Admin jobs known to this server, by state.", ["state"], registry=r)
         self.ready = Gauge("safe_retrieval_ready", "1 when a model and a matching index are served.", registry=r)
         self.swaps = Counter("safe_retrieval_swaps_total", "Times the served model+index pair was replaced.", registry=r)
+        self.images_refused = Counter(
+            "safe_retrieval_images_refused_total", "Query images refused before decoding: busy (the image memory "
+            "budget stayed full, 503) or too_large (over the whole budget, 400).", ["reason"], registry=r,
+        )
+        self.image_memory = Gauge(
+            "safe_retrieval_image_memory_bytes", "Memory reserved by the decodes of query images in flight.", registry=r
+        )
         for state in JOB_STATES:
             self.jobs.labels(state).set(0)
+        for reason in ("busy", "too_large"):
+            self.images_refused.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

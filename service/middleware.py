@@ -1,22 +1,32 @@
-"""The ASGI middlewares: the body limit, the request counter and the admin gate (the audit trail's
-writer, :class:`service.audit.AuditTrail`, lives with the audit log it writes).
+"""The ASGI middlewares: the body limit, the request counter, the admin gate, and who the audit trail
+names (the audit trail's writer, :class:`service.audit.AuditTrail`, lives with the audit log it writes).
 
-``create_app`` adds them so that they run in this order: ``BodyLimit`` (413 before anything reads a
-byte), ``RequestMetrics``, CORS, ``AdminGate``, ``AuditTrail`` (innermost: it reads the matched route).
+``create_app`` adds them so that they run in this order: ``RequestMetrics`` (it counts what the client
+gets, a 413 or the audit trail's 503 included), ``AuditTrail`` (before anything can refuse a privileged
+request: every one leaves its record, a 413 decided from Content-Length too), ``BodyLimit`` (413
+before anything reads a byte), CORS, ``AdminGate``.
 
 FastAPI validates a route's body before its dependencies can refuse the caller, so an unauthenticated
 request with a bad body would learn 400/422 (and cost a parse of up to the body limit) instead of 401.
 The gate checks the admin token from the headers alone, before any byte of the body is read; the
-routes keep their own check (and their OpenAPI security) behind it.
+routes keep their own check (and their OpenAPI security) behind it. :class:`AuditedCaller` likewise
+tells a privileged request from its method, path and token alone, so the audit trail knows it before
+any body is read or any route runs.
 """
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from fastapi import HTTPException
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.deps import check_admin
+from service import audit
+from service.deps import admin_matches, audited_admin, check_admin, get_caller, moderator_name
 from service.errors import ForbiddenError, TooLargeError, UnauthorizedError
 from service.metrics import Metrics
 from service.settings import Settings
@@ -25,13 +35,55 @@ ADMIN_PREFIX = "/v1/admin"
 
 
 def bearer_token(scope: Scope) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), or None."""
+    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), or None; read as
+    FastAPI's ``HTTPBearer`` reads it for the routes, so the gate and the audit trail see the routes' token."""
     for key, value in scope.get("headers") or []:
         if key == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            scheme, _, token = value.decode("latin-1").partition(" ")
             token = token.strip()
             return token if scheme.lower() == "bearer" and token else None
     return None
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes match: after the ``root_path`` the app is mounted under."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _depends_on(dependant: Dependant, call: object) -> bool:
+    return dependant.call is call or any(_depends_on(d, call) for d in dependant.dependencies)
+
+
+class AuditedCaller:
+    """Who a privileged request's audit record names, from its method, path and bearer token alone.
+
+    A request to a route that takes the caller (``deps.CallerDep``: search, upload, embed, items, media)
+    with a moderator token is that moderator's, whatever its method or body; a request to a route behind
+    ``deps.audited_admin`` (job submissions, cancels) with its method and the admin token is ``admin``'s.
+    Tokens are compared as the routes compare them (constant time, every moderator token). Returns
+    ``(token name, route template)`` or None.
+    """
+
+    def __init__(self, settings: Settings, routes: Iterable[BaseRoute]):
+        self.settings = settings
+        api = [r for r in routes if isinstance(r, APIRoute)]
+        self.moderated = [r for r in api if _depends_on(r.dependant, get_caller)]
+        self.admin = [r for r in api if _depends_on(r.dependant, audited_admin)]
+
+    def __call__(self, scope: Scope) -> tuple[str, str] | None:
+        token = bearer_token(scope)
+        if token is None:
+            return None
+        path = route_path(scope)
+        for route in self.moderated:
+            if route.path_regex.match(path):
+                name = moderator_name(self.settings, token)
+                return (name, route.path) if name is not None else None
+        for route in self.admin:
+            if route.path_regex.match(path) and scope.get("method") in (route.methods or ()):
+                return (audit.ADMIN, route.path) if admin_matches(self.settings, token) else None
+        return None
 
 
 class AdminGate:
@@ -42,9 +94,7 @@ class AdminGate:
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):  # mounted under a prefix: the routes see the path after it
-            path = path[len(root):]
+        path = route_path(scope)  # mounted under a prefix: the routes see the path after it
         if scope["type"] == "http" and (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
             try:
                 check_admin(self.settings, bearer_token(scope))

@@ -1,16 +1,19 @@
 """Request and response models of the HTTP API, shared by the routes, the OpenAPI document and the tests.
 
 Every request model forbids unknown fields, so a typo (``"safty": "off"``) is a 422 instead of a
-silently ignored option. Integer fields of request bodies are strict (``"k": 67.0`` is a 422), and the
-"exactly one of" rules are also stated in the schema (``oneOf``), so that the OpenAPI document
+silently ignored option. Integer fields are strict everywhere: a JSON body takes integer literals only
+(``"k": 67.0`` and ``"k": "5"`` are 422s), a form field digits only (``k=67.0`` is a 422). JSON Schema
+counts ``67.0`` as an integer and has no way to say otherwise, so each such field's description says it
+(:func:`integer`). The "exactly one of" rules are also stated in the schema (``oneOf``), so that the OpenAPI document
 describes what the server accepts.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 MAX_TEXT_CHARS = 1000  # a query, not a document: CLIP reads at most 77 tokens anyway
 MAX_K_PER_REQUEST = 100  # the most results one HTTP search returns (indexer.search allows more)
@@ -24,6 +27,29 @@ ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 # "format": "path" tells schema readers (and the fuzz tests' path generator) what the string names
 PathText = Annotated[str, StringConstraints(min_length=1, max_length=4096), Field(json_schema_extra={"format": "path"})]
+
+
+INTEGER_NOTE = "An integer literal: 58, not 58.0 or \"58\"."
+_INTEGER_TEXT = re.compile(r"^[+-]?[0-9]{1,18}$")
+
+
+def _say_strict(schema: dict[str, Any]) -> None:
+    schema["description"] = f"{schema.get('description', '')} {INTEGER_NOTE}".strip()
+
+
+def integer(default: Any, **constraints: Any) -> Any:
+    """A strict integer field of a JSON body (no floats, strings or booleans), documented as such."""
+    return Field(default, strict=True, json_schema_extra=_say_strict, **constraints)
+
+
+def _integer_text(value: Any) -> Any:
+    if isinstance(value, str) and not _INTEGER_TEXT.match(value):
+        raise ValueError(f"must be an integer written in digits (like 10, not 10.0); {INTEGER_NOTE}")
+    return value
+
+
+#: An integer given as text (a form field, a query parameter): digits only, so "67.0" is a 422 there as in JSON.
+IntText = Annotated[int, BeforeValidator(_integer_text)]
 
 
 class StrictModel(BaseModel):
@@ -55,8 +81,8 @@ class SearchFilter(StrictModel):
 
 class SearchOptions(StrictModel):
     target: Target = Field("image", description="What to search: images, captions, or both.")
-    k: int = Field(10, ge=1, le=MAX_K_PER_REQUEST, strict=True, description="Number of results.")
-    offset: int = Field(0, ge=0, le=MAX_OFFSET, strict=True, description="Results to skip (paging).")
+    k: int = integer(10, ge=1, le=MAX_K_PER_REQUEST, description="Number of results.")
+    offset: int = integer(0, ge=0, le=MAX_OFFSET, description="Results to skip (paging).")
     safety: Safety = Field(
         "strict",
         description="strict: traverse unsafe queries and drop unsafe items; traverse: only move the query; "
@@ -206,15 +232,15 @@ class RetrainRequest(StrictModel):
     method: Literal["hysac", "safeclip", "clip"] = "hysac"
     data: PathText = Field(description="ViSU-layout dataset to train on.")
     preset: Literal["demo"] | None = None
-    epochs: int | None = Field(None, ge=1, le=1000, strict=True)
-    batch_size: int | None = Field(None, ge=1, le=65536, strict=True)
+    epochs: int | None = integer(None, ge=1, le=1000)
+    batch_size: int | None = integer(None, ge=1, le=65536)
     lr: float | None = Field(None, gt=0, le=1)
-    lora_rank: int | None = Field(None, ge=1, le=1024, strict=True)
+    lora_rank: int | None = integer(None, ge=1, le=1024)
     full_finetune: bool = False
     eta: float | None = Field(None, ge=0, le=100)
     precision: Literal["fp32", "bf16"] | None = None
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, strict=True)
-    max_steps: int | None = Field(None, ge=1, le=10_000_000, strict=True, description="Stop after this many optimizer steps.")
+    seed: int | None = integer(None, ge=0, le=2**31 - 1)
+    max_steps: int | None = integer(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
     reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
     source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
 
@@ -237,10 +263,10 @@ class ForgetRequest(StrictModel):
         None, description="ViSU-layout dataset whose pairs showing the concepts are forgotten, the others retained "
         "(default: the served model's training data, from its provenance, when it lies under the data roots).")
     preset: Literal["demo"] | None = None
-    epochs: int | None = Field(None, ge=1, le=1000, strict=True)
+    epochs: int | None = integer(None, ge=1, le=1000)
     lr: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, strict=True)
-    max_steps: int | None = Field(None, ge=1, le=10_000_000, strict=True, description="Stop after this many optimizer steps.")
+    seed: int | None = integer(None, ge=0, le=2**31 - 1)
+    max_steps: int | None = integer(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
     reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
     source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
 

@@ -24,12 +24,13 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.errors import IndexNotFoundError, StoreUnavailableError
 from indexer.search import asearch
+from service.admission import TRIM_ABOVE_BYTES, return_freed_memory
 from service.batching import Encoded
 from service.deps import Caller
 from service.errors import NotFoundError, UnavailableError
 from service.schemas import QueryReport, SearchOptions
 from service.state import ServedPair, Services
-from training.images import preprocess_bytes
+from training.images import preprocess_bytes, read_header
 from training.traversal import is_unsafe
 
 
@@ -59,35 +60,69 @@ def item_vector(record: dict[str, Any]) -> list[float] | None:
     return vector
 
 
-async def fetch_item(services: Services, pair: ServedPair, item_id: str, *, with_vector: bool) -> dict[str, Any]:
-    """One indexed item's record from the pair's index; 404 when there is none, 503 when the store is down."""
+async def fetch_item(services: Services, pair: ServedPair, caller: Caller, item_id: str, *,
+                     with_vector: bool) -> dict[str, Any]:
+    """One indexed item's record from the pair's index; 404 when there is none, 503 when the store is down.
+
+    To a caller without the moderator token an item flagged unsafe does not exist: the same store call,
+    then the same 404 with the same body as an absent id, so an id derived from a guessed caption or
+    image cannot confirm that unsafe content is indexed. A moderator's fetch notes the item as unsafe.
+    """
     key = parse_item_id(item_id)
     with store_errors(services):
         record = await pair.index.aretrieve(key, with_vector)
-    if record is None:
+    unsafe = record is not None and (record.get("payload") or {}).get("unsafe") is True
+    if record is None or (unsafe and not caller.is_moderator):
         raise NotFoundError(f"no item {item_id!r} in index {pair.info.get('name')}")
+    if unsafe:
+        caller.note(unsafe_ids=[str(record.get("id", item_id))])
     return record
 
 
 # ------------------------------------------------------------------ encoding
-def prepare_image(pair: ServedPair, data: bytes, max_pixels: int, max_aspect: float) -> tuple[torch.Tensor, str]:
-    """Decode (pixel and aspect limits, truncation check) and preprocess: bytes -> ``(3, H, W)`` tensor and a cache key."""
-    pixels = preprocess_bytes(data, pair.artifact.encoder.transform, name="image", max_pixels=max_pixels,
-                              max_aspect=max_aspect)
+def input_side(pair: ServedPair) -> int:
+    """The side of the pair's model input in pixels (what preprocessing resizes the short side to)."""
+    size = pair.artifact.encoder.arch.preprocess["size"]
+    return max(size) if isinstance(size, (list, tuple)) else int(size)
+
+
+def prepare_image(pair: ServedPair, data: bytes, max_pixels: int, max_aspect: float,
+                  cost: int = 0) -> tuple[torch.Tensor, str]:
+    """Decode (pixel and aspect limits, truncation check) and preprocess: bytes -> ``(3, H, W)`` tensor and a cache key.
+
+    After a decode of ``cost`` >= ``TRIM_ABOVE_BYTES`` the freed heap goes back to the OS, on this worker thread.
+    """
+    try:
+        pixels = preprocess_bytes(data, pair.artifact.encoder.transform, name="image", max_pixels=max_pixels,
+                                  max_aspect=max_aspect)
+    finally:
+        if cost >= TRIM_ABOVE_BYTES:
+            return_freed_memory()
     return pixels, hashlib.sha256(data).hexdigest()
 
 
 async def encode_query(services: Services, pair: ServedPair, *, text: str | None = None,
                        image: bytes | None = None) -> tuple[Encoded, str]:
-    """Embed a text or image query with the pair's model through the batcher: ``(Encoded, modality)``."""
+    """Embed a text or image query with the pair's model through the batcher: ``(Encoded, modality)``.
+
+    An image's header is read first (pixel and aspect limits); what decoding it will take is then
+    reserved in the image memory budget (:mod:`service.admission`: a short wait, then 503) and only
+    then is it decoded. Texts pass neither the budget nor the threadpool.
+    """
     if text is not None:
         return await services.batcher.encode(pair.artifact, "text", text, key=text), "text"
     assert image is not None, "a query is a text or an image"
     t0 = time.perf_counter()
     settings = services.settings
-    pixels, digest = await run_in_threadpool(prepare_image, pair, image, settings.max_image_pixels,
-                                             settings.max_image_aspect)
-    services.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
+    header = await run_in_threadpool(read_header, image, name="image", max_pixels=settings.max_image_pixels,
+                                     max_aspect=settings.max_image_aspect)
+    cost = header.cost(input_side(pair))
+    async with services.image_budget.admit(cost):
+        t1 = time.perf_counter()
+        pixels, digest = await run_in_threadpool(prepare_image, pair, image, settings.max_image_pixels,
+                                                 settings.max_image_aspect, cost)
+    services.metrics.stage_seconds.labels("admission").observe(t1 - t0)  # the header and the wait for room
+    services.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t1)
     return await services.batcher.encode(pair.artifact, "image", pixels, key=digest), "image"
 
 
@@ -111,7 +146,7 @@ async def search(
     with services.state.lease() as pair:
         with store_errors(services):
             if item_id is not None:
-                record = await fetch_item(services, pair, item_id, with_vector=True)
+                record = await fetch_item(services, pair, caller, item_id, with_vector=True)
                 stored = item_vector(record)
                 if stored is None:
                     raise NotFoundError(f"no item {item_id!r} in index {pair.info.get('name')}")

@@ -11,13 +11,14 @@ start-up with a message naming the file and line (never a token).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import stat
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.errors import InputError
@@ -49,8 +50,22 @@ class Settings(BaseSettings):
         50.0, ge=1, le=10_000,
         description="Longest accepted side ratio of query images (400 above): preprocessing resizes the short side.",
     )
+    image_memory_budget_bytes: int = Field(
+        1024**3, ge=1,
+        description="Memory that the decodes of query images in flight may take together, estimated from each "
+        "image's header before decoding (503 with Retry-After when full; 400 for an image over it alone). Must hold "
+        "one image of MAX_IMAGE_PIXELS at MAX_IMAGE_ASPECT.",
+    )
+    image_admission_wait_s: float = Field(
+        1.0, ge=0, le=60, description="Longest a query image waits for room in the image memory budget before its 503.",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none by default).")
     access_log: bool = Field(False, description="Log every request line (costs CPU under load; /metrics counts requests).")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For/-Proto headers are believed; "
+        "none by default: the client address (the one the audit log records) is the connection's peer.",
+    )
 
     # --- access
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /v1/admin routes (they answer 403 when unset).")
@@ -85,6 +100,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Directories that paths in admin job requests must lie under."
     )
     job_cancel_grace_s: float = Field(10.0, ge=0, description="Seconds a cancelled job gets to stop before SIGKILL.")
+    job_max_file_bytes: int = Field(
+        64 * 1024**2, ge=1,
+        description="Largest image file a reindex job reads (index build --max-file-bytes): larger files are the "
+        "job's recorded failures, refused from their size before they are read.",
+    )
     run_jobs: bool = Field(
         True, description="Run admin jobs and write the served-pair record. False on extra replicas that share the "
         "state volume: they write nothing there and follow the index to each generation the job runner switches to."
@@ -98,6 +118,34 @@ class Settings(BaseSettings):
     audit_keep: int = Field(10, ge=1, le=1000, description="Rotated audit files kept (the oldest is deleted beyond).")
 
     _moderators: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: list[str]) -> list[str]:
+        # uvicorn silently ignores an entry it cannot parse: refuse it here, and write networks as it parses them
+        out = []
+        for entry in value:
+            try:
+                out.append(str(ipaddress.ip_network(entry.strip(), strict=False)) if "/" in entry
+                           else str(ipaddress.ip_address(entry.strip())))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network; give addresses such as 10.0.0.5 or "
+                                 "networks such as 10.0.0.0/24 (host names are not resolved)") from None
+        return out
+
+    @model_validator(mode="after")
+    def _image_budget_holds_one_image(self) -> "Settings":
+        # a budget below one accepted image would refuse it with "downscale it" although the limits allow it
+        from training.images import MAX_INPUT_SIDE, max_decoding_cost
+
+        need = max_decoding_cost(self.max_image_pixels, self.max_image_aspect)
+        if self.image_memory_budget_bytes < need:
+            raise InputError(
+                f"SAFE_RETRIEVAL_IMAGE_MEMORY_BUDGET_BYTES={self.image_memory_budget_bytes} cannot hold one image of "
+                f"SAFE_RETRIEVAL_MAX_IMAGE_PIXELS={self.max_image_pixels} at aspect {self.max_image_aspect:g} (decoding "
+                f"it may take {need} bytes, {-(-need // 2**20)} MiB, for a model input of up to {MAX_INPUT_SIDE} px); "
+                f"raise the budget to at least {need} or lower MAX_IMAGE_PIXELS")
+        return self
 
     @model_validator(mode="after")
     def _collect_moderators(self) -> "Settings":
@@ -148,18 +196,17 @@ class Settings(BaseSettings):
 def read_tokens_file(path: Path) -> list[tuple[str, str, str]]:
     """``(name, token, where)`` of each entry of a moderator tokens file; InputError says what is wrong and where.
 
-    The file is refused when others may read or write it: a token file anyone can edit lets anyone
-    become a moderator, and one anyone can read gives the tokens away.
+    The file is refused when another user may read or write it: a token file anyone can edit lets anyone
+    become a moderator, and one anyone can read gives the tokens away (:func:`check_private`).
     """
     variable = "SAFE_RETRIEVAL_MODERATOR_TOKENS_FILE"
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
+        mode, owner = info.st_mode, info.st_uid
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the moderator tokens file {path} ({variable}): {e}") from None
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise InputError(f"the moderator tokens file {path} ({variable}) is readable or writable by every user; "
-                         f"run 'chmod o-rw {path}' (0600 or 0640; in Kubernetes set the secret's defaultMode to 0440)")
+    check_private(path, mode, owner, variable)
     if text.lstrip().startswith("{"):
         try:
             entries = json.loads(text)
@@ -173,6 +220,24 @@ def read_tokens_file(path: Path) -> list[tuple[str, str, str]]:
     if not found:
         raise InputError(f"the moderator tokens file {path} ({variable}) holds no tokens; add 'name:token' lines")
     return found
+
+
+def check_private(path: Path, mode: int, owner: int, variable: str) -> None:
+    """Refuse a secret file that a user other than its owner may write, or read.
+
+    Writing by the group or by others, and reading by others, are always refused. Reading by the group
+    is accepted only for a file owned by root (as PostgreSQL accepts a root-owned key of mode 0640):
+    that is how a secret is handed to a service account through its group (a Kubernetes secret
+    mounted with ``defaultMode: 0440`` and ``fsGroup``); a file the service owns has no reason to let
+    its group read it.
+    """
+    loose = mode & (stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH | (stat.S_IRGRP if owner != 0 else 0))
+    if loose:
+        who = [w for bit, w in ((stat.S_IRGRP | stat.S_IWGRP, "its group"), (stat.S_IROTH | stat.S_IWOTH, "every user"))
+               if loose & bit]
+        raise InputError(f"the secret file {path} ({variable}) has mode {stat.S_IMODE(mode):04o}, so "
+                         f"{' and '.join(who)} may read or write it; run 'chmod 0600 {path}' (or 0640 on a file "
+                         "owned by root, as a Kubernetes secret with defaultMode 0440 and fsGroup is)")
 
 
 def _token_lines(text: str, path: Path) -> list[tuple[str, str, str]]:

@@ -95,6 +95,19 @@ def check_state_dir(settings: Settings) -> None:
                          "replicas that only search)") from None
 
 
+def check_audit_dir(settings: Settings) -> None:
+    """A replica without jobs writes nothing to the shared state volume, its audit log included: one that
+    could write audit records (a moderator or admin token is set) needs an ``AUDIT_DIR`` of its own."""
+    if settings.run_jobs or not (settings.moderators() or settings.token("admin")):
+        return
+    state = settings.state_dir.resolve()
+    audit = settings.audit_dir.resolve() if settings.audit_dir is not None else None
+    if audit is None or audit == state or audit.is_relative_to(state):
+        raise InputError(f"this replica runs no jobs (SAFE_RETRIEVAL_RUN_JOBS=false) but would write its audit log "
+                         f"into the job runner's state directory {state} (two writers on one log); set "
+                         "SAFE_RETRIEVAL_AUDIT_DIR to a directory of this replica's own, outside SAFE_RETRIEVAL_STATE_DIR")
+
+
 def listen(host: str, port: int) -> socket.socket:
     """Bind the server socket before anything is loaded, so a taken port fails at once."""
     try:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from indexer.errors import IndexBusyError
 from indexer.index import Index, check_model, generations_for, open_index
+from service.admission import MemoryBudget
 from service.audit import AuditLog
 from service.batching import Batcher
 from service.errors import ConflictError, UnavailableError
@@ -218,6 +219,7 @@ class Services:
     loader: PairLoader
     batcher: Batcher
     audit: AuditLog
+    image_budget: MemoryBudget  # what the query-image decodes in flight may take together
     jobs: JobManager | None = None
     swap_lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -89,6 +89,9 @@ def test_the_cluster_bootstraps_from_one_node_with_storage_per_node(compose):
     assert all("--bootstrap http://qdrant-node1:6335" in c for c in bootstraps.values())
     storage = [next(v for v in s["volumes"] if v.endswith(":/qdrant/storage")) for s in nodes.values()]
     assert len(set(storage)) == 3, "the nodes share a storage volume"
+    # every node snapshots the shards it holds: each needs a snapshots volume of its own
+    snapshots = [next((v for v in s["volumes"] if v.endswith(":/qdrant/snapshots")), None) for s in nodes.values()]
+    assert None not in snapshots and len(set(snapshots)) == 3, snapshots
     # the API services talk to the cluster; only one of them runs jobs and writes the state volume
     for name in ("api-jobs", "api-read"):
         url = services[name]["environment"]["SAFE_RETRIEVAL_QDRANT_URL"]
@@ -100,20 +103,36 @@ def test_the_cluster_bootstraps_from_one_node_with_storage_per_node(compose):
     assert "api-read" in (COMPOSE.parent / "Caddyfile.cluster").read_text()
 
 
+def test_the_file_names_its_project_for_compose_v1_and_v2(compose):
+    # Compose v1.29 (Debian's docker-compose) refuses a top-level `name`; both read docker/.env beside the file
+    assert "name" not in compose
+    env = dict(line.split("=", 1) for line in (COMPOSE.parent / ".env").read_text().splitlines()
+               if line.strip() and not line.startswith("#"))
+    assert env == {"COMPOSE_PROJECT_NAME": "safe-retrieval"}  # the volumes keep their names across versions
+
+
+def test_examples_index_with_a_media_root_and_the_cluster_comment_matches_the_guide():
+    text = COMPOSE.read_text()
+    comments = "".join(line.strip().lstrip("#") for line in text.splitlines() if line.strip().startswith("#"))
+    commands = [c for c in comments.replace("\\", " ").split("docker compose") if " index build " in c]
+    assert len(commands) == 2 and all("--media-root /data" in c for c in commands), commands
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    assert "--profile cluster up -d api-jobs proxy" in text and "--profile cluster up -d api-jobs proxy" in guide
+    assert not re.search(r"--profile cluster up -d\s*(#|$)", text, re.M), "`up -d` alone would start qdrant and api too"
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
 def test_docker_compose_accepts_the_file(compose, tmp_path):
-    # Debian's docker-compose (1.29) predates the top-level `name`; everything else it checks as Compose v2
-    # does (it lists every service whatever the profile, so profiles are checked above with PyYAML)
-    copy = tmp_path / "docker" / "compose.yaml"
-    shutil.copytree(COMPOSE.parent, copy.parent)
-    copy.write_text("".join(line for line in COMPOSE.read_text().splitlines(True) if not line.startswith("name:")))
+    # the file as it is; docker-compose lists every service whatever the profile, so profiles are checked
+    # above with PyYAML
     env = {**os.environ, "QDRANT_API_KEY": "k"}
-    run = subprocess.run(["docker-compose", "-f", str(copy), "config", "--services"], capture_output=True, text=True,
-                         env=env)
+    run = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "--services"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert set(run.stdout.split()) == set(compose["services"])
     del env["QDRANT_API_KEY"]  # required: the store must not run open
-    missing = subprocess.run(["docker-compose", "-f", str(copy), "config", "-q"], capture_output=True, text=True, env=env)
+    missing = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
     assert missing.returncode != 0 and "QDRANT_API_KEY" in missing.stderr
 
 

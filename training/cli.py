@@ -11,8 +11,10 @@ import typer
 
 from training.errors import InputError
 
-data_app = typer.Typer(help="Datasets: generate the synthetic ViSU-style benchmark.", no_args_is_help=True)
-model_app = typer.Typer(help="Artifacts: create, convert and inspect encoders.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: generate the synthetic ViSU-style benchmark.", no_args_is_help=True,
+                       rich_markup_mode=None)  # literal help text: "[...]" is no markup
+model_app = typer.Typer(help="Artifacts: create, convert and inspect encoders.", no_args_is_help=True,
+                        rich_markup_mode=None)
 
 
 class GeometryOpt(str, Enum):

@@ -1,17 +1,20 @@
 """``/v1/admin/*``: reindex, retrain and forget jobs, their status and cancellation, a reload, and the audit log (admin token).
 
-Job submissions and cancels are privileged requests: each leaves an audit record (token name ``admin``).
+Job submissions and cancels are privileged requests: each leaves an audit record (token name ``admin``),
+written before the job exists or the cancel takes effect: no record (503), no job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AfterValidator, BeforeValidator
 
 from service import audit
 from service.deps import ServicesDep, audited_admin, require_admin
@@ -26,7 +29,18 @@ from service.jobs import (
     reindex_steps,
     train_step,
 )
-from service.schemas import AuditPage, ForgetRequest, IndexSource, Job, JobList, ReindexRequest, Reload, RetrainRequest
+from service.schemas import (
+    INTEGER_NOTE,
+    AuditPage,
+    ForgetRequest,
+    IndexSource,
+    IntText,
+    Job,
+    JobList,
+    ReindexRequest,
+    Reload,
+    RetrainRequest,
+)
 from service.settings import TOKEN_NAME
 from service.state import Services, model_candidates
 from training.errors import InputError
@@ -71,11 +85,10 @@ async def reindex(body: ReindexRequest, request: Request, services: ServicesDep)
     swap = name == settings.index
     model = _served_model(services)
     steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
-                          qdrant_url=settings.qdrant_url, index_root=settings.index_root)
+                          qdrant_url=settings.qdrant_url, index_root=settings.index_root,
+                          max_file_bytes=settings.job_max_file_bytes)
     plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
-    job = _jobs(services).submit("reindex", body.model_dump(exclude_none=True), steps, plan)
-    audit.note(request, job=job["id"])
-    return job
+    return await _submit(request, services, "reindex", body.model_dump(exclude_none=True), steps, plan)
 
 
 @router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model",
@@ -90,9 +103,18 @@ async def retrain(body: RetrainRequest, request: Request, services: ServicesDep)
     plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
     if body.reindex:
         steps += _reindex_with(out, body.source, services, plan)
-    job = _jobs(services).submit("retrain", body.model_dump(exclude_none=True), steps, plan)
-    audit.note(request, job=job["id"])
-    return job
+    return await _submit(request, services, "retrain", body.model_dump(exclude_none=True), steps, plan)
+
+
+async def _submit(request: Request, services: Services, kind: str, body: dict[str, Any], steps: list[list[str]],
+                  plan: dict[str, Any]) -> dict[str, Any]:
+    """Start the job, its audit record (202, the job's id) written first: no record (503), no job."""
+
+    def record(job_id: str) -> None:
+        audit.note(request, job=job_id)
+        audit.record_now(request, 202)
+
+    return await asyncio.to_thread(_jobs(services).submit, kind, body, steps, plan, before_start=record)
 
 
 def _reindex_with(model: Path, source: IndexSource | None, services: Services, plan: dict[str, Any]) -> list[list[str]]:
@@ -106,7 +128,8 @@ def _reindex_with(model: Path, source: IndexSource | None, services: Services, p
         source = IndexSource(**remembered)
     plan["source"] = source.model_dump(exclude_none=True)
     return reindex_steps(ReindexRequest(source=source), model=model, name=settings.index, roots=settings.data_roots,
-                         media_root=settings.media_root, qdrant_url=settings.qdrant_url, index_root=settings.index_root)
+                         media_root=settings.media_root, qdrant_url=settings.qdrant_url, index_root=settings.index_root,
+                         max_file_bytes=settings.job_max_file_bytes)
 
 
 FORGET_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -127,6 +150,7 @@ async def forget(body: ForgetRequest, request: Request, services: ServicesDep) -
     model = _served_model(services)
     check_forget_method(body.method, model)
     data = forget_data(body.data, model, settings.data_roots)
+    _jobs(services).check_idle()  # a 409 at once, before the dataset is read (seconds, and once per waiting caller)
     concepts = await asyncio.to_thread(forget_concepts, data, body.concepts, settings.data_roots)
     out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-forget-{body.method}"
     steps = forget_steps(body, concepts=concepts, model=model, out=out, data=data, roots=settings.data_roots)
@@ -134,9 +158,7 @@ async def forget(body: ForgetRequest, request: Request, services: ServicesDep) -
                             "served_model": str(model), "unlearning": {"concepts": concepts, "method": body.method}}
     if body.reindex:
         steps += _reindex_with(out, body.source, services, plan)
-    job = _jobs(services).submit("forget", body.model_dump(exclude_none=True), steps, plan)
-    audit.note(request, job=job["id"])
-    return job
+    return await _submit(request, services, "forget", body.model_dump(exclude_none=True), steps, plan)
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
@@ -154,7 +176,8 @@ async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
 async def cancel_job(job_id: str, request: Request, services: ServicesDep) -> dict[str, Any]:
     """End the job's process group; what is served does not change."""
     audit.note(request, job=job_id)
-    return await asyncio.to_thread(_jobs(services).cancel, job_id)
+    # the record first, then the cancel: no record (503), no cancel
+    return await asyncio.to_thread(_jobs(services).cancel, job_id, before=lambda: audit.record_now(request, 200))
 
 
 @router.post("/reload", response_model=Reload, responses={**ERRORS, 503: {"description": "Could not load."}},
@@ -165,15 +188,40 @@ async def reload(services: ServicesDep) -> dict[str, Any]:
     return {"changed": changed, "index": ref}
 
 
+_ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_only(value: Any) -> Any:
+    # pydantic alone also takes a number ("0.5") as a unix time, and a date alone as its midnight
+    if not isinstance(value, str) or not _ISO_DATETIME.match(value):
+        raise ValueError("give an ISO 8601 date-time, such as 2026-01-31T12:00:00Z")
+    return value
+
+
+def _utc_representable(value: datetime) -> datetime:
+    try:
+        audit.as_utc(value)
+    except OverflowError:
+        raise ValueError("out of range: in UTC this time falls before year 1 or after year 9999") from None
+    return value
+
+
+#: a query's time bound: an ISO 8601 date-time (UTC when it has no zone) that UTC can represent
+TimeBound = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_utc_representable)]
+
+
 @router.get("/audit", response_model=AuditPage, responses=ERRORS, summary="Records of privileged requests")
 async def read_audit(
     services: ServicesDep,
-    since: Annotated[datetime | None,
-                     Query(description="Only records at or after this time (ISO 8601; UTC when no zone).")] = None,
-    until: Annotated[datetime | None,
-                     Query(description="Only records before this time (page back: the first record's time).")] = None,
+    since: Annotated[TimeBound | None,
+                     Query(description="Only records at or after this time: an ISO 8601 date-time such as "
+                                       "2026-01-31T12:00:00Z (UTC when it has no zone).")] = None,
+    until: Annotated[TimeBound | None,
+                     Query(description="Only records before this time, an ISO 8601 date-time (page back: the first "
+                                       "record's time).")] = None,
     token: Annotated[str | None, Query(pattern=TOKEN_NAME.pattern, description="Only records of this token name.")] = None,
-    limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many records: the newest that match.")] = 100,
+    limit: Annotated[IntText, Query(ge=1, le=10_000, description="At most this many records: the newest that match. "
+                                                               + INTEGER_NOTE)] = 100,
 ) -> dict[str, Any]:
     """The audit log across its rotated files, **oldest first (newest last)**: the newest ``limit`` matching
     records; ``truncated`` says older matching ones were left out."""

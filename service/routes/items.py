@@ -1,6 +1,7 @@
 """``/v1/items/{id}`` (payload, optionally the stored vector) and ``/v1/media/{id}`` (the image file).
 
-Items flagged unsafe are shown to moderators only. Media files are served only from the configured
+Items flagged unsafe are shown to moderators only; to anyone else they look exactly like absent ids
+(the same 404, see :func:`service.searching.fetch_item`). Media files are served only from the configured
 media root: a stored URI that resolves outside it is treated as missing.
 """
 
@@ -20,9 +21,8 @@ from service.searching import fetch_item, item_vector
 
 router = APIRouter(prefix="/v1", tags=["items"])
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "The item is flagged unsafe and the moderator token is missing or wrong."},
-    403: {"description": "The item is flagged unsafe and no moderator token is configured."},
-    404: {"description": "No such item (or no such file under the media root)."},
+    404: {"description": "No such item, an item flagged unsafe asked for without the moderator token, "
+                         "or no such file under the media root."},
     503: {"description": "Store not ready; retry after Retry-After seconds."},
 }
 
@@ -37,11 +37,8 @@ async def get_item(
 ) -> dict[str, Any]:
     await caller.note_query(item_id=item_id)
     with services.state.lease() as pair:
-        record = await fetch_item(services, pair, item_id, with_vector=with_vector)
+        record = await fetch_item(services, pair, caller, item_id, with_vector=with_vector)
     payload = dict(record.get("payload") or {})
-    if payload.get("unsafe") is True:
-        caller.require_moderator("an item flagged unsafe")
-        caller.note(unsafe_ids=[str(record.get("id", item_id))])
     return {
         "id": str(record.get("id", item_id)),
         "kind": payload.get("kind", "image"),
@@ -64,11 +61,8 @@ async def get_item(
 async def get_media(item_id: str, services: ServicesDep, caller: CallerDep) -> FileResponse:
     await caller.note_query(item_id=item_id)
     with services.state.lease() as pair:
-        record = await fetch_item(services, pair, item_id, with_vector=False)
+        record = await fetch_item(services, pair, caller, item_id, with_vector=False)
     payload = record.get("payload") or {}
-    if payload.get("unsafe") is True:
-        caller.require_moderator("an item flagged unsafe")
-        caller.note(unsafe_ids=[str(record.get("id", item_id))])
     uri = payload.get("uri")
     if payload.get("kind", "image") != "image" or not uri:
         raise NotFoundError(f"item {item_id!r} has no image")

@@ -16,10 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from service import searching
 from service.deps import TOKEN_OPTIONAL, CallerDep, ServicesDep
 from service.schemas import (
+    INTEGER_NOTE,
     MAX_K_PER_REQUEST,
     MAX_OFFSET,
     EmbedRequest,
     EmbedResponse,
+    IntText,
     Safety,
     SearchFilter,
     SearchOptions,
@@ -72,8 +74,8 @@ async def search_upload(
     caller: CallerDep,
     image: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")],
     target: Annotated[Target, Form()] = "image",
-    k: Annotated[int, Form(ge=1, le=MAX_K_PER_REQUEST)] = 10,
-    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
+    k: Annotated[IntText, Form(ge=1, le=MAX_K_PER_REQUEST, description=f"Number of results. {INTEGER_NOTE}")] = 10,
+    offset: Annotated[IntText, Form(ge=0, le=MAX_OFFSET, description=f"Results to skip. {INTEGER_NOTE}")] = 0,
     safety: Annotated[Safety, Form()] = "strict",
     tags: Annotated[list[Tag] | None, Form(max_length=32, description="Keep items with one of these tags.")] = None,
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import torch
 
-from service.app import create_app
+from service.app import create_app, uvicorn_options
 from service.settings import Settings
 
 INDEX = "gallery"
@@ -103,7 +103,9 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        # the options `serve` runs with (forwarded headers believed only from TRUSTED_PROXIES), quieter and quicker
+        options = {**uvicorn_options(settings), "log_level": "warning", "timeout_graceful_shutdown": 5}
+        config = uvicorn.Config(self.app, lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

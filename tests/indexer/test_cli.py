@@ -96,8 +96,8 @@ def test_killed_build_resumes_to_the_same_points_then_search(tmp_path, art, cli)
                                    "--image", str(files[5]), "--k", "3", "--safety", "off", "--json"])
     assert out.exit_code == 0, out.output
     found = json.loads(out.stdout)
-    assert found["index"]["generation"] == res["generation"] and len(found["hits"]) == 3
-    top = found["hits"][0]
+    assert found["index"]["generation"] == res["generation"] and len(found["results"]) == 3  # as the API names them
+    top = found["results"][0]
     assert top["uri"] == files[5].relative_to(folder).as_posix() and top["distance"] < 1e-2
     assert found["query"]["distance_to_origin"] > 0 and found["query"]["threshold"] == 1.5
 
@@ -184,3 +184,10 @@ def test_no_switch_stages_and_reports_the_generation_in_the_result_file(tmp_path
     assert gens.current() == served.generation  # staged, not switched: the served generation is untouched
     assert (root / "col" / "CURRENT").read_text().strip() == served.generation
     assert gens.read_meta(served.generation)["points"] == 3
+
+
+def test_help_text_keeps_its_brackets():
+    """Help is literal text: "[caption]" once vanished as rich markup ("image, , , extra columns")."""
+    out = CliRunner().invoke(app, ["index", "build", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "image, [caption], [tags], extra columns" in " ".join(out.output.split())

@@ -170,6 +170,20 @@ def test_prune_never_deletes_a_pinned_generation_even_after_two_switches(tmp_pat
         assert gens.prune(1) == [served]
 
 
+def test_prune_removes_a_store_left_without_its_record(tmp_path, art, few):
+    """A job cancelled while it created the store leaves NAME@TS/shard without meta.json: the next prune removes it."""
+    gens = LocalGenerations("col", tmp_path)
+    served = builder.build(gens, art, sources.folder_items(few), workers=0, progress=False, media_root=few).generation
+    orphan = gens.dir / gens.new_name()
+    (orphan / "shard" / "segments").mkdir(parents=True)
+    (orphan / "shard" / "segments" / "data.bin").write_bytes(b"\0" * 4096)
+    assert gens.generations() == [served]  # no record: not a generation, so nothing else would ever delete it
+    with gens.lock():
+        gens.prune(1)
+    assert not orphan.exists() and not list(gens.dir.glob(".*.deleting"))
+    assert gens.generations() == [served] and gens.current() == served
+
+
 def test_a_pin_of_a_dead_process_protects_nothing(tmp_path, art, few):
     import json
     import subprocess

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
+from service.app import uvicorn_options
 from service.audit import AuditLog
+from service.settings import Settings
 from tests.helpers.service import (
     ADMIN,
     MODERATOR,
     LiveServer,
     copy_index,
+    free_port,
     live,
     settings_for,
     unsafe_caption,
@@ -23,6 +35,7 @@ from tests.helpers.service import (
 
 ALICE = "alice-secret-token"
 BOB = "bob-secret-token"
+BODY_LIMIT = 64 * 1024  # the audited server's; query images are a few KB
 
 
 # ------------------------------------------------------------------ the file
@@ -67,12 +80,25 @@ def test_concurrent_writes_are_whole_lines(tmp_path):
         assert sorted(r["n"] for r in records if r["token"] == f"m{k}") == list(range(150))
 
 
+def test_a_line_cut_short_by_a_crash_is_dropped_before_the_next_record(tmp_path):
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    whole = b'{"time":"2026-01-01T00:00:00.000000+00:00","token":"a","n":0}\n'
+    (directory / "audit.jsonl").write_bytes(whole + b'{"time":"2026-01-01T00:00:01.0000')  # never acknowledged
+    log = AuditLog(directory, max_bytes=1 << 20, keep=2)
+    log.write({"time": "2026-01-01T00:00:02.000000+00:00", "token": "a", "n": 1})
+    log.close()
+    text = (directory / "audit.jsonl").read_bytes()
+    assert text.startswith(whole) and text.endswith(b"\n")
+    assert [json.loads(line)["n"] for line in text.splitlines()] == [0, 1]
+
+
 # ------------------------------------------------------------------ over HTTP
 @pytest.fixture(scope="module")
 def audited(world, tmp_path_factory) -> Iterator[LiveServer]:
     """A server with the single moderator token and two named ones, and an audit log rotated every few records."""
     tmp = tmp_path_factory.mktemp("audited")
-    settings = settings_for(world, tmp, index_root=copy_index(world, tmp / "idx"),
+    settings = settings_for(world, tmp, index_root=copy_index(world, tmp / "idx"), max_body_bytes=BODY_LIMIT,
                             moderator_tokens={"alice": ALICE, "bob": BOB}, audit_max_bytes=2048, audit_keep=1000)
     with live(settings) as s:
         yield s
@@ -149,8 +175,8 @@ def test_ordinary_and_wrong_token_requests_leave_no_record(audited, world):
         wrong_off = wrong.post("/v1/search", json={"text": text, "safety": "off"})
         assert wrong_off.status_code == 401 and "alice" not in wrong_off.text and "bob" not in wrong_off.text
         for client in (c, wrong, admin):
-            assert client.get(f"/v1/items/{flagged}").status_code == 401
-            assert client.get(f"/v1/media/{flagged}").status_code == 401
+            assert client.get(f"/v1/items/{flagged}").status_code in (401, 404)  # hidden from them, either way
+            assert client.get(f"/v1/media/{flagged}").status_code in (401, 404)
         assert admin.get("/v1/admin/jobs").status_code == 200  # reading job records is not a privileged request
     assert len(records(audited)) == before
 
@@ -192,6 +218,93 @@ def test_admin_job_submissions_and_cancels_are_audited(audited, world):
     assert ADMIN not in json.dumps(mine)
 
 
+def _refused_before_the_route(client: httpx.Client, item: str) -> list[tuple[str, str, int]]:
+    """Requests that fail before any route code runs: (method, route template, status) of each, as sent."""
+    def chunks() -> Iterator[bytes]:
+        for _ in range(BODY_LIMIT // 8192 + 2):
+            yield b" " * 8192
+
+    sent = []
+    for method, path, route, kwargs in (
+        ("POST", "/v1/search", "/v1/search", {"content": b'{"text": ', "headers": {"Content-Type": "application/json"}}),
+        ("POST", "/v1/search", "/v1/search", {"json": {"text": "a cat", "k": "many"}}),
+        ("POST", "/v1/embed", "/v1/embed", {"json": {}}),
+        ("POST", "/v1/search", "/v1/search", {"content": b"x" * (BODY_LIMIT + 1)}),  # 413 from Content-Length
+        ("POST", "/v1/search", "/v1/search", {"content": chunks()}),  # 413 while streaming
+        ("POST", "/v1/search/upload", "/v1/search/upload",
+         {"content": b"--b\r\nbroken", "headers": {"Content-Type": "multipart/form-data"}}),  # no boundary: 400
+        ("POST", "/v1/search/upload", "/v1/search/upload", {"data": {"safety": "off"}}),  # no image
+        ("GET", f"/v1/items/{item}", "/v1/items/{item_id}", {"params": {"with_vector": "perhaps"}}),
+        ("GET", "/v1/search", "/v1/search", {}),  # 405
+    ):
+        r = client.request(method, path, **kwargs)
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        sent.append((method, route, r.status_code))
+    return sent
+
+
+def test_requests_refused_before_their_route_leave_one_record_for_moderators_and_none_for_others(audited, world):
+    text = unsafe_caption(world, audited)
+    with audited.client(ALICE) as alice:
+        item = alice.post("/v1/search", json={"text": text, "k": 1}).json()["results"][0]["id"]
+        before = len(records(audited))
+        sent = _refused_before_the_route(alice, item)
+    statuses = {status for _, _, status in sent}
+    assert {400, 405, 413, 422} <= statuses, sent
+    mine = records(audited)[before:]
+    assert [(r["token"], r["method"], r["route"], r["status"]) for r in mine] == [("alice", *s) for s in sent]
+    assert all(r["client"] == "127.0.0.1" and r["unsafe_ids"] == [] for r in mine)
+    before = len(records(audited))
+    with audited.client() as c, audited.client("wrong-token") as wrong, audited.client(ADMIN) as admin:
+        for client in (c, wrong, admin):
+            assert [status for *_, status in _refused_before_the_route(client, item)] == [s for *_, s in sent]
+    assert len(records(audited)) == before
+
+
+def test_admin_job_requests_with_a_bad_body_or_job_leave_their_record(audited):
+    start = datetime.now(timezone.utc).isoformat()
+    with audited.client(ADMIN) as admin:
+        assert admin.post("/v1/admin/reindex", content=b"{", headers={"Content-Type": "application/json"}).status_code == 422
+        assert admin.post("/v1/admin/forget", json={"concepts": []}).status_code == 422
+        assert admin.post("/v1/admin/jobs/no-such-job/cancel").status_code == 404
+        assert admin.post("/v1/admin/retrain", content=b"x" * (BODY_LIMIT + 1)).status_code == 413
+    with audited.client(ALICE) as alice, audited.client("wrong-token") as wrong:
+        for client in (alice, wrong):  # not the admin token: 401 before anything, and no record
+            assert client.post("/v1/admin/reindex", content=b"{").status_code == 401
+    assert [(r["token"], r["route"], r["status"]) for r in records(audited, since=start)] == [
+        ("admin", "/v1/admin/reindex", 422), ("admin", "/v1/admin/forget", 422),
+        ("admin", "/v1/admin/jobs/{job_id}/cancel", 404), ("admin", "/v1/admin/retrain", 413)]
+
+
+@pytest.mark.parametrize("bound", [
+    {"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"},  # not representable in UTC
+    {"until": "0.5"}, {"since": "1767225600"}, {"since": "2026-01-01"}, {"until": "yesterday"},  # not ISO date-times
+])
+def test_audit_time_bounds_must_be_iso_date_times_that_utc_can_hold(audited, bound):
+    with audited.client(ADMIN) as admin:
+        r = admin.get("/v1/admin/audit", params=bound)
+    assert r.status_code == 422, r.text
+    assert "ISO 8601" in r.text or "out of range" in r.text
+
+
+@pytest.mark.parametrize("limit", ["5.0", "1e2", " 5", "five"])
+def test_the_audit_limit_is_a_strict_integer(audited, limit):
+    with audited.client(ADMIN) as admin:
+        assert admin.get("/v1/admin/audit", params={"limit": "5"}).status_code == 200
+        r = admin.get("/v1/admin/audit", params={"limit": limit})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "limit"], r.text
+
+
+def test_audit_time_bounds_are_documented_as_date_times(audited):
+    with audited.client(ADMIN) as admin:
+        assert admin.get("/v1/admin/audit", params={"since": "2026-01-01T00:00:00Z",
+                                                   "until": "9999-12-31T23:59:59"}).status_code == 200
+        parameters = admin.get("/openapi.json").json()["paths"]["/v1/admin/audit"]["get"]["parameters"]
+    for p in parameters:
+        if p["name"] in ("since", "until"):
+            assert {"type": "string", "format": "date-time"} in p["schema"]["anyOf"], p
+
+
 def test_records_go_to_the_audit_logger_too(audited, caplog):
     with caplog.at_level("INFO", logger="safe_retrieval.audit"), audited.client(BOB) as bob:
         bob.post("/v1/search", json={"text": "a dog", "safety": "off"})
@@ -204,7 +317,128 @@ def test_an_unwritable_audit_log_refuses_privileged_requests(world, tmp_path):
     (state / "audit").mkdir(parents=True)
     (state / "audit" / "audit.jsonl").mkdir()  # a directory where the file should be: every write fails
     settings = settings_for(world, tmp_path, state_dir=state, index_root=copy_index(world, tmp_path / "idx"))
-    with live(settings) as s, s.client(MODERATOR) as m, s.client() as c:
+    with live(settings) as s, s.client(MODERATOR) as m, s.client() as c, s.client(ADMIN) as admin:
         r = m.post("/v1/search", json={"text": "a cat", "safety": "off"})
         assert r.status_code == 503 and "audit log" in r.json()["detail"] and "results" not in r.text
+        assert "SAFE_RETRIEVAL_AUDIT_DIR" in r.json()["detail"]
         assert c.post("/v1/search", json={"text": "a cat"}).status_code == 200  # ordinary requests go on
+        # no record, no job: the submission's record is written before the job exists
+        job = admin.post("/v1/admin/reindex", json={"name": "scratch", "source": {"images": "data/coco"}})
+        assert job.status_code == 503 and "audit log" in job.json()["detail"], job.text
+        assert admin.get("/v1/admin/jobs").json()["jobs"] == []
+        assert list((state / "jobs").iterdir()) == []
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted on the way out."""
+    path.mkdir(parents=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no `mount` command here: the full-disk test needs a tmpfs (run it as root, as CI does)")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test needs root with "
+                    "CAP_SYS_ADMIN, as in CI")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every free byte of the file system of ``directory``."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(4096))
+    return filler
+
+
+def test_a_full_disk_refuses_privileged_requests_only_while_it_is_full_and_leaves_no_half_line(world, tmp_path):
+    with small_tmpfs(tmp_path / "audit", "64k") as audit_dir:
+        settings = settings_for(world, tmp_path, audit_dir=audit_dir, index_root=copy_index(world, tmp_path / "idx"))
+        with live(settings) as s, s.client(MODERATOR) as m, s.client() as c:
+            def search() -> httpx.Response:
+                return m.post("/v1/search", json={"text": "a cat", "safety": "off"})
+
+            assert search().status_code == 200
+            filler = fill(audit_dir)
+            served = 1
+            r = search()
+            while r.status_code == 200 and served < 100:  # records fit in the log's last page until it is full
+                served += 1
+                r = search()
+            for _ in range(3):  # the same answer while it lasts: 503, never 500
+                assert r.status_code == 503 and "audit log" in r.json()["detail"] and "results" not in r.text, r.text
+                r = search()
+            assert c.post("/v1/search", json={"text": "a cat"}).status_code == 200  # ordinary requests go on
+            text = (audit_dir / "audit.jsonl").read_bytes()
+            assert text.endswith(b"\n"), "a failed write left half a record"
+            assert len([json.loads(line) for line in text.splitlines()]) == served
+            filler.unlink()
+            assert search().status_code == 200  # served again as soon as the record can be written
+            assert len(records(s)) == served + 1 and all(r["status"] == 200 for r in records(s))
+
+
+# ------------------------------------------------------------------ the client address
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_serve_records_the_peer_not_a_forwarded_address_by_default(tmp_path):
+    # no model: the server starts at once (not ready), and a moderator's malformed request is still recorded
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFE_RETRIEVAL_")}
+    env.update(SAFE_RETRIEVAL_STATE_DIR=str(tmp_path / "state"), SAFE_RETRIEVAL_AUDIT_DIR=str(tmp_path / "audit"),
+               SAFE_RETRIEVAL_MODERATOR_TOKEN=MODERATOR, FORWARDED_ALLOW_IPS="*")  # uvicorn's own variable: ignored
+    cmd = [sys.executable, "-c", "import sys; from service.cli import main; main(sys.argv[1:])", "serve", "--port", str(port)]
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline and not _answers(f"http://127.0.0.1:{port}/healthz"):
+            time.sleep(0.1)
+        assert proc.poll() is None and _answers(f"http://127.0.0.1:{port}/healthz"), (tmp_path / "serve.log").read_text()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embed", json={}, timeout=30,
+                       headers={"Authorization": f"Bearer {MODERATOR}", "X-Forwarded-For": "6.6.6.6"})
+        assert r.status_code == 422
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        log.close()
+    written = [json.loads(line) for line in (tmp_path / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert [(r["route"], r["client"]) for r in written] == [("/v1/embed", "127.0.0.1")]
+
+
+@pytest.mark.parametrize(("trusted", "seen"), [
+    ([], "127.0.0.1"), (["127.0.0.1"], "6.6.6.6"), (["10.0.0.0/8", "::1"], "127.0.0.1"), (["127.0.0.0/8"], "6.6.6.6"),
+])
+def test_serve_believes_forwarded_addresses_only_from_trusted_proxies(trusted, seen, monkeypatch):
+    """What ``serve`` gives uvicorn, run on one request from 127.0.0.1 that says it forwards 6.6.6.6."""
+    import uvicorn
+
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+    clients = []
+
+    async def app(scope, receive, send) -> None:
+        clients.append(scope["client"][0])
+
+    config = uvicorn.Config(app, **uvicorn_options(Settings(trusted_proxies=trusted)))
+    config.load()
+    scope = {"type": "http", "client": ("127.0.0.1", 40000), "headers": [(b"x-forwarded-for", b"6.6.6.6")]}
+    asyncio.run(config.loaded_app(scope, None, None))
+    assert clients == [seen]
+
+
+def test_trusted_proxies_must_be_addresses_or_networks():
+    from pydantic import ValidationError
+
+    assert Settings(trusted_proxies=["10.1.2.3/24", " ::1"]).trusted_proxies == ["10.1.2.0/24", "::1"]
+    with pytest.raises(ValidationError, match="not an IP address or network"):
+        Settings(trusted_proxies=["proxy"])

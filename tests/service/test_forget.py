@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -195,6 +196,11 @@ def test_a_forget_job_cancelled_at_once_changes_nothing_served(world, tmp_path):
         job = admin.post("/v1/admin/forget", json={"concepts": ["knife"], "data": "data", "source": SOURCE})
         assert job.status_code == 202, job.text
         assert job.json()["kind"] == "forget" and job.json()["request"]["concepts"] == ["knife"]
+        # while it runs, another submission is a 409 at once: before the dataset is read (which would say 422)
+        started = time.monotonic()
+        busy = admin.post("/v1/admin/forget", json={"concepts": ["no such concept"], "data": "data"})
+        assert busy.status_code == 409 and busy.json()["job_id"] == job.json()["id"], busy.text
+        assert time.monotonic() - started < 2
         done = admin.post(f"/v1/admin/jobs/{job.json()['id']}/cancel").json()
         assert done["status"] == "cancelled" and done["result"] == {}
         _serves(s, c, before)

@@ -1,17 +1,27 @@
-"""Image uploads that cost far more than their bytes: aspect-ratio bombs, odd modes and formats, fuzzing.
+"""Image uploads that cost far more than their bytes: aspect-ratio bombs, odd modes and formats, fuzzing,
+and bursts of large valid images.
 
 A 103-byte PNG of 200,000 x 1 pixels passes a pixel-count limit, but CLIP preprocessing resizes its
 short side to the model's input size (10 G pixels). Each such upload must be a fast 400 with a message,
-whatever route it arrives on, and a burst of them must leave the server's memory flat.
+whatever route it arrives on, and a burst of them must leave the server's memory flat. A 116 kB PNG of
+6300 x 6300 zeros is within every limit yet decodes to 159 MB (and its RGB copy to as much again): a
+burst of forty must be admitted within the image memory budget, the rest answered 503, text queries
+served meanwhile, and the memory given back afterwards.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import struct
+import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +44,32 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
 def strip_png(width: int, height: int) -> bytes:
     """A real, fully decodable PNG of ``width x height`` (a few bytes per 100,000 pixels)."""
     return encoded(Image.new("L", (width, height)), "PNG")
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@functools.lru_cache(maxsize=4)
+def zero_pixels(width: int, height: int) -> bytes:
+    """The IDAT chunk of an RGB image of zeros, compressed row by row (never whole in memory)."""
+    z, row = zlib.compressobj(9), bytes(1 + 3 * width)  # each row: filter type 0, then black pixels
+    return png_chunk(b"IDAT", b"".join(z.compress(row) for _ in range(height)) + z.flush())
+
+
+def zero_png(width: int, height: int, tag: str = "") -> bytes:
+    """An RGB PNG of zeros; ``tag`` (a text chunk) makes its bytes unique."""
+    text = png_chunk(b"tEXt", b"tag\0" + tag.encode()) if tag else b""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + text
+            + zero_pixels(width, height) + png_chunk(b"IEND", b""))
+
+
+def current_rss() -> int:
+    """This process's resident memory (VmRSS) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def peak_rss() -> int:
@@ -96,6 +132,90 @@ def test_a_burst_of_bombs_leaves_memory_flat(bomb_server):
         statuses = [r.status_code for _ in range(20) for r in post_every_route(c, data)]
     assert statuses == [400] * 60
     assert peak_rss() - before < MAX_RSS_GROWTH_BYTES
+
+
+# ------------------------------------------------------------------ large valid images, many at once
+BURST = 40
+#: What is not a decode: 40 bodies held by the server and by the clients, 40 client and up to 40 worker
+#: threads, the text query's forward pass, allocator slack. Without admission the burst took ~12 GB.
+BURST_SLACK_BYTES = 256 * 2**20
+#: What the burst may leave resident once it is over; without malloc_trim about 800 MB stayed.
+AFTER_BURST_BYTES = 160 * 2**20
+#: A text query while three 159 MB decodes share the CPU (a lone one takes ~30 ms; before admission 5-16 s).
+TEXT_SECONDS_DURING_BURST = 3.0
+
+
+def test_a_burst_of_large_valid_images_is_admitted_within_the_memory_budget(bomb_server):
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    images = [zero_png(6300, 6300, tag=str(i)) for i in range(BURST)]  # distinct bytes: no cache can help
+    assert len(images[0]) < 200_000 and Image.open(io.BytesIO(images[0])).size == (6300, 6300)
+    budget, metrics = bomb_server.services.image_budget, bomb_server.services.metrics
+    busy_before = metrics.images_refused.labels("busy")._value.get()
+    with bomb_server.client() as c:
+        assert c.post("/v1/search", json={"text": "warm up"}).status_code == 200
+    before = current_rss()
+    reset_peak_rss()
+    start = threading.Barrier(BURST + 1)
+    limits = httpx.Limits(max_connections=BURST + 1, max_keepalive_connections=0)
+    with httpx.Client(base_url=bomb_server.url, timeout=60, limits=limits) as client:
+
+        def send(data: bytes) -> httpx.Response:
+            start.wait()
+            return client.post("/v1/search/upload", files={"image": ("zeros.png", data, "image/png")}, data={"k": "3"})
+
+        with ThreadPoolExecutor(BURST) as pool:
+            futures = [pool.submit(send, data) for data in images]
+            start.wait()
+            deadline = time.monotonic() + 30
+            while budget.in_use == 0 and time.monotonic() < deadline:  # until the first decodes are admitted
+                time.sleep(0.005)
+            t0 = time.perf_counter()
+            text = client.post("/v1/search", json={"text": "a photo of a dog", "k": 3})
+            latency, decoding = time.perf_counter() - t0, budget.in_use > 0
+            responses = [f.result() for f in futures]
+    peak = peak_rss() - before
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "UnavailableError"
+            assert "retry" in r.json()["detail"] and not any(marker in r.text for marker in NO_TRACE)
+    assert metrics.images_refused.labels("busy")._value.get() - busy_before == statuses.count(503)
+    assert text.status_code == 200 and decoding, "the text query was not timed during the burst"
+    assert latency < TEXT_SECONDS_DURING_BURST, f"a text query took {latency:.2f} s during the burst"
+    # at most the budget is reserved by decodes at once, and each reservation bounds what its decode takes
+    assert peak < budget.capacity + BURST_SLACK_BYTES, f"peak RSS grew by {peak >> 20} MiB"
+    with bomb_server.client() as c:  # still serving, images included
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/search/upload", files={"image": ("q.png", zero_png(64, 64), "image/png")}).status_code == 200
+    assert budget.in_use == 0 and budget.waiting == 0
+    assert current_rss() - before < AFTER_BURST_BYTES, f"{(current_rss() - before) >> 20} MiB stayed resident"
+
+
+def test_every_image_route_is_a_503_while_the_budget_is_full(bomb_server):
+    budget, small = bomb_server.services.image_budget, zero_png(64, 64)
+    budget.in_use = budget.capacity  # as if large decodes held all of it (nothing else runs meanwhile)
+    try:
+        with bomb_server.client() as c, ThreadPoolExecutor(3) as pool:
+            t0 = time.perf_counter()
+            answers = list(pool.map(lambda send: send(), [
+                lambda: c.post("/v1/search", json={"image": base64.b64encode(small).decode()}),
+                lambda: c.post("/v1/search/upload", files={"image": ("q.png", small, "image/png")}),
+                lambda: c.post("/v1/embed", json={"image": base64.b64encode(small).decode()}),
+            ]))
+            waited = time.perf_counter() - t0
+            text = c.post("/v1/embed", json={"text": "texts never wait for the image budget"})
+    finally:
+        budget.in_use = 0
+    assert [r.status_code for r in answers] == [503] * 3 and all(r.headers["Retry-After"] for r in answers)
+    assert waited >= bomb_server.settings.image_admission_wait_s  # each waited for room before giving up
+    assert text.status_code == 200
+    with bomb_server.client() as c:
+        assert c.post("/v1/embed", json={"image": base64.b64encode(small).decode()}).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'safe_retrieval_images_refused_total{reason="busy"}' in metrics
+    assert "safe_retrieval_image_memory_bytes 0.0" in metrics
 
 
 # ------------------------------------------------------------------ fuzzing the image path

@@ -113,6 +113,16 @@ def test_an_incremental_reindex_on_a_qdrant_server_is_refused(tmp_path):
     assert steps[0][:2] == ["index", "add"] and "--no-switch" in steps[0] and "--result-file" in steps[0]
 
 
+def test_reindex_jobs_pass_the_file_size_limit(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    req = ReindexRequest(source={"images": "imgs"})
+    common = dict(model=tmp_path / "m", name="g", roots=[tmp_path], media_root=None, qdrant_url=None,
+                  index_root=tmp_path / "idx")
+    (argv,) = reindex_steps(req, max_file_bytes=123_456, **common)
+    assert argv[argv.index("--max-file-bytes") + 1] == "123456"
+    assert "--max-file-bytes" not in reindex_steps(req, **common)[0]  # the CLI's own default
+
+
 # ------------------------------------------------------------------ the manager with real CLI commands
 def manager(tmp_path, calls: list | None = None) -> JobManager:
     def on_success(job: JobRecord) -> dict:
@@ -172,13 +182,27 @@ def test_one_job_at_a_time_and_cancel_ends_the_process_group(tmp_path):
     record = _wait_running(jobs, job["id"])
     pid, started = record.pid, record.pid_started
     with pytest.raises(ConflictError) as busy:
-        jobs.submit("reindex", {}, [["--help"]], {})
+        jobs.submit("reindex", {}, [["--help"]], {}, before_start=lambda job_id: pytest.fail("called while busy"))
     assert busy.value.job_id == job["id"]
+    with pytest.raises(ConflictError):
+        jobs.check_idle()
+
+    def unaudited(*_) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):  # its audit record could not be written: the cancel does not happen
+        jobs.cancel(job["id"], before=unaudited)
+    assert jobs.get(job["id"])["status"] == "running" and _alive(pid, started)
     done = jobs.cancel(job["id"])
     assert done["status"] == "cancelled" and calls == []
     assert done["progress"] < 1.0  # a killed step did not finish
     assert not _alive(pid, started)
-    assert jobs.submit("reindex", {}, [["--help"]], {})["status"] in ("queued", "running", "succeeded")
+    with pytest.raises(OSError):  # nor does a job whose record could not be written
+        jobs.submit("reindex", {}, [["--help"]], {}, before_start=unaudited)
+    assert [j["id"] for j in jobs.list()] == [job["id"]] and [p.name for p in jobs.dir.iterdir()] == [job["id"]]
+    seen: list[str] = []
+    started_job = jobs.submit("reindex", {}, [["--help"]], {}, before_start=seen.append)
+    assert seen == [started_job["id"]] and started_job["status"] in ("queued", "running", "succeeded")
 
 
 def test_job_processes_get_no_tokens(tmp_path, monkeypatch):

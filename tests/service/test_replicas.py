@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from service.app import create_app
 from service.state import SERVED_RECORD
 from tests.helpers.service import ADMIN, build_index, copy_index, live, settings_for
+from training.errors import InputError
 
 
 def test_a_replica_without_jobs_follows_the_index_and_writes_nothing(world, tmp_path):
@@ -41,3 +45,18 @@ def test_a_replica_without_jobs_follows_the_index_and_writes_nothing(world, tmp_
         assert c.post("/v1/search", json={"text": "a cat"}).status_code == 200
     assert list(state.iterdir()) == [], f"a replica without jobs wrote {[p.name for p in state.iterdir()]}"
     assert not (state / SERVED_RECORD).exists()
+
+
+def test_a_replica_without_jobs_that_could_audit_needs_an_audit_dir_of_its_own(world, tmp_path):
+    state = tmp_path / "state"
+    for audit_dir in (None, state / "audit", state):  # the default, STATE_DIR/audit: the job runner's log
+        with pytest.raises(InputError) as refused:
+            create_app(settings_for(world, tmp_path, run_jobs=False, audit_dir=audit_dir))
+        assert "RUN_JOBS=false" in str(refused.value) and "set SAFE_RETRIEVAL_AUDIT_DIR" in str(refused.value)
+    for tokens in ({"moderator_token": None}, {"admin_token": None}):  # either token can write records
+        with pytest.raises(InputError):
+            create_app(settings_for(world, tmp_path, run_jobs=False, **tokens))
+    create_app(settings_for(world, tmp_path, run_jobs=False, admin_token=None, moderator_token=None))  # nothing to audit
+    create_app(settings_for(world, tmp_path, run_jobs=False, audit_dir=tmp_path / "audit"))
+    create_app(settings_for(world, tmp_path))  # the job runner keeps the default
+    assert not state.exists()

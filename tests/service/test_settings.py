@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_named_moderator_tokens_from_the_environment_and_a_file(monkeypatch, tmp
     assert s.moderators() == {"moderator": "legacy-token", "alice": "alice-token", "bob": "bob-token",
                               "carol": "carol-token", "dave": "dave-token"}
     assert "alice-token" not in repr(s) and "carol-token" not in repr(s)
-    as_json = _token_file(tmp_path, '{"erin": "erin-token"}', 0o640)
+    as_json = _token_file(tmp_path, '{"erin": "erin-token"}', 0o400)
     assert Settings(moderator_tokens_file=as_json).moderators()["erin"] == "erin-token"
     monkeypatch.delenv("SAFE_RETRIEVAL_MODERATOR_TOKEN")
     monkeypatch.delenv("SAFE_RETRIEVAL_MODERATOR_TOKENS")
@@ -84,8 +85,11 @@ def test_named_moderator_tokens_from_the_environment_and_a_file(monkeypatch, tmp
         ('{"carol": "c-token",}', 0o600, "not valid JSON"),
         ('{"carol": 7}', 0o600, "token strings"),
         ("# only a comment\n", 0o600, "holds no tokens"),
-        ("carol:carol-token\n", 0o644, "chmod o-rw"),  # readable by every user
-        ("carol:carol-token\n", 0o602, "chmod o-rw"),  # writable by every user
+        ("carol:carol-token\n", 0o644, "every user may read"),  # readable by every user
+        ("carol:carol-token\n", 0o602, "every user may read or write"),  # writable by every user
+        ("carol:carol-token\n", 0o620, "its group may read or write"),  # writable by the group
+        ("carol:carol-token\n", 0o660, "its group may read or write"),
+        ("carol:carol-token\n", 0o606, "every user"),
     ],
 )
 def test_a_malformed_tokens_file_stops_start_up_with_a_clear_message(monkeypatch, tmp_path, text, mode, words):
@@ -97,6 +101,18 @@ def test_a_malformed_tokens_file_stops_start_up_with_a_clear_message(monkeypatch
     assert str(path) in message or "moderator" in message
     for token in ("carol-token", "same-token", "c-token", "d-token", "admin-token", "x-token", "nameless-token"):
         assert token not in message  # names may appear in a start-up error, tokens never
+
+
+def test_group_read_is_accepted_only_on_a_root_owned_tokens_file(monkeypatch, tmp_path):
+    """A Kubernetes secret (root:fsGroup, 0440) is readable through the group; a file of the service's own is not."""
+    _clean(monkeypatch)
+    path = _token_file(tmp_path, "carol:carol-token\n", 0o640)
+    if os.getuid() == 0:
+        assert Settings(moderator_tokens_file=path).moderators() == {"carol": "carol-token"}
+        os.chown(path, 4321, 4321)  # the same mode on a file that an ordinary user owns
+    with pytest.raises(InputError, match="its group may read") as caught:
+        Settings(moderator_tokens_file=path)
+    assert "0640" in str(caught.value) and "chmod 0600" in str(caught.value)
 
 
 def test_a_missing_tokens_file_and_bad_names_are_refused(monkeypatch, tmp_path):

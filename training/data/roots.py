@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 from training.errors import InputError, OutsideRootsError
 
@@ -72,7 +72,13 @@ class DataRoots:
         return real
 
     def read(self, path: str | Path, *, what: str = "file") -> tuple[bytes, Path]:
-        """The bytes of the regular file ``path`` and the real path of what was opened.
+        """The bytes of the regular file ``path`` and the real path of what was opened (errors as :meth:`open`)."""
+        f, real, _ = self.open(path, what=what)
+        with f:
+            return f.read(), real
+
+    def open(self, path: str | Path, *, what: str = "file") -> tuple[BinaryIO, Path, int]:
+        """The regular file ``path`` opened for reading (the caller closes it), its real path and its size.
 
         Raises OutsideRootsError when the opened file lies outside the roots, and OSError (with
         ``filename``) when it cannot be opened or is not a regular file (a directory, a FIFO, a device).
@@ -89,9 +95,9 @@ class DataRoots:
             real = _opened(fd, path)
             if not self.contains(real):
                 raise self.outside(path, what=what)
-            with os.fdopen(fd, "rb", closefd=True) as f:
-                fd = -1
-                return f.read(), real
+            f = os.fdopen(fd, "rb", closefd=True)
+            fd = -1
+            return f, real, st.st_size
         finally:
             if fd >= 0:
                 os.close(fd)

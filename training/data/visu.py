@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from training.data.roots import DataRoots
 from training.errors import DataError, ImageError, OutsideRootsError
-from training.images import decode_image, open_image
+from training.images import decode_image, open_image, read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class QuadDataset(Dataset):
         if not self.roots:
             return open_image(path)
         try:
-            data = self.roots.read(path, what="image")[0]
+            data = read_image_file(path, roots=self.roots)[0]  # the default byte limit, checked before reading
         except OSError as e:
             raise ImageError(f"cannot read {path}: {e.strerror or e}") from e
         return decode_image(data, name=str(path))
