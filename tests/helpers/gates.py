@@ -7,14 +7,25 @@ other tests leave idle (they wait on servers, subprocesses and disks) and little
 The gates' fixture then waits for it. Run alone, ``python -m tests.helpers.gates DIR`` trains them in DIR.
 
 ``DIR/visu`` is the demo dataset, ``DIR/fresh`` the unlearning gates' evaluation set, ``DIR/<label>``
-each artifact, ``DIR/done.json`` the labels' paths
+each artifact, ``DIR/done.json`` the labels' paths relative to DIR
 (written last: its presence means everything is there), ``DIR/train.log`` the child's output.
+
+Trained models are kept in :data:`CACHE` under a key of everything that determines them
+(:func:`cache_key`: the training package's code and recipes, this file's model list and training
+functions, the versions of Python,
+torch, open_clip, numpy and Pillow, the CPU's architecture and torch's kernel level), so a run whose
+trainer is unchanged reuses them and the gates check the same models without retraining; a change
+to any of those is a new key, and the models train again. The newest :data:`KEEP` entries are kept.
+``SAFE_RETRIEVAL_GATE_CACHE`` moves the cache; set to ``off`` it trains every time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DONE = "done.json"
 LOG = "train.log"
+_CACHE_SETTING = os.environ.get("SAFE_RETRIEVAL_GATE_CACHE", "")
+#: Where trained gate models are kept between runs (None: nowhere, train every time).
+CACHE: Path | None = None if _CACHE_SETTING == "off" else Path(
+    _CACHE_SETTING or Path.home() / ".cache" / "safe-retrieval" / "gate-models")
+KEEP = 2  # cache entries kept: this key and the one before it (a branch switched back and forth)
+TRAINING = ".train-"  # a cache entry being trained: .train-<pid>-..., renamed to its key when complete
 #: The concept the unlearning gates forget: vandalism, with harmless look-alikes (painting, poster, clock). One
 #: the demo base recognises (5 of the 6 test images in context); it barely knows a knife (0 of 6), so a drop
 #: could not be measured there (benchmarks/RESULTS.md, "Unlearning").
@@ -80,37 +97,118 @@ def train_all(root: Path) -> dict[str, Path]:
     if failed:
         raise SystemExit(f"training {'; '.join(failed)} failed")
     paths = {"data": data, "fresh": fresh, **{label: root / label for label in MODELS}}
-    (root / DONE).write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    (root / DONE).write_text(json.dumps({k: str(v.relative_to(root)) for k, v in paths.items()}))
     return paths
 
 
-class Background:
-    """:func:`train_all` in a child process at the lowest priority."""
+def cache_key() -> str:
+    """A hash of everything that determines the gate models (see the module docstring)."""
+    import numpy
+    import open_clip
+    import PIL
+    import torch
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="gate-models-"))
+    digest = hashlib.sha256()
+    files = sorted(p for p in (REPO / "training").rglob("*") if p.suffix in (".py", ".json") and p.is_file())
+    for path in files:
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    # this file's part in it: what is trained and how (not the caching around it)
+    digest.update(repr((MODELS, CHAINS, FORGET, FRESH_N)).encode())
+    digest.update((inspect.getsource(train) + inspect.getsource(train_all)).encode())
+    versions = (sys.version, platform.machine(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                open_clip.__version__, numpy.__version__, PIL.__version__)
+    digest.update(repr(versions).encode())
+    return digest.hexdigest()[:20]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prune(cache: Path, current: Path) -> None:
+    """Keep the newest :data:`KEEP` complete entries (``current`` among them) and the trainings still running."""
+    complete = sorted((p for p in cache.iterdir()
+                       if (p / DONE).is_file() and p != current and not p.name.startswith(TRAINING)),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in complete[KEEP - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in cache.glob(TRAINING + "*"):
+        pid = partial.name[len(TRAINING):].split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+class Background:
+    """:func:`train_all` in a child process at the lowest priority, or the models :data:`CACHE` already holds."""
+
+    def __init__(self, cache: Path | None = CACHE) -> None:
+        self.entry = None
+        self.proc: subprocess.Popen | None = None
+        if cache is not None:
+            self.entry = cache / cache_key()
+            if (self.entry / DONE).is_file():  # trained by an earlier run of the same code: nothing to do
+                self.root = self.entry
+                os.utime(self.root)  # the newest entry: pruning keeps it
+                return
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                self.root = Path(tempfile.mkdtemp(prefix=f"{TRAINING}{os.getpid()}-", dir=cache))
+            except OSError:  # no cache here (a read-only home): train in a temporary folder as before
+                self.entry = None
+        if self.entry is None:
+            self.root = Path(tempfile.mkdtemp(prefix="gate-models-"))
         self.log = (self.root / LOG).open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.helpers.gates", str(self.root)], cwd=REPO, stdout=self.log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19),
         )
 
+    @property
+    def cached(self) -> bool:
+        """True when the models came from the cache (nothing was trained in this run)."""
+        return self.proc is None
+
     def wait(self, timeout: float = 3600) -> dict[str, Path]:
         """The models' paths once the child is done; an AssertionError with its log's tail if it failed."""
+        if self.proc is not None:
+            try:
+                rc = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"the gate models were not trained within {timeout:.0f} s:\n{self.tail()}") from None
+            if rc != 0 or not (self.root / DONE).is_file():
+                raise AssertionError(f"training the gate models failed (exit {rc}):\n{self.tail()}")
+            self._keep()
+        return {k: self.root / v for k, v in json.loads((self.root / DONE).read_text()).items()}
+
+    def _keep(self) -> None:
+        """Move the trained models to their cache entry (a rename, on the cache's own file system)."""
+        if self.entry is None or self.root == self.entry:
+            return
+        self.log.close()
+        for run in self.root.glob("*.run"):  # the trainings' checkpoints (about 750 MB): no gate reads them
+            shutil.rmtree(run, ignore_errors=True)
         try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"the gate models were not trained within {timeout:.0f} s:\n{self.tail()}") from None
-        if rc != 0 or not (self.root / DONE).is_file():
-            raise AssertionError(f"training the gate models failed (exit {rc}):\n{self.tail()}")
-        return {k: Path(v) for k, v in json.loads((self.root / DONE).read_text()).items()}
+            os.replace(self.root, self.entry)
+        except OSError:  # another run stored the same key first: use ours, delete it at the end
+            return
+        self.root = self.entry
+        _prune(self.entry.parent, self.entry)
 
     def tail(self, size: int = 4000) -> str:
-        self.log.flush()
+        if self.proc is not None and not self.log.closed:
+            self.log.flush()
         return (self.root / LOG).read_bytes()[-size:].decode(errors="replace")
 
     def stop(self) -> None:
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -119,7 +217,8 @@ class Background:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root != self.entry:  # a temporary folder, or a training that did not finish
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 if __name__ == "__main__":  # python -m tests.helpers.gates DIR [LABEL ...]: everything, or those labels (one thread)
