@@ -16,7 +16,11 @@ caller's ``service.deps.Caller.note``) only *note* what they did (:func:`note`).
 the record when the response starts, so the client cannot see a response whose record is not written,
 and a record that cannot be written turns the response into a 503 (fail closed: no unaudited access
 to unsafe content). An action that must not happen unaudited (a job's start, a cancel) writes its
-record first (:func:`record_now`): no record, no action. A full disk costs 503s only while it is full.
+record first (:func:`record_now`): no record, no action. One action has no request of its own: a job's commit
+that swaps in a model that missed its acceptance because its request said ``force`` writes one more record
+(:func:`job_record`: the job, and as its query ``forced`` and the checks it missed) before it swaps; no record,
+no swap.
+A full disk costs 503s only while it is full.
 """
 
 from __future__ import annotations
@@ -274,6 +278,15 @@ def _record(scope: Scope, notes: dict[str, Any], status: int) -> dict[str, Any]:
     if "job" in notes:
         record["job"] = notes["job"]
     return record
+
+
+def job_record(job_id: str, **what: Any) -> dict[str, Any]:
+    """A record the service writes about a job on its own, with no request behind it (no method, route, status or
+    client): the commit of a job whose new model missed its acceptance and was swapped in because the request said
+    ``force``; ``what`` (``forced``, ``misses``) is its ``query``. The request's own record (``query.force``: true)
+    was written when the job was submitted."""
+    return {"time": now(), "token": ADMIN, "method": None, "route": None, "status": None, "safety": None,
+            "query": what, "unsafe_ids": [], "client": None, "job": job_id}
 
 
 def record_now(request: Request, status: int) -> None:

@@ -25,7 +25,7 @@ app.add_typer(training_cli.model_app, name="model")
 app.command("embed")(training_cli.embed)
 app.add_typer(index_app, name="index")
 app.command("search")(search)
-app.command("eval")(training_cli.evaluate)
+app.add_typer(training_cli.eval_app, name="eval")
 app.command("train")(training_cli.train)
 
 

@@ -12,7 +12,10 @@ and a retrain writes its new model to ``plan["new_model"]``. Nothing a job makes
 job's one **commit point** in ``_run``: under the manager's lock, with every step succeeded and no
 cancel requested, the job is marked ``committed``; only then does ``on_success`` (the service's
 acceptance) open the staged generation, check it against the model, switch the pointer and swap
-the served pair together. A cancel that lands before the commit point ends the job ``cancelled``
+the served pair together. A job whose plan names an ``acceptance`` is judged right after its evaluation step,
+before any later step (the reindex) runs: a new model that misses a threshold ends the job ``failed`` there
+(:class:`AcceptanceError`, unless the request said ``force``), with what was measured kept in its result, and
+nothing is reindexed or swapped. A cancel that lands before the commit point ends the job ``cancelled``
 and ``on_discard`` deletes the staged generation, as a failure does (the new model is removed too);
 a cancel after it is too late and the job ends ``succeeded``. If acceptance fails, the pointer has
 not moved and the outputs are discarded. So a job that does not end ``succeeded`` changes nothing
@@ -42,7 +45,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from service.errors import ConflictError, ForbiddenError, NotFoundError, UnprocessableError
 from service.schemas import ForgetRequest, IndexSource, ReindexRequest, RetrainRequest
@@ -411,6 +414,8 @@ class JobManager:
                     why = _error_line(tail) or f"'safe-retrieval {argv[0]}' exited with status {rc}; see log_tail"
                     self._finish(job, "failed", error=why)
                     return
+                if (job.plan.get("acceptance") or {}).get("after_step") == i:
+                    self._judge(job)
             with self._lock:  # THE commit point: a cancel either got in before it, or is too late
                 if not cancel.is_set():
                     job.committed = True
@@ -418,7 +423,7 @@ class JobManager:
             if not job.committed:
                 self._finish(job, "failed" if job.error else "cancelled", error=job.error)
                 return
-            result = self.on_success(job)
+            result = {**job.result, **self.on_success(job)}
             if job.plan.get("source") and job.plan.get("swap"):
                 write_source(self.dir.parent, job.plan["source"])
         except SafeRetrievalError as e:
@@ -429,6 +434,15 @@ class JobManager:
             self._finish(job, "failed", error=f"internal error: {e.__class__.__name__}; see the server log")
             return
         self._finish(job, "succeeded", result=result)
+
+    def _judge(self, job: JobRecord) -> None:
+        """Read the evaluation the job's last step wrote into its result, and refuse a model that missed its
+        acceptance (AcceptanceError, unless forced): the job then fails before its next step."""
+        measured = evaluation_result(job.kind, self.folder(job.id), job.plan)
+        self._set(job, result={**job.result, **measured})
+        refusal = refused(measured)
+        if refusal is not None:
+            raise AcceptanceError(refusal)
 
     def _run_step(self, job: JobRecord, argv: builtins.list[str], logfile: Path, index: int, cancel: threading.Event) -> int:
         env = dict(os.environ if self.env is None else self.env)
@@ -481,10 +495,13 @@ class JobManager:
             self._set(job, staged=staged)
 
     def _finish(self, job: JobRecord, status: str, *, error: str | None = None, result: dict | None = None) -> None:
+        """End the job; its result is ``result``, else what it has recorded so far (a failed job keeps what its
+        evaluation measured)."""
         if status != "succeeded":
             self._discard_outputs(job)
         done = {"progress": 1.0} if status == "succeeded" else {}
-        self._set(job, status=status, error=error, result=result or {}, finished_at=_now(), step=None, **done)
+        self._set(job, status=status, error=error, result=job.result if result is None else result, finished_at=_now(),
+                  step=None, **done)
 
     def _discard_outputs(self, job: JobRecord) -> bool:
         """Delete the staged generation (``on_discard``) and the new model, unless they are already
@@ -616,9 +633,8 @@ def forget_concepts(data: Path, names: list[str], roots: list[Path]) -> list[str
     is an UnprocessableError (422). Nothing outside the data roots is read.
     """
     from training.data import concepts, forget, visu
-    from training.data.roots import DataRoots
 
-    confined = DataRoots.of([r for r in roots if os.path.isdir(r)])
+    confined = _confined(roots)
     summary = data / concepts.DATASET_SUMMARY
     if summary.exists():
         confined.check(summary, what=f"{data.name}/{concepts.DATASET_SUMMARY}")
@@ -629,14 +645,73 @@ def forget_concepts(data: Path, names: list[str], roots: list[Path]) -> list[str
         raise UnprocessableError(str(e)) from e
 
 
-def check_forget_method(method: str, model: Path) -> None:
-    """``hac`` needs a hyperbolic (lorentz) model: on any other the request is refused (422), naming ``ac``."""
+def check_forget_method(req: ForgetRequest, model: Path) -> None:
+    """The method, its ``weights`` and ``options`` checked as training will check them (422 with the reason): a
+    method whose geometry is ``lorentz`` (``hac``) needs a lorentz model, and the others name the methods that fit."""
+    from training import methods
     from training.artifact import read_config
 
     geometry = read_config(model).get("geometry")
-    if method == "hac" and geometry != "lorentz":
-        raise UnprocessableError(f"method 'hac' (hyperbolic alignment calibration) needs a lorentz model, and the served "
-                                 f"model is {geometry}; use method 'ac', its Euclidean form (or 'cliperase')")
+    if methods.METHODS[req.method].geometry == "lorentz" and geometry != "lorentz":
+        usable = [m for m in methods.FORGETTING if methods.METHODS[m].geometry != "lorentz"]
+        raise UnprocessableError(f"method {req.method!r} needs a lorentz (hyperbolic) model, and the served model is "
+                                 f"{geometry}; use a method for any model: {', '.join(map(repr, usable))}")
+    try:
+        methods.term_weights(req.method, params=req.weights, options=req.options)
+    except InputError as e:
+        raise UnprocessableError(str(e)) from e
+
+
+def _confined(roots: list[Path]):
+    from training.data.roots import DataRoots
+
+    return DataRoots.of([r for r in roots if os.path.isdir(r)])
+
+
+def _test_split(data: Path, roots: list[Path], why: str):
+    """The test split of ``data``, which the job's evaluation step reads; none is a 422 saying ``why``."""
+    from training.data import visu
+
+    try:
+        return visu.load_split(data, "test", roots=_confined(roots))
+    except (DataError, InputError) as e:
+        raise UnprocessableError(f"the job's evaluation could not run, so {why}: {e}. Give `data` whose test split "
+                                 "(its ViSU-Text test file and images, under the data roots) is there") from e
+
+
+def check_forget_evaluation(data: Path, concepts: list[str], roots: list[Path]) -> None:
+    """Refuse (422), before anything is trained, a forget job whose evaluation could not measure the model: no
+    test split, one that shows none of ``concepts`` (forgetting unmeasured), or nothing else (retention unmeasured).
+
+    The same rules as the evaluation's own (``eval --unlearning``), on the same split.
+    """
+    from training.data.concepts import catalogue
+
+    records = _test_split(data, roots, "the new model could not be checked").records
+    cat = catalogue(data, records, roots=_confined(roots))
+    shown = [cat.concept_of(r) for r in records]
+    forgotten = sum(1 for c in shown if c is not None and c.name in concepts)
+    retained = sum(1 for c in shown if c is not None and c.name not in concepts)
+    if not forgotten:
+        raise UnprocessableError(f"the test split of {data.name} shows none of {', '.join(concepts)}, so the job's "
+                                 "evaluation could not measure what the new model forgot; give `data` whose test split "
+                                 f"shows them, or forget concepts it shows ({cat.known()})")
+    if not retained:
+        raise UnprocessableError(f"every test record of {data.name} with a known concept shows {', '.join(concepts)}, "
+                                 "so the job's evaluation could not measure what the new model retained; forget fewer "
+                                 "concepts, or give `data` whose test split also shows others")
+
+
+def check_retrain_evaluation(data: Path, roots: list[Path]) -> None:
+    """Refuse (422), before anything is trained, a retrain whose evaluation (the test split of ``data``) cannot run,
+    or would read an image outside the data roots: ``eval`` reads every record of the split and, unlike the
+    unlearning evaluation, takes no ``--data-root``, so the split is confined here."""
+    split = _test_split(data, roots, "the new model's retrieval could not be checked")
+    outside = split.skipped.get("outside_data_roots", 0)
+    if outside:
+        raise UnprocessableError(f"{outside} record(s) of the test split of {data.name} name images outside the data "
+                                 "roots, which the job's evaluation would read; move them under the data roots or give "
+                                 "other `data`")
 
 
 def forget_steps(req: ForgetRequest, *, concepts: list[str], model: Path, out: Path, data: Path,
@@ -654,6 +729,10 @@ def forget_steps(req: ForgetRequest, *, concepts: list[str], model: Path, out: P
     for flag, value in options.items():
         if value is not None:
             train += [flag, str(value)]
+    if req.weights:  # by name: the trainer checks them as the route did (training.methods.term_weights)
+        train += ["--weights", ",".join(f"{name}={weight!r}" for name, weight in req.weights.items())]
+    for name, choice in (req.options or {}).items():
+        train += ["--objective-option", f"{name}={choice}"]
     evaluate = ["eval", "--unlearning", "--forget", forget, "--data", str(data), "--split", "test",
                 "--out", f"{JOB_DIR}/{UNLEARNING}", *data_root_args(roots), "--compare", str(model), str(out)]
     return [train, evaluate]
@@ -683,3 +762,203 @@ def unlearning_result(folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "forget_pairs": forgotten.get("forget_pairs"), "retain_pairs": forgotten.get("retain_pairs"),
         "before": before, "after": after, "table": table, "report": str(folder / UNLEARNING / "report.md"),
     }
+
+
+# ------------------------------------------------------------------ retrain evaluation
+#: where a retrain's evaluation writes report.json and report.md, in the job's folder
+RETRIEVAL = "retrieval"
+#: the task and metric a retrain must keep: safe caption -> safe image, recall at 1
+RECALL_TASK, RECALL_METRIC = "T->V", "R@1"
+
+
+def retrieval_eval_step(data: Path, *, model: Path, out: Path) -> list[str]:
+    """A retrain's evaluation step: the served ``model`` and the new one (``out``) on the test split of ``data``,
+    without traversal (T->V queries are safe captions), into the job's ``RETRIEVAL`` folder.
+
+    ``eval`` takes no ``--data-root`` outside ``--unlearning``: the route confines the split itself
+    (:func:`check_retrain_evaluation`) before the job starts.
+    """
+    return ["eval", "--data", str(data), "--split", "test", "--traversal", "off", "--out", f"{JOB_DIR}/{RETRIEVAL}",
+            "--compare", str(model), str(out)]
+
+
+def retrieval_result(folder: Path) -> dict[str, Any]:
+    """A retrain's ``result["retrieval"]`` (without its acceptance): T->V R@1 (%) of the served model (``before``) and
+    the new one (``after``) from its evaluation's ``report.json``; a figure the report lacks is None.
+
+    Raises DataError when the evaluation left no readable report.
+    """
+    path = folder / RETRIEVAL / "report.json"
+    try:
+        report = json.loads(path.read_text())
+        models = report["models"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"the retrain's evaluation wrote no readable {path.name} ({e.__class__.__name__}); "
+                        "see the job's log, then submit the job again") from e
+    if not isinstance(models, list) or len(models) != 2:
+        raise DataError(f"the retrain's {path.name} does not hold two models (served, new); see the job's log")
+
+    def recall(row: Any) -> float | None:
+        try:
+            value = _number(100 * row["variants"]["plain"]["tasks"][RECALL_TASK][RECALL_METRIC])
+        except (KeyError, TypeError):
+            return None
+        return None if value is None else round(value, 2)
+
+    return {"task": RECALL_TASK, "metric": RECALL_METRIC, "before": recall(models[0]), "after": recall(models[1]),
+            "report": str(folder / RETRIEVAL / "report.md")}
+
+
+# ------------------------------------------------------------------ acceptance
+_EPS = 1e-6  # figures are rounded to 0.1: a fall of exactly the threshold passes
+
+
+class AcceptanceError(SafeRetrievalError):
+    """The new model missed its acceptance and the request did not say ``force``: the job fails, nothing is swapped."""
+
+
+def _number(value: Any) -> float | None:
+    """A measured figure, or None when it is missing, null, not a number or NaN (it could not be measured)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
+
+
+def _unmeasured(what: str, metric: str, before: float | None, after: float | None, note: str | None) -> str:
+    rows = " and ".join(name for name, v in (("the served model", before), ("the new model", after)) if v is None)
+    return f"{what} could not be measured: the evaluation reports no {metric} for {rows}" + (f" ({note})" if note else "")
+
+
+def unlearning_acceptance(before: Mapping[str, Any], after: Mapping[str, Any], *, min_forget_drop: float,
+                          max_retain_drop: float, max_benign_drop: float, force: bool = False,
+                          notes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Judge a forget job's new model from its evaluation's rows (``before``: the served model, ``after``: the new one).
+
+    - forget: ``f_acc`` must fall by at least ``min(min_forget_drop, before f_acc)`` points (where the served model
+      recognised less than the threshold, all of it must go);
+    - retain: ``r_acc`` may fall by at most ``max_retain_drop`` points;
+    - benign: ``after["benign_drop"]`` (points lost on harmless look-alikes) may be at most ``max_benign_drop``.
+
+    A figure that is null (``notes``: metric -> why, from the evaluation) fails its check. Returns ``{"passed",
+    "forced", "thresholds", "checks": {forget, retain, benign}, "misses"}``; ``forced`` when it failed and ``force``.
+    """
+    notes = notes or {}
+    checks: dict[str, dict[str, Any]] = {}
+    f0, f1 = _number(before.get("f_acc")), _number(after.get("f_acc"))
+    required = min(min_forget_drop, f0) if f0 is not None else min_forget_drop
+    forget: dict[str, Any] = {"metric": "f_acc", "before": f0, "after": f1, "required": required}
+    if f0 is None or f1 is None:
+        forget.update(drop=None, passed=False, reason=_unmeasured("forget accuracy", "f_acc", f0, f1, notes.get("f_acc")))
+    else:
+        drop = f0 - f1
+        ok = drop >= required - _EPS
+        all_of_it = f" (all of it: the served model recognised only {f0:.1f}%)" if required < min_forget_drop else ""
+        moved = f"fell only {drop:.1f} points" if drop >= 0 else f"rose {-drop:.1f} points"
+        forget.update(drop=round(drop, 2), passed=ok,
+                      reason=None if ok else f"forget accuracy {moved} ({f0:.1f} -> {f1:.1f}), {required:g} required{all_of_it}")
+    checks["forget"] = forget
+
+    r0, r1 = _number(before.get("r_acc")), _number(after.get("r_acc"))
+    retain: dict[str, Any] = {"metric": "r_acc", "before": r0, "after": r1, "allowed": max_retain_drop}
+    if r0 is None or r1 is None:
+        retain.update(drop=None, passed=False, reason=_unmeasured("retain accuracy", "r_acc", r0, r1, notes.get("r_acc")))
+    else:
+        drop = r0 - r1
+        ok = drop <= max_retain_drop + _EPS
+        retain.update(drop=round(drop, 2), passed=ok,
+                      reason=None if ok else f"retain accuracy fell {drop:.1f} points, {max_retain_drop:g} allowed")
+    checks["retain"] = retain
+
+    b = _number(after.get("benign_drop"))
+    benign: dict[str, Any] = {"metric": "benign_drop", "drop": b, "allowed": max_benign_drop}
+    if b is None:
+        why = notes.get("benign_drop")
+        benign.update(passed=False, reason="look-alike accuracy could not be measured: the evaluation reports no "
+                      "benign_drop for the new model" + (f" ({why})" if why else ""))
+    else:
+        ok = b <= max_benign_drop + _EPS
+        benign.update(passed=ok, reason=None if ok else f"look-alike accuracy fell {b:.1f} points, {max_benign_drop:g} allowed")
+    checks["benign"] = benign
+
+    thresholds = {"min_forget_drop": min_forget_drop, "max_retain_drop": max_retain_drop, "max_benign_drop": max_benign_drop}
+    return _verdict(checks, thresholds, force)
+
+
+def retrieval_acceptance(before: float | None, after: float | None, *, max_recall_drop: float,
+                         force: bool = False) -> dict[str, Any]:
+    """Judge a retrain's new model: its T->V R@1 (%) may fall at most ``max_recall_drop`` points below the served
+    model's on the same data; a figure that could not be measured fails. Returns what :func:`unlearning_acceptance` does."""
+    name = f"{RECALL_TASK} {RECALL_METRIC}"
+    check: dict[str, Any] = {"metric": name, "before": before, "after": after, "allowed": max_recall_drop}
+    if before is None or after is None:
+        check.update(drop=None, passed=False, reason=_unmeasured(name, name, before, after, None))
+    else:
+        drop = before - after
+        ok = drop <= max_recall_drop + _EPS
+        check.update(drop=round(drop, 2), passed=ok, reason=None if ok else
+                     f"{name} fell {drop:.1f} points ({before:.1f} -> {after:.1f}), {max_recall_drop:g} allowed")
+    return _verdict({"recall": check}, {"max_recall_drop": max_recall_drop}, force)
+
+
+def _verdict(checks: dict[str, dict[str, Any]], thresholds: dict[str, float], force: bool) -> dict[str, Any]:
+    misses = [c["reason"] for c in checks.values() if not c["passed"]]
+    return {"passed": not misses, "forced": bool(misses) and force, "thresholds": thresholds, "checks": checks,
+            "misses": misses}
+
+
+def acceptance_plan(after_step: int, *, force: bool, **thresholds: float) -> dict[str, Any]:
+    """``plan["acceptance"]``: the model is judged once step ``after_step`` (the evaluation) has succeeded."""
+    return {"after_step": after_step, "force": force, "thresholds": thresholds}
+
+
+#: which result key holds each job kind's evaluation and acceptance
+EVALUATION_KEY = {"forget": "unlearning", "retrain": "retrieval"}
+
+
+def _evaluation_notes(folder: Path) -> dict[str, str]:
+    """Why the unlearning evaluation left a figure null (``null`` of its ``details.json``: metric -> why), when it
+    says so; the acceptance works without it."""
+    try:
+        notes = json.loads((folder / UNLEARNING / "details.json").read_text()).get("null")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
+
+
+def evaluation_result(kind: str, folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """What a job's evaluation measured, judged against ``plan["acceptance"]``: ``{"unlearning": ...}`` for a forget
+    job (the table, with ``acceptance``), ``{"retrieval": ...}`` for a retrain. Raises DataError without a report."""
+    spec = plan["acceptance"]
+    force, limits = bool(spec.get("force")), spec["thresholds"]
+    if kind == "forget":
+        measured = unlearning_result(folder, plan)
+        table = measured["table"]
+        measured["acceptance"] = unlearning_acceptance(
+            table[measured["before"]], table[measured["after"]], force=force, notes=_evaluation_notes(folder), **limits)
+    elif kind == "retrain":
+        measured = retrieval_result(folder)
+        measured["acceptance"] = retrieval_acceptance(measured["before"], measured["after"], force=force, **limits)
+    else:
+        raise DataError(f"a {kind} job has no evaluation to judge")
+    return {EVALUATION_KEY[kind]: measured}
+
+
+def refused(result: dict[str, Any]) -> str | None:
+    """The job's error when the acceptance in ``result`` failed and was not forced, else None."""
+    for key, measured in result.items():
+        acceptance = measured.get("acceptance") if isinstance(measured, dict) else None
+        if acceptance and not acceptance["passed"] and not acceptance["forced"]:
+            return (f"the new model was refused: {'; '.join(acceptance['misses'])}. Nothing was reindexed or swapped "
+                    f"and the new model was deleted (result.{key} holds the evaluation and its acceptance); train it "
+                    "differently or change the thresholds and submit again, or submit with force: true to swap it in "
+                    "anyway")
+    return None
+
+
+def forced(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The acceptance in ``result`` that failed but was forced (the commit's audit record names it), else None."""
+    for measured in result.values():
+        acceptance = measured.get("acceptance") if isinstance(measured, dict) else None
+        if acceptance and acceptance["forced"]:
+            return acceptance
+    return None

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from training.methods import FORGETTING
+
 MAX_TEXT_CHARS = 1000  # a query, not a document: CLIP reads at most 77 tokens anyway
 MAX_K_PER_REQUEST = 100  # the most results one HTTP search returns (indexer.search allows more)
 MAX_OFFSET = 10_000  # deeper paging gets slow and is not what a search page needs
@@ -228,6 +230,12 @@ class ReindexRequest(StrictModel):
     incremental: bool = Field(False, description="Add to the current generation instead of building a new one.")
 
 
+def points(default: float | None, description: str) -> Any:
+    """A threshold in percentage points, 0 to 100 (a NaN or infinity is refused too)."""
+    return Field(default, ge=0, le=100, allow_inf_nan=False,
+                 description=f"{description} Percentage points, from 0 to 100.")
+
+
 class RetrainRequest(StrictModel):
     method: Literal["hysac", "safeclip", "clip"] = "hysac"
     data: PathText = Field(description="ViSU-layout dataset to train on.")
@@ -243,12 +251,21 @@ class RetrainRequest(StrictModel):
     max_steps: int | None = integer(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
     reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
     source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
+    max_recall_drop: float | None = points(
+        None, "The most T->V R@1 (safe caption -> safe image, recall at 1, in %) may fall from the served model's to the "
+        "new model's, both evaluated on the test split of `data`, in percentage points; a bigger fall fails the job and "
+        "nothing is swapped. Default: the server's SAFE_RETRIEVAL_RETRAIN_MAX_RECALL_DROP (5 unless set).")
+    force: bool = Field(False, description="Swap the new model in even when it misses `max_recall_drop` (the job's "
+                        "result and the audit log record that it was forced).")
 
 
 #: a concept or tag to forget: no comma (the CLI's separator), at least one visible character
 CONCEPT_PATTERN = r"^[^,\x00-\x1f]*[^,\s\x00-\x1f][^,\x00-\x1f]*$"
 ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=CONCEPT_PATTERN)]
-ForgetMethod = Literal["cliperase", "ac", "hac", "ga", "graddiff", "kl"]
+#: the forget methods of ``training.methods`` (an enum in the OpenAPI document)
+ForgetMethod = Literal[FORGETTING]  # type: ignore[valid-type]
+#: a named weight of a forget method (``alpha``, ``lambda2``, ...) or an option's name or value
+MethodWord = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.+-]+$")]
 
 
 class ForgetRequest(StrictModel):
@@ -267,8 +284,28 @@ class ForgetRequest(StrictModel):
     lr: float | None = Field(None, gt=0, le=1)
     seed: int | None = integer(None, ge=0, le=2**31 - 1)
     max_steps: int | None = integer(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
+    weights: dict[MethodWord, float] | None = Field(
+        None, max_length=16, description="Named weights of the method's loss terms, e.g. {\"alpha\": 0.75, \"beta\": 0.5} for "
+        "ac; the others keep their defaults (training.methods lists each method's weights). Non-negative; checked "
+        "before the job starts (422 naming the method's weights).")
+    options: dict[MethodWord, MethodWord] | None = Field(
+        None, max_length=16, description="Options of the method, e.g. {\"alpha_gamma\": \"untied\"}; checked before the job "
+        "starts (422 naming the method's options).")
     reindex: bool = Field(True, description="Rebuild the served index with the new model, then swap both together.")
     source: IndexSource | None = Field(None, description="What to reindex (default: the source of the last reindex).")
+    min_forget_drop: float = points(
+        50, "How far forget accuracy (zero-shot accuracy on the test images of the concepts, in %) must fall from the "
+        "served model to the new one, in percentage points. Where the served model recognised less than this, the new "
+        "model must recognise none of them (forget accuracy 0): the fall required is min(min_forget_drop, forget "
+        "accuracy before).")
+    max_retain_drop: float = points(
+        10, "The most retain accuracy (zero-shot accuracy on the other concepts' test images, in %) may fall, in "
+        "percentage points.")
+    max_benign_drop: float = points(
+        10, "The most accuracy on harmless look-alikes of the concepts (their safe counterparts) may fall, in "
+        "percentage points.")
+    force: bool = Field(False, description="Swap the new model in even when it misses a threshold or a figure could not "
+                        "be measured (the job's `result.unlearning.acceptance` and the audit log record that it was forced).")
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -286,8 +323,11 @@ class Job(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     request: dict[str, Any] = {}
-    result: dict[str, Any] = Field({}, description="On success: what was swapped in; a forget job adds `unlearning`, "
-                                    "the before/after table of its evaluation.")
+    result: dict[str, Any] = Field(
+        {}, description="What the job's evaluation measured, kept whether the job succeeds or fails: a forget job's "
+        "`unlearning` (the before/after table of its evaluation) and a retrain's `retrieval` (T->V R@1 before and "
+        "after), each with its `acceptance` (thresholds, measured drops, passed per check, forced); on success also "
+        "what was swapped in.")
 
 
 class JobList(BaseModel):
@@ -308,7 +348,10 @@ class AuditRecord(BaseModel):
     route: str | None = Field(None, description="The route template, e.g. /v1/items/{item_id}.")
     status: int | None = Field(None, description="HTTP status of the response.")
     safety: str | None = None
-    query: dict[str, Any] | None = Field(None, description="text, image_sha256 or item_id; a job request's body.")
+    query: dict[str, Any] | None = Field(
+        None, description="text, image_sha256 or item_id; a job request's body; for the commit of a job whose model "
+        "missed its acceptance and was swapped in because its request said `force` (a record with no request: no "
+        "method, route or status), `forced: true` and `misses`, the checks it missed.")
     unsafe_ids: list[str] = Field([], description="Ids of the items flagged unsafe that the response carried.")
     client: str | None = Field(None, description="The client's address.")
     job: str | None = None

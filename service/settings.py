@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         description="Largest image file a reindex job reads (index build --max-file-bytes): larger files are the "
         "job's recorded failures, refused from their size before they are read.",
     )
+    retrain_max_recall_drop: float = Field(
+        5.0, ge=0, le=100, allow_inf_nan=False,
+        description="Percentage points (0 to 100) by which a retrain's new model may score a lower T->V R@1 than the "
+        "served model on the test split of its data before the job fails and nothing is swapped (a request's "
+        "`max_recall_drop` overrides it).",
+    )
     run_jobs: bool = Field(
         True, description="Run admin jobs and write the served-pair record. False on extra replicas that share the "
         "state volume: they write nothing there and follow the index to each generation the job runner switches to."

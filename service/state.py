@@ -21,11 +21,12 @@ from typing import Any, Iterator
 
 from indexer.errors import IndexBusyError
 from indexer.index import Index, check_model, generations_for, open_index
+from service import audit as audit_records
 from service.admission import MemoryBudget
 from service.audit import AuditLog
 from service.batching import Batcher
 from service.errors import ConflictError, UnavailableError
-from service.jobs import JobManager, JobRecord, unlearning_result
+from service.jobs import JobManager, JobRecord, forced
 from service.metrics import Metrics
 from service.settings import Settings
 from training import artifact as artifacts
@@ -297,13 +298,23 @@ class Services:
             log.warning("could not follow index %s to its current generation: %s", self.settings.index, e)
 
     def job_succeeded(self, job: JobRecord) -> dict[str, Any]:
-        """The jobs' ``on_success``: accept what the job staged (``_accept``); a forget job's result adds
-        ``unlearning``, its evaluation's table, read before anything is switched (no table: the job fails)."""
-        extra: dict[str, Any] = {}
-        if job.kind == "forget":
-            assert self.jobs is not None, "only the job manager calls on_success"
-            extra["unlearning"] = unlearning_result(self.jobs.folder(job.id), job.plan)
-        return {**self._accept(job), **extra}
+        """The jobs' ``on_success``: accept what the job staged (``_accept``). The job's evaluation and its
+        acceptance are already in its result (judged before its reindex step); a model that missed its acceptance
+        gets here only when the request said ``force``, and is swapped in only once the audit log records it."""
+        acceptance = forced(job.result)
+        if acceptance is not None:
+            self._audit_forced(job, acceptance)
+        return self._accept(job)
+
+    def _audit_forced(self, job: JobRecord, acceptance: dict[str, Any]) -> None:
+        """The audit record of a forced swap, written before it happens: no record (UnavailableError), no swap."""
+        try:
+            self.audit.write(audit_records.job_record(job.id, forced=True, misses=list(acceptance["misses"])))
+        except OSError:
+            log.exception("could not write the audit record of job %s's forced swap", job.id)
+            raise UnavailableError(f"the audit log cannot be written, so job {job.id}'s model, which missed its "
+                                   "acceptance, was not forced in; free space on the audit directory's disk (or make "
+                                   "it writable) and submit the job again") from None
 
     def _accept(self, job: JobRecord) -> dict[str, Any]:
         """Past the job's commit point: accept what the job staged.

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from training import methods
 from training.errors import InputError
 
 data_app = typer.Typer(help="Datasets: generate the synthetic ViSU-style benchmark.", no_args_is_help=True,
@@ -32,14 +34,6 @@ def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
-def _numbers(text: str, option: str) -> tuple[float, ...]:
-    """``"0.1,0.2"`` -> ``(0.1, 0.2)``, or an :class:`InputError` that names the option."""
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise InputError(f"{option} takes comma-separated numbers, like 0.1,0.1,0.2; got {text!r}") from None
-
-
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., help="Directory to write the dataset to (ViSU layout)."),
@@ -49,12 +43,28 @@ def data_synth(
     unsafe_look: str = typer.Option("plain", help="plain (the halves differ only in the object), generated "
                                     "(the unsafe half also gets a global look, as ViSU's generated images do) or "
                                     "generated-half (the caption word on half of the unsafe captions only)."),
+    boost: Optional[str] = typer.Option(None, help="Concepts, comma-separated, that get --boost-n extra test "
+                                        "quadruplets each (and their heldout re-captions), e.g. for a forget benchmark."),
+    boost_n: Optional[int] = typer.Option(None, help="Extra test quadruplets per --boost concept (default 120)."),
+    holdout_lookalikes: bool = typer.Option(False, "--holdout-lookalikes", help="Each concept's train records never "
+                                            "draw one of its safe counterparts (dataset.json: heldout_counterparts)."),
+    multi: int = typer.Option(0, help="Write a 'multi' split of test scenes showing two concepts, one in a prop slot: "
+                              "for each --boost concept (or each concept) K/2 (rounded up) as the main object and as "
+                              "many in the slot, beside concepts not boosted. 0: none."),
 ) -> None:
     """Generate a deterministic synthetic ViSU-style dataset (safe/unsafe caption and image quadruplets)."""
     # loaded by the command that needs it: the CLI and --help start without torch
     from training.data import synthetic
 
-    summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size, unsafe_look=unsafe_look)
+    if boost_n is not None and boost is None:
+        raise InputError("--boost-n sets the size of a boost; name the concepts with --boost CONCEPTS")
+    names = [x for x in (boost or "").split(",") if x.strip()]
+    if boost is not None and not names:
+        raise InputError(f"--boost takes concept names, comma-separated; the concepts are "
+                         f"{', '.join(c.name for c in synthetic.CONCEPTS)}")
+    summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size, unsafe_look=unsafe_look, boost=names,
+                                 boost_n=synthetic.BOOST_N if boost_n is None else boost_n,
+                                 holdout_lookalikes=holdout_lookalikes, multi=multi)
     echo_json(summary)
 
 
@@ -136,34 +146,98 @@ class TraversalOpt(str, Enum):
     geodesic = "geodesic"
 
 
+# ------------------------------------------------------------------------------------------------ eval
+# `eval retrieval ...` and `eval unlearning ...`, and the form they grew out of: `eval --model X --data D ...`
+# and `eval --unlearning --forget F ...` (the `evaluate` command below), which keeps working as it always did.
+_DATA_HELP = "Dataset directory in the ViSU layout (real or synthetic)."
+_MODEL_HELP = "Artifact directory to evaluate."
+_COMPARE_HELP = "Evaluate every ARTIFACT argument into one table: --compare A B C."
+_ARTIFACTS_HELP = "Artifacts to compare (with --compare)."
+_SPLIT_HELP = "Split to evaluate: test, heldout, validation."
+_TRAVERSAL_HELP = "Traversal for the extra rows of lorentz models; off for none."
+_LIMIT_HELP = "Evaluate only the first N quadruplets (quick looks)."
+_DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
+_FORGET_HELP = "The forgotten concepts or tags, comma-separated."
+_IMAGEFOLDER_HELP = "Also (or, without --data, only) f_acc/r_acc on a folder of class subfolders (underscores read as spaces)."
+_BENIGN_HELP = ("Benign classes, comma-separated, whose safe images benign_drop uses (default: the dataset's safe "
+                "counterparts).")
+_PROBE_LIMIT_HELP = "Fit the residue probes on at most N train quadruplets (a seeded sample)."
+_SEED_HELP = "Seed of the residue probes' sample, the MLP probe, the random-init floor and the bootstrap intervals."
+_ZERO_SHOT_HELP = ("Zero-shot prompts of f_acc/r_acc: 'prompt' (a photo of a {concept}), 'context' (each image's scene "
+                   "captioned naming each class; synthetic data) or 'auto' (context where the dataset allows it). The "
+                   "bare-prompt figures are reported beside them either way.")
+_DATA_ROOT_HELP = ("Read data files only under this directory, after resolving symlinks (repeatable; none given: no "
+                   "limit).")
+_FLOORS_HELP = ("Add the rows 'floor: raw pixels' and 'floor: random init' after the artifacts: the residue probes on "
+                "raw pixels and on a random-init copy of the first artifact's architecture.")
+
+
+def _with_unlearning(text: str) -> str:
+    """An unlearning option's help as the older form words it: ``--unlearning: ...``."""
+    return f"--unlearning: {text[0].lower()}{text[1:]}"
+
+
+def _eval_models(model: Optional[Path], compare: bool, artifacts: Optional[list[Path]]) -> list[Path]:
+    """The artifacts named by --model and --compare A B C, checked for the forms that mix them up."""
+    if artifacts and not compare:
+        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; "
+                         "to evaluate several artifacts use --compare A B C")
+    if compare and not artifacts:
+        raise InputError("--compare needs the artifacts to compare after it: --compare A B C")
+    models = ([model] if model else []) + list(artifacts or [])
+    if not models:
+        raise InputError("give an artifact with --model, or several with --compare A B C")
+    return models
+
+
+def _eval_retrieval(models: list[Path], data: Optional[Path], out: Path, *, split: str, traversal: str, batch_size: int,
+                    limit: Optional[int], device: str) -> None:
+    if data is None:
+        raise InputError("give the dataset to evaluate on with --data DIR")
+    # loaded by the command that needs it: the CLI and --help start without torch
+    from training.eval import retrieval
+
+    report = retrieval.run(models, data, out, split=split, method=traversal, device=device, batch_size=batch_size,
+                           limit=limit)
+    typer.echo(retrieval.markdown(report))
+    typer.echo(f"wrote {out / retrieval.REPORT}, {out / retrieval.MARKDOWN} and {len(report['plots'])} plots")
+
+
+def _eval_unlearning(models: list[Path], data: Optional[Path], out: Path, *, forget: str, split: str,
+                     imagefolder: Optional[Path], benign: Optional[str], probe_limit: Optional[int], seed: int,
+                     zero_shot: str, data_root: list[Path], floors: bool, batch_size: int, device: str) -> None:
+    # loaded by the command that needs it: the CLI and --help start without torch
+    from training.eval import unlearning
+
+    result = unlearning.run(models, out, forget=forget, data=data, split=split, imagefolder=imagefolder, benign=benign,
+                            device=device, batch_size=batch_size, seed=seed, probe_limit=probe_limit,
+                            zero_shot=zero_shot, data_roots=[str(p) for p in data_root], floors=floors)
+    typer.echo(unlearning.markdown(result))
+    typer.echo(f"wrote {out / unlearning.REPORT}, {out / unlearning.DETAILS}, {out / unlearning.MARKDOWN} and "
+               f"{out / unlearning.PLOT}")
+
+
 def evaluate(
-    data: Optional[Path] = typer.Option(None, help="Dataset directory in the ViSU layout (real or synthetic)."),
+    data: Optional[Path] = typer.Option(None, help=_DATA_HELP),
     out: Path = typer.Option(..., help="Report directory: report.json, report.md and PNG plots."),
-    model: Optional[Path] = typer.Option(None, help="Artifact directory to evaluate."),
-    compare: bool = typer.Option(False, "--compare", help="Evaluate every ARTIFACT argument into one table: --compare A B C."),
-    artifacts: Optional[list[Path]] = typer.Argument(None, help="Artifacts to compare (with --compare).", show_default=False),
-    split: str = typer.Option("test", help="Split to evaluate: test, heldout, validation."),
-    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic,
-                                           help="Traversal for the extra rows of lorentz models; off for none."),
+    model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+    compare: bool = typer.Option(False, "--compare", help=_COMPARE_HELP),
+    artifacts: Optional[list[Path]] = typer.Argument(None, help=_ARTIFACTS_HELP, show_default=False),
+    split: str = typer.Option("test", help=_SPLIT_HELP),
+    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic, help=_TRAVERSAL_HELP),
     batch_size: int = typer.Option(64, help="Encoding batch size."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N quadruplets (quick looks)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    unlearning: bool = typer.Option(False, "--unlearning", help="Measure forgetting instead (with --forget): f_acc, "
-                                    "r_acc, f_recall, r_recall, residue, benign_drop, multi_concept; the first "
-                                    "--compare artifact is the before model."),
-    forget: Optional[str] = typer.Option(None, help="--unlearning: the forgotten concepts or tags, comma-separated."),
-    imagefolder: Optional[Path] = typer.Option(None, help="--unlearning: also (or, without --data, only) f_acc/r_acc "
-                                               "on a folder of class subfolders (underscores read as spaces)."),
-    benign: Optional[str] = typer.Option(None, help="--unlearning: benign classes, comma-separated, whose safe images "
-                                         "benign_drop uses (default: the dataset's safe counterparts)."),
-    probe_limit: Optional[int] = typer.Option(None, help="--unlearning: fit the residue probe on at most N train "
-                                              "quadruplets (a seeded sample)."),
-    seed: int = typer.Option(0, help="--unlearning: seed of the residue probe's sample."),
-    zero_shot: str = typer.Option("auto", help="--unlearning: zero-shot prompts: 'prompt' (a photo of a {concept}), "
-                                  "'context' (each image's caption naming each class; synthetic data) or 'auto' "
-                                  "(context where the dataset allows it)."),
-    data_root: List[Path] = typer.Option([], "--data-root", help="--unlearning: read data files only under this "
-                                         "directory, after resolving symlinks (repeatable; none given: no limit)."),
+    limit: Optional[int] = typer.Option(None, help=_LIMIT_HELP),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    unlearning: bool = typer.Option(False, "--unlearning", help="Measure forgetting instead (with --forget), as "
+                                    "`eval unlearning` does; the first --compare artifact is the before model."),
+    forget: Optional[str] = typer.Option(None, help=_with_unlearning(_FORGET_HELP)),
+    imagefolder: Optional[Path] = typer.Option(None, help=_with_unlearning(_IMAGEFOLDER_HELP)),
+    benign: Optional[str] = typer.Option(None, help=_with_unlearning(_BENIGN_HELP)),
+    probe_limit: Optional[int] = typer.Option(None, help=_with_unlearning(_PROBE_LIMIT_HELP)),
+    seed: int = typer.Option(0, help=_with_unlearning(_SEED_HELP)),
+    zero_shot: str = typer.Option("auto", help=_with_unlearning(_ZERO_SHOT_HELP)),
+    data_root: List[Path] = typer.Option([], "--data-root", help=_with_unlearning(_DATA_ROOT_HELP)),
+    floors: bool = typer.Option(False, "--floors", help=_with_unlearning(_FLOORS_HELP)),
 ) -> None:
     """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report;
     with --unlearning --forget, measure how much of the concepts each artifact still knows."""
@@ -175,53 +249,104 @@ def evaluate(
     if not unlearning:
         for given, option in ((imagefolder, "--imagefolder"), (benign, "--benign"), (probe_limit, "--probe-limit"),
                               (None if zero_shot == "auto" else zero_shot, "--zero-shot"),
-                              (data_root or None, "--data-root")):
+                              (data_root or None, "--data-root"), (floors or None, "--floors")):
             if given is not None:
                 raise InputError(f"{option} belongs to the unlearning evaluation; add --unlearning --forget CONCEPTS")
-    if artifacts and not compare:
-        raise InputError(f"unexpected arguments {' '.join(map(str, artifacts))}; "
-                         "to evaluate several artifacts use --compare A B C")
-    if compare and not artifacts:
-        raise InputError("--compare needs the artifacts to compare after it: --compare A B C")
-    models = ([model] if model else []) + list(artifacts or [])
-    if not models:
-        raise InputError("give an artifact with --model, or several with --compare A B C")
+    models = _eval_models(model, compare, artifacts)
     if unlearning:
         if limit is not None:
             raise InputError("--limit is not used with --unlearning (every record of the split is measured); drop it")
-        # loaded by the command that needs it: the CLI and --help start without torch
-        from training import unlearning_eval
-
-        result = unlearning_eval.run(models, out, forget=forget or "", data=data, split=split, imagefolder=imagefolder,
-                                     benign=benign, device=device, batch_size=batch_size, seed=seed,
-                                     probe_limit=probe_limit, zero_shot=zero_shot,
-                                     data_roots=[str(p) for p in data_root])
-        typer.echo(unlearning_eval.markdown(result))
-        typer.echo(f"wrote {out / unlearning_eval.REPORT}, {out / unlearning_eval.DETAILS}, "
-                   f"{out / unlearning_eval.MARKDOWN} and {out / unlearning_eval.PLOT}")
+        _eval_unlearning(models, data, out, forget=forget or "", split=split, imagefolder=imagefolder, benign=benign,
+                         probe_limit=probe_limit, seed=seed, zero_shot=zero_shot, data_root=data_root, floors=floors,
+                         batch_size=batch_size, device=device)
         return
-    if data is None:
-        raise InputError("give the dataset to evaluate on with --data DIR")
-    # loaded by the command that needs it: the CLI and --help start without torch
-    from training import evaluate as evaluation
-
-    report = evaluation.run(
-        models, data, out, split=split, method=traversal.value, device=device, batch_size=batch_size, limit=limit
-    )
-    typer.echo(evaluation.markdown(report))
-    typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+    _eval_retrieval(models, data, out, split=split, traversal=traversal.value, batch_size=batch_size, limit=limit,
+                    device=device)
 
 
-class MethodOpt(str, Enum):
-    hysac = "hysac"
-    safeclip = "safeclip"
-    clip = "clip"
-    cliperase = "cliperase"
-    ac = "ac"
-    hac = "hac"
-    ga = "ga"
-    graddiff = "graddiff"
-    kl = "kl"
+class _EvalToday(TyperCommand):
+    """``evaluate`` reached through the ``eval`` group without a subcommand: it reads, and prints its usage and
+    errors, as the command ``eval`` it used to be (its context takes the group's place)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if parent is not None:
+            info_name, parent = parent.info_name, parent.parent
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+class _EvalGroup(TyperGroup):
+    """``eval retrieval ...`` / ``eval unlearning ...``; anything else (``eval --model X --data D``, ``eval
+    --unlearning --forget F ...``) goes to ``evaluate`` whole, as before the subcommands existed."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] in self.commands:
+            return super().resolve_command(ctx, args)
+        today = typer.Typer(rich_markup_mode=None)
+        today.command(cls=_EvalToday)(evaluate)
+        return "eval", typer.main.get_command(today), args
+
+
+eval_app = typer.Typer(
+    cls=_EvalGroup, no_args_is_help=True, rich_markup_mode=None,
+    context_settings={"ignore_unknown_options": True},  # today's options pass through to `evaluate`
+    help="Evaluate artifacts: `eval retrieval` (the ViSU protocol: HySAC Tables 1-2, safety score, leakage) or `eval "
+         "unlearning --forget CONCEPTS` (how much of the concepts each artifact still knows, and what forgetting "
+         "cost). The older form still works: `eval --model X --data D ...` runs `eval retrieval`, `eval --unlearning "
+         "--forget CONCEPTS ...` runs `eval unlearning`, with the same options.",
+)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    data: Path = typer.Option(..., help=_DATA_HELP),
+    out: Path = typer.Option(..., help="Report directory: report.json, report.md and PNG plots."),
+    model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+    compare: bool = typer.Option(False, "--compare", help=_COMPARE_HELP),
+    artifacts: Optional[list[Path]] = typer.Argument(None, help=_ARTIFACTS_HELP, show_default=False),
+    split: str = typer.Option("test", help=_SPLIT_HELP),
+    traversal: TraversalOpt = typer.Option(TraversalOpt.geodesic, help=_TRAVERSAL_HELP),
+    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    limit: Optional[int] = typer.Option(None, help=_LIMIT_HELP),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+) -> None:
+    """Evaluate artifacts with the ViSU protocol (HySAC Tables 1-2, safety score, leakage) and write a report."""
+    _eval_retrieval(_eval_models(model, compare, artifacts), data, out, split=split, traversal=traversal.value,
+                    batch_size=batch_size, limit=limit, device=device)
+
+
+@eval_app.command("unlearning")
+def eval_unlearning(
+    forget: str = typer.Option(..., help=_FORGET_HELP),
+    out: Path = typer.Option(..., help="Report directory: report.json, details.json, report.md and a plot."),
+    data: Optional[Path] = typer.Option(None, help=_DATA_HELP),
+    model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+    compare: bool = typer.Option(False, "--compare", help=_COMPARE_HELP + " The first is the before model."),
+    artifacts: Optional[list[Path]] = typer.Argument(None, help=_ARTIFACTS_HELP, show_default=False),
+    split: str = typer.Option("test", help=_SPLIT_HELP),
+    imagefolder: Optional[Path] = typer.Option(None, help=_IMAGEFOLDER_HELP),
+    benign: Optional[str] = typer.Option(None, help=_BENIGN_HELP),
+    probe_limit: Optional[int] = typer.Option(None, help=_PROBE_LIMIT_HELP),
+    seed: int = typer.Option(0, help=_SEED_HELP),
+    zero_shot: str = typer.Option("auto", help=_ZERO_SHOT_HELP),
+    data_root: List[Path] = typer.Option([], "--data-root", help=_DATA_ROOT_HELP),
+    floors: bool = typer.Option(False, "--floors", help=_FLOORS_HELP),
+    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+) -> None:
+    """Measure how much of the forgotten concepts each artifact still knows, and what forgetting them cost: every
+    figure with its 95 % interval (training/eval/unlearning.py's docstring defines them)."""
+    _eval_unlearning(_eval_models(model, compare, artifacts), data, out, forget=forget, split=split,
+                     imagefolder=imagefolder, benign=benign, probe_limit=probe_limit, seed=seed, zero_shot=zero_shot,
+                     data_root=data_root, floors=floors, batch_size=batch_size, device=device)
+
+
+#: every method of training.methods, as typer's choices
+MethodOpt = Enum("MethodOpt", {name: name for name in methods.METHODS}, type=str)
+
+
+def _forget_methods_help() -> str:
+    """Each unlearning method's terms (--weights order), named weights with defaults and options, from training.methods."""
+    return "; ".join(methods.describe(name) for name in methods.FORGETTING)
 
 
 class PrecisionOpt(str, Enum):
@@ -231,8 +356,9 @@ class PrecisionOpt(str, Enum):
 
 def train(
     method: MethodOpt = typer.Option(
-        MethodOpt.hysac, help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline); or forget a concept "
-        "from --model with cliperase, ac, hac (Lorentz models), ga, graddiff or kl (with --forget)."),
+        MethodOpt("hysac"), help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline; with --clip-pairs all "
+        "--forget, retrained without the concepts' pairs: the oracle); or forget a concept from --model with cliperase, "
+        "ac, hac (Lorentz models), ga, graddiff or kl (with --forget)."),
     data: Path = typer.Option(..., help="ViSU-layout dataset directory (with --preset demo: created if missing)."),
     out: Path = typer.Option(..., help="Artifact directory to create (must not exist)."),
     model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name "
@@ -251,24 +377,24 @@ def train(
     clip_pairs: Optional[str] = typer.Option(
         None, help="clip: 'safe' pairs only (the baseline, default) or 'all' (also unsafe pairs: a base model)."),
     weights: Optional[str] = typer.Option(
-        None, help="hysac/safeclip: every loss term's weight, comma-separated, in the order of metrics.jsonl's terms. "
-        "hysac (7): contrastive_TI contrastive_T*I* contrastive_TI* contrastive_T*I entail_TI entail_T*I* entail_IT* "
-        "(default 1,1,1,1,eta,eta,eta); safeclip (8): cd_S_Sref cd_U_Sref cd_V_Vref cd_G_Vref nce_S_Vref nce_U_Vref "
-        "nce_Sref_V nce_Sref_G (default 0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5); cliperase (3): retain_contrastive "
-        "forget_similarity consistency_KL (1,3,3); ac (4): retain_contrastive negative_calibration positive_calibration "
-        "performance (1,1,1,0.1); hac (6): retain_contrastive retain_entailment(omega_r) negative_calibration "
-        "positive_calibration forget_entailment(omega_f) norm(lambda) (1,1,1,1,1,0.1); graddiff (2): retain_contrastive "
-        "forget_contrastive (1,1); kl (2): forget_contrastive retain_KL (1,1)."),
+        None, help="Every loss term's weight, comma-separated, in the order of metrics.jsonl's terms; an unlearning "
+        "method also takes its named weights, NAME=VALUE,... (the others keep their defaults; AC and HAC keep alpha = "
+        "gamma unless --objective-option alpha_gamma=untied). hysac (7): contrastive_TI contrastive_T*I* "
+        "contrastive_TI* contrastive_T*I entail_TI entail_T*I* entail_IT* (default 1,1,1,1,eta,eta,eta); safeclip (8): "
+        "cd_S_Sref cd_U_Sref cd_V_Vref cd_G_Vref nce_S_Vref nce_U_Vref nce_Sref_V nce_Sref_G (default "
+        "0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5); " + _forget_methods_help() + "."),
     forget: Optional[str] = typer.Option(
         None, help="Unlearning: concepts or tags to forget, comma-separated (the dataset's dataset.json concepts, its "
-        "records' tags, or the tags of --forget-manifest); their pairs are the forget set, every other pair the retain set."),
+        "records' tags, or the tags of --forget-manifest); their pairs are the forget set, every other pair the retain set. "
+        "With --method clip --clip-pairs all: the unsafe pairs left out of training (the retrain-without oracle)."),
     forget_manifest: Optional[Path] = typer.Option(
         None, help="Unlearning: a .csv/.jsonl with image and caption columns listing pairs to forget (also with --forget); "
         "an optional tags column makes its tags concepts: with --forget, a tagged row goes only when one of its tags is "
         "named."),
     objective_option: List[str] = typer.Option(
-        [], "--objective-option", help="Unlearning: NAME=VALUE choices of the method (repeatable): ac perf=uniformity|none; "
-        "hac positive=exp-neg-dist|neg-dist, norm=shrink|grow|none."),
+        [], "--objective-option", help="Unlearning: NAME=VALUE choices of the method (repeatable), listed with --weights: "
+        "ac and hac take form=paper (the papers' equations, default) or form=ours (our earlier reconstruction, with its "
+        "own terms, defaults and options)."),
     precision: Optional[PrecisionOpt] = typer.Option(None, help="fp32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute transformer activations in backward to save memory."),
     resume: Optional[Path] = typer.Option(None, help="Run directory (OUT.run) or checkpoint directory to resume from."),
@@ -288,10 +414,11 @@ def train(
     from training import recipes, trainer
     from training.data import concepts
 
+    positional, named = methods.parse_weights(weights) if weights is not None else (None, None)
     cfg = recipes.TrainConfig(
         method=method.value, data=data, out=out, model=model, pretrained=pretrained, preset=preset, epochs=epochs,
         batch_size=batch_size, lr=lr, lora_rank=lora_rank, full_finetune=full_finetune, eta=eta, clip_pairs=clip_pairs,
-        weights=_numbers(weights, "--weights") if weights is not None else None,
+        weights=positional, params=named,
         precision=precision.value if precision else None, grad_checkpointing=grad_checkpointing, resume=resume,
         seed=seed, gather_negatives=gather_negatives, patience=patience, workers=workers, device=device,
         run_dir=run_dir, max_steps=max_steps, data_roots=tuple(str(p) for p in data_root),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from training import architectures, lora, objectives
+from training import architectures, lora, methods, objectives
 from training.errors import InputError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -68,7 +68,8 @@ class TrainConfig:
     full_finetune: bool | None = None
     eta: float | None = None  # hysac: weight of the entailment terms (1, or the recipe's)
     clip_pairs: str | None = None  # clip: "safe" (default) or "all", which also contrasts the unsafe pairs (a base)
-    weights: tuple[float, ...] | None = None  # hysac/safeclip: every loss term's weight (None: the reference's)
+    weights: tuple[float, ...] | None = None  # every loss term's weight, in the method's order (None: the reference's)
+    params: dict[str, float] | None = None  # an unlearning method's named weights (alpha=0.5, ...), instead of weights
     weight_decay: float = 0.2
     precision: str | None = None
     grad_checkpointing: bool = False
@@ -87,7 +88,7 @@ class TrainConfig:
     cache_mb: int = 1024  # keep preprocessed training images in memory when they fit in this many MiB
     progress: bool = True
     data_roots: tuple[str, ...] = ()  # read files only under these directories (the service's jobs); () reads anywhere
-    forget: tuple[str, ...] = ()  # unlearning: the concepts or tags to forget
+    forget: tuple[str, ...] = ()  # unlearning: the concepts or tags to forget (clip --clip-pairs all: to leave out)
     forget_manifest: Path | None = None  # unlearning: a .csv/.jsonl of (image, caption) pairs to forget
     objective_options: tuple[str, ...] = ()  # unlearning: "name=value" choices of the method (e.g. norm=grow)
 
@@ -138,7 +139,7 @@ def recipe_options(name: str, method: str, model: str | None) -> dict[str, Any]:
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill in recipe and method defaults and check the options; explicit values always win."""
     objectives.objective_class(cfg.method)  # unknown method -> InputError
-    if cfg.weights is not None and cfg.eta is not None:
+    if (cfg.weights is not None or cfg.params is not None) and cfg.eta is not None:
         raise InputError("give --eta or --weights, not both: --weights also sets the three entailment terms' weights")
     recipe = recipe_options(cfg.preset, cfg.method, cfg.model) if cfg.preset is not None else {}
     defaults = {**METHOD_DEFAULTS[cfg.method], **SHARED_DEFAULTS}
@@ -169,28 +170,47 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
-    if cfg.weights is not None:
-        cfg = replace(cfg, weights=check_weights(cfg.weights, cfg.method))
     check_forgetting(cfg)
+    if cfg.weights is not None or cfg.params is not None:
+        weights = check_weights(cfg.weights, cfg.method, params=cfg.params, options=options_dict(cfg))
+        cfg = replace(cfg, weights=weights if cfg.weights is not None else None,
+                      params={k: float(v) for k, v in cfg.params.items()} if cfg.params is not None else None)
     run_dir = cfg.run_dir or cfg.out.with_name(cfg.out.name + ".run")
     return replace(cfg, data=Path(cfg.data), out=Path(cfg.out), run_dir=Path(run_dir))
 
 
 def check_forgetting(cfg: TrainConfig) -> None:
-    """``--forget``/``--forget-manifest`` and ``--objective-option`` go with the unlearning methods, and only with them."""
+    """``--forget``/``--forget-manifest`` and ``--objective-option`` go with the unlearning methods, and only with them;
+    ``--forget`` also goes with ``clip --clip-pairs all``, the retrain-without oracle."""
     forgetting = cfg.method in objectives.FORGETTING
     if forgetting and not cfg.forget and cfg.forget_manifest is None:
         raise InputError(f"--method {cfg.method} unlearns: name what to forget with --forget CONCEPTS (concept names or "
                          "tags, comma-separated) or --forget-manifest FILE")
-    if not forgetting and (cfg.forget or cfg.forget_manifest is not None):
+    if cfg.method == "clip" and (cfg.forget or cfg.forget_manifest is not None):
+        check_oracle(cfg)
+    elif not forgetting and (cfg.forget or cfg.forget_manifest is not None):
         raise InputError(f"--forget and --forget-manifest go with an unlearning method ({', '.join(objectives.FORGETTING)}), "
-                         f"not --method {cfg.method}; for example --method cliperase")
+                         f"not --method {cfg.method}; for example --method cliperase (or --method clip --clip-pairs all "
+                         "--forget CONCEPTS: retrain without the concepts' pairs)")
     if not forgetting and cfg.objective_options:
         raise InputError(f"--objective-option goes with an unlearning method ({', '.join(objectives.FORGETTING)})")
     if forgetting and cfg.resume is None and not Path(str(cfg.model)).is_dir():
         raise InputError(f"--method {cfg.method} unlearns from a trained model: give --model ARTIFACT (a directory), "
                          f"not {cfg.model!r}")
-    options_dict(cfg)
+    options = options_dict(cfg)
+    if forgetting:
+        methods.check_options(cfg.method, options)
+
+
+def check_oracle(cfg: TrainConfig) -> None:
+    """``clip --forget``: retraining without the forget pairs needs the pairs it would otherwise train on."""
+    if cfg.forget_manifest is not None:
+        raise InputError("--method clip --forget retrains without the unsafe pairs of the concepts' quadruplets; "
+                         "--forget-manifest goes with an unlearning method (cliperase, ac, ...): drop it")
+    if cfg.clip_pairs != "all":
+        raise InputError("--method clip --clip-pairs safe never trains on the unsafe pairs, so --forget would change "
+                         "nothing; add --clip-pairs all (retrain the base without the concepts' pairs: the oracle) or "
+                         "drop --forget")
 
 
 def options_dict(cfg: TrainConfig) -> dict[str, str]:
@@ -204,12 +224,21 @@ def options_dict(cfg: TrainConfig) -> dict[str, str]:
     return out
 
 
-def check_weights(weights: Sequence[float], method: str) -> tuple[float, ...]:
-    """``--weights`` as a tuple, or an :class:`InputError` that names the method's terms in order."""
+def check_weights(weights: Sequence[float] | None, method: str, *, params: dict[str, float] | None = None,
+                  options: dict[str, str] | None = None) -> tuple[float, ...]:
+    """The per-term weights ``--weights`` gives (one number per term, or an unlearning method's named weights), or an
+    :class:`InputError` that names the method's terms in order (and its named weights)."""
     terms = objectives.objective_class(method).terms
     if len(terms) < 2:
         raise InputError(f"--weights applies to methods with several loss terms; {method} has a single loss term, "
                          "so drop it")
+    if method in methods.FORGETTING:
+        return methods.term_weights(method, weights=weights, params=params, options=options)
+    if params is not None:
+        raise InputError(f"named weights (NAME=VALUE) go with the unlearning methods ({', '.join(methods.FORGETTING)}); "
+                         f"--weights for {method} takes {len(terms)} numbers, one per loss term in the order "
+                         f"{' '.join(terms)}")
+    assert weights is not None
     if len(weights) != len(terms) or any(not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
         raise InputError(
             f"--weights for {method} takes {len(terms)} non-negative numbers, not all zero, one per loss term in the "

@@ -2,7 +2,9 @@
 
 ``train(config)`` fine-tunes a :class:`~training.encoder.SafetyEncoder` with one of the objectives
 (``hysac``, ``safeclip``, ``clip``) on a ViSU-layout dataset and writes an artifact (merged
-weights, ``bounds.json`` and unsafe thresholds calibrated on the validation split).
+weights, ``bounds.json`` and unsafe thresholds calibrated on the validation split). An unlearning
+method trains on (retain pair, forget pair) rows instead; ``clip --clip-pairs all --forget`` trains
+on the same data without the forget pairs (the retrain-without oracle).
 
 This module holds the step and the loop; the rest lives by noun: the configuration and its recipes
 (:mod:`training.recipes`), what trains and the learning-rate schedule (:mod:`training.optim`),
@@ -50,12 +52,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from training import architectures, artifact, checkpoint, distributed, evaluate, lora, objectives, optim, recipes, traversal
+from training import architectures, artifact, checkpoint, distributed, lora, objectives, optim, recipes, traversal
 from training.checkpoint import BEST, CHECKPOINT, Progress
 from training.data import forget, loader
 from training.data.roots import DataRoots
 from training.encoder import SafetyEncoder
 from training.errors import ArtifactError, InputError, OutOfMemory, SafeRetrievalError, TrainingInterrupted
+from training.eval.common import embed_records
+from training.eval.retrieval import validation_recalls
 from training.objectives import Batch, Embeddings, Objective
 from training.recipes import TrainConfig, resolve_config
 
@@ -153,13 +157,19 @@ def load_source(source: str, geometry: str, *, pretrained: str | None = None) ->
     return enc.train(), info
 
 
+def left_out(records: list, split: forget.ForgetSplit) -> frozenset[int]:
+    """The positions of ``records`` whose unsafe pair is in ``split``'s forget set (what clip's oracle leaves out)."""
+    gone = {p.image for p in split.forget}
+    return frozenset(i for i, r in enumerate(records) if r.nsfw_image in gone)
+
+
 # ------------------------------------------------------------------------------------ model and step
 class TrainStep(nn.Module):
     """Encoder + objective as one module, so DDP sees a single forward per step.
 
     ``forward(safe_tokens (B, L), nsfw_tokens (B, L), safe_pixels (B, 3, H, W), nsfw_pixels (B, 3, H, W))``
     embeds both captions in one text pass and both images in one image pass, then returns
-    ``(loss, terms)``.
+    ``(loss, terms)``. ``unsafe_kept (B,)``: the rows whose unsafe pair takes part (clip's oracle; None: all).
     """
 
     def __init__(self, encoder: SafetyEncoder, objective: Objective):
@@ -167,13 +177,14 @@ class TrainStep(nn.Module):
         self.encoder = encoder
         self.objective = objective
 
-    def forward(self, safe_tokens: Tensor, nsfw_tokens: Tensor, safe_pixels: Tensor, nsfw_pixels: Tensor):
+    def forward(self, safe_tokens: Tensor, nsfw_tokens: Tensor, safe_pixels: Tensor, nsfw_pixels: Tensor,
+                unsafe_kept: Tensor | None = None):
         enc, obj = self.encoder, self.objective
         b = safe_tokens.shape[0]
         if obj.uses_unsafe:
             text = enc.embed_tokens(torch.cat([safe_tokens, nsfw_tokens]))
             image = enc.embed_pixels(torch.cat([safe_pixels, nsfw_pixels]))
-            emb = Embeddings(s=text[:b], v=image[:b], u=text[b:], g=image[b:])
+            emb = Embeddings(s=text[:b], v=image[:b], u=text[b:], g=image[b:], unsafe_kept=unsafe_kept)
         else:
             emb = Embeddings(s=enc.embed_tokens(safe_tokens), v=enc.embed_pixels(safe_pixels))
         ref = obj.reference(Batch(safe_tokens, nsfw_tokens, safe_pixels, nsfw_pixels))
@@ -244,7 +255,7 @@ class StopSignal:
 # ------------------------------------------------------------------------------------- validation
 def validation_scores(encoder: SafetyEncoder, records: list, *, batch_size: int) -> dict[str, float]:
     """R@1 per validation pair (S->V, V->S, S->G, G->S, U->V, V->U) and their ``sum``."""
-    recalls = evaluate.validation_recalls(encoder, records, batch_size=batch_size)
+    recalls = validation_recalls(encoder, records, batch_size=batch_size)
     return {**recalls, "sum": float(sum(recalls.values()))}
 
 
@@ -252,7 +263,7 @@ def calibration(encoder: SafetyEncoder, records: list, *, batch_size: int) -> tu
     """``bounds`` (S, V, U, G) and ``safety`` thresholds from the validation split (lorentz models)."""
     if encoder.geometry != "lorentz":
         return {}, {}
-    emb = evaluate.embed_records(encoder, records, batch_size=batch_size)
+    emb = embed_records(encoder, records, batch_size=batch_size)
     d0 = {c: encoder.dist0(emb[c]) for c in artifact.CLASSES}
     return traversal.calibrate_bounds(d0), {"unsafe_threshold": traversal.calibrate_thresholds(d0)}
 
@@ -300,11 +311,17 @@ class _Run:
         self.val_records = val[: cfg.val_limit] if cfg.val_limit else val
         self.skipped = {k: dict(s.skipped or {}) for k, s in splits.items()}
         self.forget_split = None
+        self.left_out: frozenset[int] | None = None  # clip's oracle: train positions whose unsafe pair is left out
         if cfg.method in objectives.FORGETTING:  # the train records become (retain pair, forget pair) quadruplets
             self.forget_split = forget.split(self.train_records, cfg.data, forget=cfg.forget, manifest=cfg.forget_manifest,
                                              roots=self.roots)
             self.log(self.forget_split.describe())
             self.train_records = forget.pairings(self.forget_split, seed=cfg.seed)
+        elif cfg.forget:  # clip --clip-pairs all: the same records, their forget pairs left out
+            self.forget_split = forget.split(self.train_records, cfg.data, forget=cfg.forget, roots=self.roots)
+            self.left_out = left_out(self.train_records, self.forget_split)
+            self.log(f"retraining without the forget set: the unsafe pairs of {len(self.left_out)} of "
+                     f"{len(self.train_records)} train quadruplets left out ({', '.join(self.forget_split.concepts)})")
 
         objective_cls = objectives.objective_class(cfg.method)
         torch.manual_seed(cfg.seed)  # the same initial weights (and adapters) on every rank
@@ -312,7 +329,7 @@ class _Run:
         # built before the adapters go in: a frozen reference is the encoder as training found it
         objective = objectives.build(
             cfg.method, reference=encoder, eta=cfg.eta, gather_negatives=cfg.gather_negatives, clip_pairs=cfg.clip_pairs,
-            weights=cfg.weights, options=recipes.options_dict(cfg),
+            weights=cfg.weights, params=cfg.params, options=recipes.options_dict(cfg),
         )
         if source_info.get("init") == "random":
             for name in objective.frozen():
@@ -325,7 +342,7 @@ class _Run:
         self.opt = optim.build_optimizer(self.encoder, cfg.method, cfg)
         self.identity = checkpoint.identity(self.encoder, cfg, objective)
         if self.forget_split is not None:  # a resumed run must forget the same pairs
-            self.identity["forget"] = self.forget_split.provenance()
+            self.identity["forget"] = self._forget_provenance()
         self.progress = Progress()
         resume = None
         if cfg.resume is not None:  # refuse a checkpoint that does not fit before anything is written
@@ -381,7 +398,7 @@ class _Run:
         cfg = self.cfg
         if self.dataset is None:
             self.dataset = loader.train_dataset(self.train_records, self.encoder, epochs=cfg.epochs, cache_mb=cfg.cache_mb,
-                                                 roots=self.roots)
+                                                 roots=self.roots, left_out=self.left_out)
         return loader.epoch_batches(
             self.dataset, self.encoder.tokenizer, self.ctx, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
             start_step=start_step, workers=cfg.workers,
@@ -401,7 +418,8 @@ class _Run:
         batch = batch.to(self.ctx.device)
         with out_of_memory_advice("in a training step", self.cfg.batch_size):
             with self._autocast():
-                loss, terms = self.model(batch.safe_tokens, batch.nsfw_tokens, batch.safe_pixels, batch.nsfw_pixels)
+                loss, terms = self.model(batch.safe_tokens, batch.nsfw_tokens, batch.safe_pixels, batch.nsfw_pixels,
+                                         batch.unsafe_kept)
             if not torch.isfinite(loss):
                 raise SafeRetrievalError(
                     f"the loss became {float(loss)} at step {self.progress.global_step}; lower --lr"
@@ -535,6 +553,15 @@ class _Run:
         raise err
 
     # ---------------------------------------------------------------- the artifact
+    def _forget_provenance(self) -> dict[str, Any] | None:
+        """What was forgotten: the concepts and the forget/retain sizes; for clip's oracle also what was left out."""
+        if self.forget_split is None:
+            return None
+        out = self.forget_split.provenance()
+        if self.left_out is not None:
+            out.update(oracle="retrained without the forget pairs", left_out_pairs=len(self.left_out))
+        return out
+
     def _finish(self) -> Path:
         """Best weights -> merged plain encoder -> bounds/thresholds on validation -> atomic artifact."""
         cfg, p = self.cfg, self.progress
@@ -555,7 +582,7 @@ class _Run:
             adapters="full" if cfg.full_finetune else f"lora r={cfg.lora_rank} alpha={cfg.lora_alpha:g}",
             lr=cfg.lr, batch_size=cfg.batch_size, world_size=self.ctx.world_size, seed=cfg.seed,
             gather_negatives=cfg.gather_negatives, preset=cfg.preset,
-            forget=self.forget_split.provenance() if self.forget_split is not None else None,
+            forget=self._forget_provenance(),
             **{**dict.fromkeys(OBJECTIVE_PROVENANCE), **self.objective.provenance()},
         )
         art = artifact.Artifact(plain.cpu(), bounds=bounds, safety=safety, provenance=prov)

@@ -21,12 +21,17 @@ from service.deps import ServicesDep, audited_admin, require_admin
 from service.errors import ForbiddenError, UnavailableError
 from service.jobs import (
     JobManager,
+    acceptance_plan,
+    check_forget_evaluation,
     check_forget_method,
+    check_retrain_evaluation,
     forget_concepts,
     forget_data,
     forget_steps,
     read_source,
     reindex_steps,
+    resolve_under_roots,
+    retrieval_eval_step,
     train_step,
 )
 from service.schemas import (
@@ -91,16 +96,31 @@ async def reindex(body: ReindexRequest, request: Request, services: ServicesDep)
     return await _submit(request, services, "reindex", body.model_dump(exclude_none=True), steps, plan)
 
 
-@router.post("/retrain", response_model=Job, status_code=202, responses=ERRORS, summary="Fine-tune a new model",
+RETRAIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    422: {"description": "A malformed body; or a `data` whose test split (on which the new model is evaluated) is "
+                         "missing or names images outside the data roots."},
+}
+
+
+@router.post("/retrain", response_model=Job, status_code=202, responses=RETRAIN_ERRORS, summary="Fine-tune a new model",
              dependencies=[Depends(audited_admin)])
 async def retrain(body: RetrainRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
-    """Train from the served model; with ``reindex`` the served index is rebuilt with the new model and both swap together."""
+    """Train from the served model, then evaluate the served and the new model on the test split of ``data``: a new
+    model whose T->V R@1 falls more than ``max_recall_drop`` points fails the job before anything is reindexed or
+    swapped (unless ``force``); with ``reindex`` the served index is rebuilt with the new model and both swap together."""
     audit.note(request, query=body.model_dump(exclude_none=True))
     settings = services.settings
     model = _served_model(services)
+    data = resolve_under_roots(body.data, settings.data_roots, what="data")
+    _jobs(services).check_idle()  # a 409 at once, before the test split is read
+    await asyncio.to_thread(check_retrain_evaluation, data, settings.data_roots)
     out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
-    steps = [train_step(body, model=model, out=out, roots=settings.data_roots)]
-    plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index}
+    steps = [train_step(body, model=model, out=out, roots=settings.data_roots),
+             retrieval_eval_step(data, model=model, out=out)]
+    max_drop = settings.retrain_max_recall_drop if body.max_recall_drop is None else body.max_recall_drop
+    plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index,
+                            "acceptance": acceptance_plan(1, force=body.force, max_recall_drop=max_drop)}
     if body.reindex:
         steps += _reindex_with(out, body.source, services, plan)
     return await _submit(request, services, "retrain", body.model_dump(exclude_none=True), steps, plan)
@@ -134,28 +154,37 @@ def _reindex_with(model: Path, source: IndexSource | None, services: Services, p
 
 FORGET_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
-    422: {"description": "A malformed body; or a concept the dataset does not know (the message lists its concepts "
-                         "and tags), `hac` on a Euclidean model, or no `data` when the served model records none."},
+    422: {"description": "A malformed body (a threshold outside 0-100 included); or a concept the dataset does not "
+                         "know (the message lists its concepts and tags), `hac` on a Euclidean model, `weights` or "
+                         "`options` the method does not have, no `data` when the served model records none, or a "
+                         "`data` whose test split is missing or shows none of the concepts (the evaluation could not "
+                         "run)."},
 }
 
 
 @router.post("/forget", response_model=Job, status_code=202, responses=FORGET_ERRORS,
              summary="Make the served model forget concepts", dependencies=[Depends(audited_admin)])
 async def forget(body: ForgetRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
-    """Unlearn ``concepts`` from the served model, evaluate it before and after on the test split of the data
-    (the job's ``result.unlearning`` holds the table), and with ``reindex`` rebuild the served index with the
-    new model and swap both together. A job that fails or is cancelled changes nothing served."""
+    """Unlearn ``concepts`` from the served model and evaluate it before and after on the test split of the data
+    (the job's ``result.unlearning`` holds the table and its ``acceptance``). A new model that misses
+    ``min_forget_drop``, ``max_retain_drop`` or ``max_benign_drop`` fails the job before anything is reindexed or
+    swapped (unless ``force``); otherwise, with ``reindex``, the served index is rebuilt with the new model and both
+    swap together. A job that fails or is cancelled changes nothing served."""
     audit.note(request, query=body.model_dump(exclude_none=True))
     settings = services.settings
     model = _served_model(services)
-    check_forget_method(body.method, model)
+    check_forget_method(body, model)
     data = forget_data(body.data, model, settings.data_roots)
     _jobs(services).check_idle()  # a 409 at once, before the dataset is read (seconds, and once per waiting caller)
     concepts = await asyncio.to_thread(forget_concepts, data, body.concepts, settings.data_roots)
+    await asyncio.to_thread(check_forget_evaluation, data, concepts, settings.data_roots)
     out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-forget-{body.method}"
     steps = forget_steps(body, concepts=concepts, model=model, out=out, data=data, roots=settings.data_roots)
+    acceptance = acceptance_plan(len(steps) - 1, force=body.force, min_forget_drop=body.min_forget_drop,
+                                 max_retain_drop=body.max_retain_drop, max_benign_drop=body.max_benign_drop)
     plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index,
-                            "served_model": str(model), "unlearning": {"concepts": concepts, "method": body.method}}
+                            "served_model": str(model), "unlearning": {"concepts": concepts, "method": body.method},
+                            "acceptance": acceptance}
     if body.reindex:
         steps += _reindex_with(out, body.source, services, plan)
     return await _submit(request, services, "forget", body.model_dump(exclude_none=True), steps, plan)

@@ -1,11 +1,14 @@
-"""``POST /v1/admin/forget``: its checks before any job starts, and forget jobs on the real service.
+"""``POST /v1/admin/forget``: its checks before any job starts, its acceptance, and forget jobs on the real service.
 
 Bad requests are refused synchronously (unknown concept, or one no training pair shows -> 422 listing
-the known ones; ``hac`` on a Euclidean model -> 422 naming ``ac``; no dataset known -> 422) and submit
-no job. A forget job runs
-the real CLI (``train --forget``, ``eval --unlearning``, ``index build --no-switch``) on a tiny
-synthetic dataset; it swaps the served model and index together and its result holds the
-evaluation's table, while a cancelled or failed one leaves the served pair as it was.
+the known ones; ``hac`` on a Euclidean model -> 422 naming ``ac``; weights or options the method does not
+have, a threshold outside 0-100, no test split or one that shows none of the concepts, no dataset known
+-> 422) and submit no job. The acceptance (forget, retain and look-alike drops) is judged on hand-made
+tables. A forget job runs the real CLI (``train --forget``, ``eval --unlearning``, ``index build
+--no-switch``) on a tiny synthetic dataset: one whose model misses its thresholds ends failed before its
+reindex, changing nothing; with ``force`` it swaps the served model and index together, its result holds
+the evaluation's table and acceptance, and the audit log says it was forced. A cancelled or failed job
+leaves the served pair as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ from typing import Iterator
 
 import pytest
 
-from service.jobs import JOB_DIR, forget_steps
+from service.jobs import (
+    JOB_DIR,
+    UNLEARNING,
+    acceptance_plan,
+    evaluation_result,
+    forced,
+    forget_steps,
+    refused,
+    unlearning_acceptance,
+)
 from service.schemas import ForgetRequest
 from tests.helpers.service import ADMIN, INDEX, MODERATOR, LiveServer, World, build_index, copy_index, live, settings_for
 
@@ -72,6 +84,91 @@ def test_forget_steps_train_then_evaluate_confined_to_the_data_roots(tmp_path):
     assert evaluate[evaluate.index("--split") + 1] == "test"
     assert evaluate[-3:] == ["--compare", str(tmp_path / "served"), str(tmp_path / "new")]  # before, after
     assert [evaluate[i + 1] for i, a in enumerate(evaluate) if a == "--data-root"] == [str(root)]  # eval reads there only
+    assert "--weights" not in train and "--objective-option" not in train
+
+
+def test_forget_steps_pass_the_named_weights_and_options(tmp_path):
+    req = ForgetRequest(concepts=["knife"], method="ac", weights={"alpha": 0.75, "beta": 0.5},
+                        options={"alpha_gamma": "untied"})
+    train, _ = forget_steps(req, concepts=["knife"], model=tmp_path / "m", out=tmp_path / "o", data=tmp_path, roots=[])
+    assert train[train.index("--weights") + 1] == "alpha=0.75,beta=0.5"
+    assert train[train.index("--objective-option") + 1] == "alpha_gamma=untied"
+
+
+# ------------------------------------------------------------------ the acceptance, on hand-made tables
+BEFORE = {"f_acc": 67.9, "r_acc": 80.0, "benign_drop": 0.0, "residue": 70.0, "ci": {"f_acc": [60.0, 75.0]}}
+LIMITS = {"min_forget_drop": 50, "max_retain_drop": 10, "max_benign_drop": 10}
+
+
+def test_a_model_that_forgets_and_keeps_the_rest_passes():
+    after = {"f_acc": 17.9, "r_acc": 70.0, "benign_drop": 10.0, "ci": {"f_acc": [10.0, 25.0]}}  # each just at its limit
+    verdict = unlearning_acceptance(BEFORE, after, **LIMITS)
+    assert verdict["passed"] is True and verdict["forced"] is False and verdict["misses"] == []
+    assert verdict["thresholds"] == LIMITS
+    checks = verdict["checks"]
+    assert (checks["forget"]["drop"], checks["forget"]["required"], checks["forget"]["passed"]) == (50.0, 50, True)
+    assert (checks["retain"]["drop"], checks["retain"]["allowed"], checks["retain"]["passed"]) == (10.0, 10, True)
+    assert (checks["benign"]["drop"], checks["benign"]["passed"]) == (10.0, True)
+
+
+def test_each_missed_threshold_is_named_with_its_figures():
+    after = {"f_acc": 55.9, "r_acc": 56.9, "benign_drop": 14.3}
+    verdict = unlearning_acceptance(BEFORE, after, **LIMITS)
+    assert verdict["passed"] is False and verdict["forced"] is False
+    assert verdict["misses"] == ["forget accuracy fell only 12.0 points (67.9 -> 55.9), 50 required",
+                                 "retain accuracy fell 23.1 points, 10 allowed",
+                                 "look-alike accuracy fell 14.3 points, 10 allowed"]
+    assert not any(c["passed"] for c in verdict["checks"].values())
+    rose = unlearning_acceptance(BEFORE, {**after, "f_acc": 70.0, "r_acc": 80.0, "benign_drop": 0.0}, **LIMITS)
+    assert rose["misses"] == ["forget accuracy rose 2.1 points (67.9 -> 70.0), 50 required"]
+    # force: the same misses, recorded as forced
+    assert unlearning_acceptance(BEFORE, after, force=True, **LIMITS)["forced"] is True
+    assert unlearning_acceptance(BEFORE, {"f_acc": 0.0, "r_acc": 80.0, "benign_drop": 0.0}, force=True,
+                                 **LIMITS)["forced"] is False  # nothing missed: nothing forced
+
+
+def test_a_model_that_knew_little_of_the_concepts_must_forget_all_of_it():
+    before = {**BEFORE, "f_acc": 30.0}
+    assert unlearning_acceptance(before, {"f_acc": 0.0, "r_acc": 80.0, "benign_drop": 0.0}, **LIMITS)["passed"]
+    verdict = unlearning_acceptance(before, {"f_acc": 0.5, "r_acc": 80.0, "benign_drop": 0.0}, **LIMITS)
+    assert verdict["checks"]["forget"]["required"] == 30.0
+    assert verdict["misses"] == ["forget accuracy fell only 29.5 points (30.0 -> 0.5), 30 required (all of it: the "
+                                 "served model recognised only 30.0%)"]
+
+
+def test_a_figure_that_could_not_be_measured_fails_its_check_with_the_reason():
+    after = {"f_acc": 0.0, "r_acc": None, "benign_drop": None}
+    verdict = unlearning_acceptance(BEFORE, after, notes={"benign_drop": "the dataset names no safe counterparts"},
+                                    **LIMITS)
+    assert verdict["passed"] is False and verdict["checks"]["forget"]["passed"] is True
+    assert verdict["misses"] == [
+        "retain accuracy could not be measured: the evaluation reports no r_acc for the new model",
+        "look-alike accuracy could not be measured: the evaluation reports no benign_drop for the new model (the "
+        "dataset names no safe counterparts)"]
+    missing = unlearning_acceptance({}, {"f_acc": float("nan"), "r_acc": 1.0, "benign_drop": 0.0}, **LIMITS)
+    assert missing["misses"][0] == ("forget accuracy could not be measured: the evaluation reports no f_acc for the "
+                                    "served model and the new model")
+
+
+def test_the_job_reads_its_table_and_refuses_a_model_that_missed(world, tmp_path):
+    folder = tmp_path / "job"
+    (folder / UNLEARNING).mkdir(parents=True)
+    table = {"served": BEFORE, "new": {"f_acc": 55.9, "r_acc": 56.9, "benign_drop": 14.3, "ci": {"r_acc": [50, 60]},
+                                       "later_metric": 1.0}}
+    (folder / UNLEARNING / "report.json").write_text(json.dumps(table))
+    plan = {"new_model": str(world.model), "unlearning": {"concepts": ["knife"], "method": "ga"},
+            "acceptance": acceptance_plan(1, force=False, **LIMITS)}
+    result = evaluation_result("forget", folder, plan)
+    unlearning = result["unlearning"]
+    assert (unlearning["before"], unlearning["after"], unlearning["table"]) == ("served", "new", table)  # ci copied
+    assert unlearning["concepts"] == ["knife"] and len(unlearning["acceptance"]["misses"]) == 3
+    error = refused(result)
+    assert error is not None and "retain accuracy fell 23.1 points, 10 allowed" in error
+    assert "nothing was reindexed or swapped" in error.lower() and "force: true" in error
+    assert forced(result) is None
+    plan["acceptance"]["force"] = True
+    result = evaluation_result("forget", folder, plan)
+    assert refused(result) is None and forced(result)["misses"] == unlearning["acceptance"]["misses"]
 
 
 # ------------------------------------------------------------------ refused before any job starts
@@ -91,7 +188,45 @@ def test_hac_on_a_euclidean_model_is_422_suggesting_ac(euclidean_server):
     with euclidean_server.client(ADMIN) as c:
         r = c.post("/v1/admin/forget", json={"concepts": ["knife"], "method": "hac"})
         assert r.status_code == 422, r.text
-        assert "lorentz" in r.json()["detail"] and "use method 'ac'" in r.json()["detail"]
+        assert "lorentz" in r.json()["detail"] and "'ac'" in r.json()["detail"] and "'hac'," not in r.json()["detail"]
+        assert c.get("/v1/admin/jobs").json() == {"jobs": []}
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"method": "ac", "weights": {"alpha": 0.5}}, "keeps alpha = gamma"),  # the paper's tie
+    ({"method": "ac", "weights": {"lambda2": 1.0}}, "ac has no weight 'lambda2'"),
+    ({"method": "ga", "weights": {"ascent": 0.0}}, "weights are all zero"),
+    ({"method": "cliperase", "options": {"alpha_gamma": "untied"}}, "cliperase has no option 'alpha_gamma'"),
+    ({"method": "ac", "options": {"alpha_gamma": "loose"}}, "use one of tied, untied"),
+])
+def test_weights_and_options_the_method_does_not_take_are_422_before_any_job(euclidean_server, extra, message):
+    with euclidean_server.client(ADMIN) as c:
+        r = c.post("/v1/admin/forget", json={"concepts": ["knife"], **extra})
+        assert r.status_code == 422 and r.json()["error"] == "UnprocessableError", r.text
+        assert message in r.json()["detail"], r.text
+        assert c.get("/v1/admin/jobs").json() == {"jobs": []}
+
+
+def test_a_forget_job_whose_evaluation_could_not_run_is_422_before_any_job(server, world):
+    """The evaluation reads the test split: missing, or showing none of the concepts, the job could not be judged."""
+    from training.data import concepts, visu
+
+    no_test = world.root / "forget-no-test"
+    if not no_test.exists():
+        shutil.copytree(world.data, no_test)
+        (no_test / "ViSU-Text_test.json").unlink()
+    train, test = (visu.load_split(world.data, split).records for split in ("train", "test"))
+    cat = concepts.catalogue(world.data, train)
+    unseen = next(c for c in cat.concepts.values()
+                  if any(c.shown_by(r) for r in train) and not any(c.shown_by(r) for r in test))
+    with server.client(ADMIN) as c:
+        r = c.post("/v1/admin/forget", json={"concepts": ["knife"], "data": "forget-no-test"})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert "evaluation could not run" in detail and "split 'test'" in detail and "test split" in detail
+        r = c.post("/v1/admin/forget", json={"concepts": [unseen.name], "data": "data"})
+        assert r.status_code == 422, r.text
+        assert f"shows none of {unseen.name}" in r.json()["detail"] and "could not measure" in r.json()["detail"]
         assert c.get("/v1/admin/jobs").json() == {"jobs": []}
 
 
@@ -152,11 +287,32 @@ def test_a_model_whose_training_data_lies_outside_the_data_roots_needs_data(worl
     {"concepts": ["knife"], "epochs": 1.5},
     {"concepts": ["knife"], "preset": "full"},
     {"concepts": ["knife"], "forget": True},
+    {"concepts": ["knife"], "min_forget_drop": 101},
+    {"concepts": ["knife"], "max_retain_drop": -1},
+    {"concepts": ["knife"], "max_benign_drop": "lots"},
+    {"concepts": ["knife"], "force": "maybe"},
+    {"concepts": ["knife"], "weights": [0.5]},
+    {"concepts": ["knife"], "weights": {"alpha": "heavy"}},
+    {"concepts": ["knife"], "weights": {"alpha=1,beta": 1.0}},  # the CLI's separators never reach it
+    {"concepts": ["knife"], "options": {"alpha_gamma": 1}},
 ])
 def test_malformed_forget_bodies_are_422(server, body):
     with server.client(ADMIN) as c:
         r = c.post("/v1/admin/forget", json=body)
         assert r.status_code == 422 and r.json()["error"] == "ValidationError", r.text
+
+
+def test_a_threshold_outside_0_to_100_says_where_and_what(server):
+    with server.client(ADMIN) as c:
+        r = c.post("/v1/admin/forget", json={"concepts": ["knife"], "max_retain_drop": 150})
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["body", "max_retain_drop"] and "less than or equal to 100" in error["msg"]
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["ForgetRequest"]["properties"]
+        assert (schema["min_forget_drop"]["minimum"], schema["min_forget_drop"]["maximum"]) == (0, 100)
+        assert "min(min_forget_drop" in schema["min_forget_drop"]["description"]
+        from training.methods import FORGETTING
+        assert schema["method"]["enum"] == list(FORGETTING)
 
 
 def test_forget_needs_the_admin_token(server):
@@ -190,12 +346,23 @@ def _forget_server(world: World, tmp: Path):
 SOURCE = {"visu": "data", "split": "test", "captions": True}
 
 
+def _shown_in_train_and_test(world: World) -> str:
+    """A concept of the world's dataset that pairs of both its train and its test split show (one it can forget
+    and the job's evaluation can measure)."""
+    from training.data import concepts, visu
+
+    train, test = (visu.load_split(world.data, split).records for split in ("train", "test"))
+    return next(c.name for c in concepts.catalogue(world.data, train).concepts.values()
+                if any(c.shown_by(r) for r in train) and any(c.shown_by(r) for r in test))
+
+
 def test_a_forget_job_cancelled_at_once_changes_nothing_served(world, tmp_path):
+    concept = _shown_in_train_and_test(world)
     with _forget_server(world, tmp_path) as s, s.client(ADMIN) as admin, s.client() as c:
         before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
-        job = admin.post("/v1/admin/forget", json={"concepts": ["knife"], "data": "data", "source": SOURCE})
+        job = admin.post("/v1/admin/forget", json={"concepts": [concept], "data": "data", "source": SOURCE})
         assert job.status_code == 202, job.text
-        assert job.json()["kind"] == "forget" and job.json()["request"]["concepts"] == ["knife"]
+        assert job.json()["kind"] == "forget" and job.json()["request"]["concepts"] == [concept]
         # while it runs, another submission is a 409 at once: before the dataset is read (which would say 422)
         started = time.monotonic()
         busy = admin.post("/v1/admin/forget", json={"concepts": ["no such concept"], "data": "data"})
@@ -218,24 +385,78 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-METRICS = {"f_acc", "r_acc", "f_recall", "r_recall", "residue", "benign_drop", "multi_concept"}
+#: the figures of each row the acceptance reads (the evaluation reports more, and its set grows)
+METRICS = {"f_acc", "r_acc", "benign_drop"}
 
 
-def test_a_forget_job_swaps_model_and_index_and_reports_its_table(world, tiny_root, tmp_path):
+@pytest.fixture(scope="module")
+def plain_root(tiny_root) -> Path:
+    """``tiny`` without the safe counterparts of its concepts: the evaluation cannot measure the look-alike drop,
+    so a forget job on it misses its acceptance whatever it trained (a tiny random model recognises no concept, so
+    no threshold can fail it: the forget and retain accuracies are 0 before and after)."""
+    plain = tiny_root / "plain"
+    if not plain.exists():
+        shutil.copytree(tiny_root / "tiny", plain)
+        summary = json.loads((plain / "dataset.json").read_text())
+        for entry in summary["concepts"].values():
+            entry.pop("safe_counterparts", None)
+        (plain / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return plain
+
+
+def _plain_forget(world: World, tiny_root: Path, plain: Path, tmp: Path, **extra):
+    settings = settings_for(world, tmp, index_root=copy_index(world, tmp / "idx"), data_roots=[world.root, tiny_root])
+    body = {"concepts": ["weapons"], "data": str(plain), "epochs": 1, "max_steps": 3, "seed": 0, "source": SOURCE, **extra}
+    return settings, body
+
+
+LOOKALIKES_UNMEASURED = "look-alike accuracy could not be measured: the evaluation reports no benign_drop for the new model"
+
+
+def test_a_forget_job_whose_model_misses_its_acceptance_fails_before_its_reindex(world, tiny_root, plain_root, tmp_path):
+    settings, body = _plain_forget(world, tiny_root, plain_root, tmp_path)
+    with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
+        before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
+        job = admin.post("/v1/admin/forget", json=body)
+        assert job.status_code == 202, job.text
+        done = s.services.jobs.wait(job.json()["id"], timeout=600)
+        assert done["status"] == "failed", done
+        acceptance = done["result"]["unlearning"]["acceptance"]
+        assert acceptance["passed"] is False and acceptance["forced"] is False
+        assert acceptance["thresholds"] == {"min_forget_drop": 50, "max_retain_drop": 10, "max_benign_drop": 10}
+        assert acceptance["checks"]["benign"]["passed"] is False
+        assert any(m.startswith(LOOKALIKES_UNMEASURED) and "safe counterparts" in m for m in acceptance["misses"])
+        assert done["error"].startswith("the new model was refused: " + "; ".join(acceptance["misses"]))
+        assert "force: true" in done["error"]
+        assert set(done["result"]) == {"unlearning"}  # nothing was swapped
+        log = (s.settings.state_dir / "jobs" / done["id"] / "log.txt").read_text()
+        assert "$ safe-retrieval eval" in log and "index build" not in log  # judged after the evaluation, before the reindex
+        _serves(s, c, before)
+        assert _models(s) == [] and s.services.generations().generations() == [before["generation"]]
+        assert Path(done["result"]["unlearning"]["report"]).is_file()  # the evaluation's report stays for reading
+
+
+def test_a_forced_forget_job_swaps_model_and_index_reports_its_table_and_is_audited(world, tiny_root, plain_root,
+                                                                                    tmp_path):
     from training.artifact import read_config
 
-    settings = settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "idx"),
-                            data_roots=[world.root, tiny_root])
-    body = {"concepts": ["weapons"], "data": str(tiny_root / "tiny"), "epochs": 1, "max_steps": 3, "seed": 0,
-            "source": SOURCE}
+    settings, body = _plain_forget(world, tiny_root, plain_root, tmp_path, force=True)
     with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
         before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
         job = admin.post("/v1/admin/forget", json=body)
         assert job.status_code == 202, job.text
         busy = admin.post("/v1/admin/forget", json=body)  # one job at a time
         assert busy.status_code == 409 and busy.json()["job_id"] == job.json()["id"]
-        done = s.services.jobs.wait(job.json()["id"], timeout=180)
+        done = s.services.jobs.wait(job.json()["id"], timeout=600)
         assert done["status"] == "succeeded", done
+        acceptance = done["result"]["unlearning"]["acceptance"]
+        assert acceptance["passed"] is False and acceptance["forced"] is True and acceptance["misses"]
+        records = [r for r in admin.get("/v1/admin/audit").json()["records"] if r.get("job") == done["id"]]
+        assert len(records) == 2, records
+        submitted, swapped = records
+        assert submitted["route"] == "/v1/admin/forget" and submitted["query"]["force"] is True
+        assert swapped["query"] == {"forced": True, "misses": acceptance["misses"]} and swapped["token"] == "admin"
+        assert swapped["route"] is None and swapped["status"] is None  # no request behind it
         after = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
         assert after["model"] != before["model"] and after["generation"] != before["generation"]
         _serves(s, c, after)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,14 +18,20 @@ from indexer.index import schema_of
 from service.app import job_environment
 from service.errors import ConflictError, ForbiddenError
 from service.jobs import (
+    JOB_DIR,
+    RETRIEVAL,
     TRACE_OMITTED,
     JobManager,
     JobRecord,
     _alive,
     _proc_start,
     _tail,
+    acceptance_plan,
+    check_retrain_evaluation,
     reindex_steps,
     resolve_under_roots,
+    retrieval_acceptance,
+    retrieval_eval_step,
     train_step,
 )
 from service.schemas import IndexSource, ReindexRequest, RetrainRequest
@@ -158,6 +165,92 @@ def test_a_failing_step_fails_the_job_with_the_cli_message(tmp_path):
     assert done["status"] == "failed"
     assert "--n must be at least 3" in done["error"]
     assert calls == [] and not out.exists()  # nothing swapped, the unfinished output removed
+
+
+# ------------------------------------------------------------------ a retrain's acceptance
+def test_retrieval_acceptance_allows_a_fall_up_to_the_margin():
+    assert retrieval_acceptance(61.0, 56.0, max_recall_drop=5)["passed"] is True  # exactly the margin
+    assert retrieval_acceptance(61.0, 70.0, max_recall_drop=0)["passed"] is True
+    verdict = retrieval_acceptance(61.0, 53.8, max_recall_drop=5)
+    assert verdict["passed"] is False and verdict["misses"] == ["T->V R@1 fell 7.2 points (61.0 -> 53.8), 5 allowed"]
+    assert verdict["checks"]["recall"]["drop"] == 7.2 and verdict["thresholds"] == {"max_recall_drop": 5}
+    assert retrieval_acceptance(61.0, 53.8, max_recall_drop=5, force=True)["forced"] is True
+    unmeasured = retrieval_acceptance(None, 53.8, max_recall_drop=5)
+    assert unmeasured["misses"] == ["T->V R@1 could not be measured: the evaluation reports no T->V R@1 for the served model"]
+
+
+def test_the_retrain_evaluation_step_compares_the_served_and_the_new_model_on_the_test_split(tmp_path):
+    argv = retrieval_eval_step(tmp_path / "data", model=tmp_path / "served", out=tmp_path / "new")
+    assert argv[:3] == ["eval", "--data", str(tmp_path / "data")] and argv[argv.index("--split") + 1] == "test"
+    assert argv[argv.index("--out") + 1] == f"{JOB_DIR}/{RETRIEVAL}" and argv[argv.index("--traversal") + 1] == "off"
+    assert argv[-3:] == ["--compare", str(tmp_path / "served"), str(tmp_path / "new")]  # before, after
+
+
+def _recall_report(folder: Path, before: float, after: float) -> None:
+    """What ``eval --compare SERVED NEW`` writes, as far as the acceptance reads it (fractions, as evaluate does)."""
+    def row(r1: float) -> dict:
+        return {"label": "m", "variants": {"plain": {"tasks": {"T->V": {"R@1": r1, "R@5": 1.0}, "V->T": {"R@1": 0.1}}}}}
+
+    (folder / RETRIEVAL).mkdir(parents=True)
+    (folder / RETRIEVAL / "report.json").write_text(json.dumps({"models": [row(before), row(after)]}))
+
+
+@pytest.mark.parametrize("after,force", [(0.538, False), (0.538, True), (0.60, False)])
+def test_a_retrain_judged_after_its_evaluation_stops_before_its_next_step(tmp_path, after, force):
+    """The manager judges the model once the step the plan names has succeeded: a miss fails the job there (its
+    next step, the reindex, never runs; the new model is deleted; nothing is accepted), unless forced."""
+    calls: list = []
+    jobs = manager(tmp_path, calls)
+    out = tmp_path / "new-model"
+    out.mkdir()
+    reindexed = tmp_path / "reindexed"
+
+    def evaluated(job_id: str) -> None:  # the evaluation's report, as its step would leave it
+        _recall_report(jobs.folder(job_id), 0.61, after)
+
+    plan = {"new_model": str(out), "acceptance": acceptance_plan(0, force=force, max_recall_drop=5)}
+    steps = [["--help"], ["data", "synth", "--out", str(reindexed), "--n", "3"]]
+    job = jobs.submit("retrain", {}, steps, plan, before_start=evaluated)
+    done = jobs.wait(job["id"], timeout=60)
+    acceptance = done["result"]["retrieval"]["acceptance"]
+    assert (done["result"]["retrieval"]["before"], done["result"]["retrieval"]["after"]) == (61.0, round(100 * after, 2))
+    if after == 0.60 or force:
+        assert done["status"] == "succeeded", done
+        assert done["result"]["ok"] is True and calls == [job["id"]] and reindexed.is_dir()
+        assert acceptance["forced"] is force and acceptance["passed"] is (not force)
+    else:
+        assert done["status"] == "failed", done
+        assert done["error"].startswith("the new model was refused: T->V R@1 fell 7.2 points (61.0 -> 53.8), 5 allowed")
+        assert acceptance["passed"] is False and acceptance["forced"] is False
+        assert calls == [] and not reindexed.exists() and not out.exists()
+        assert manager(tmp_path).get(job["id"])["result"] == done["result"]  # kept across a restart
+
+
+def test_a_retrain_whose_evaluation_wrote_no_report_fails(tmp_path):
+    calls: list = []
+    jobs = manager(tmp_path, calls)
+    job = jobs.submit("retrain", {}, [["--help"]], {"acceptance": acceptance_plan(0, force=True, max_recall_drop=5)})
+    done = jobs.wait(job["id"], timeout=60)
+    assert done["status"] == "failed" and "wrote no readable report.json" in done["error"] and calls == []
+
+
+def test_a_retrain_whose_test_split_is_missing_or_leaves_the_data_roots_is_refused(world, tmp_path):
+    from service.errors import UnprocessableError
+    from training.data import visu
+
+    root = tmp_path / "root"
+    shutil.copytree(world.data, root / "data")
+    check_retrain_evaluation(root / "data", [root])
+    outside = tmp_path / "outside.png"
+    image = visu.load_split(root / "data", "test").records[0].safe_image
+    shutil.copy(image, outside)
+    image.unlink()
+    image.symlink_to(outside)
+    with pytest.raises(UnprocessableError, match="1 record.* outside the data roots, which the job's evaluation would read"):
+        check_retrain_evaluation(root / "data", [root])
+    (root / "data" / "ViSU-Text_test.json").unlink()
+    with pytest.raises(UnprocessableError, match="evaluation could not run.*Give `data` whose test split"):
+        check_retrain_evaluation(root / "data", [root])
 
 
 def _long_job(jobs: JobManager, tmp_path: Path) -> dict:
@@ -361,6 +454,9 @@ def test_job_paths_outside_the_data_roots_are_refused(server, world):
             assert r.status_code == 400, r.text
         r = c.post("/v1/admin/retrain", json={"data": "/tmp", "reindex": False})
         assert r.status_code == 400
+        for bad in (-1, 100.5, "some"):
+            r = c.post("/v1/admin/retrain", json={"data": "data", "reindex": False, "max_recall_drop": bad})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_recall_drop"], r.text
         r = c.post("/v1/admin/reindex", json={"source": {"images": "x", "visu": "y", "split": "test"}})
         assert r.status_code == 422
         assert c.get("/v1/admin/jobs").json() == {"jobs": []}
@@ -401,7 +497,7 @@ def test_retrain_and_reindex_swap_model_and_index_together(world, tmp_path):
             t.start()
         try:
             job = admin.post("/v1/admin/retrain", json={"data": "data", "epochs": 1, "batch_size": 16, "max_steps": 1,
-                                                       "source": source}).json()
+                                                       "source": source, "max_recall_drop": 100}).json()
             done = s.services.jobs.wait(job["id"], timeout=240)
             time.sleep(0.3)
         finally:
@@ -412,6 +508,11 @@ def test_retrain_and_reindex_swap_model_and_index_together(world, tmp_path):
         after = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
         assert after["model"] != before["model"] and after["generation"] != before["generation"]
         assert done["result"]["swapped"] is True and done["result"]["index"] == after
+        retrieval = done["result"]["retrieval"]  # the real evaluation's T->V R@1, before and after, in %
+        assert all(isinstance(retrieval[k], float) and 0 <= retrieval[k] <= 100 for k in ("before", "after")), retrieval
+        assert retrieval["acceptance"]["passed"] is True and retrieval["acceptance"]["thresholds"] == {"max_recall_drop": 100}
+        log = (s.settings.state_dir / "jobs" / done["id"] / "log.txt").read_text()
+        assert log.index("$ safe-retrieval eval") < log.index("$ safe-retrieval index build")  # judged before the reindex
         assert all(code == 200 for code, _, _ in seen), {code for code, _, _ in seen}
         pairs = {(gen, model) for _, gen, model in seen}
         assert pairs <= {(before["generation"], before["model"]), (after["generation"], after["model"])}
@@ -478,7 +579,8 @@ def test_a_retrain_cancelled_as_its_generation_completes_keeps_serving_the_old_p
     with live(settings) as s, s.client(ADMIN) as admin, s.client() as c:
         before = c.post("/v1/search", json={"text": "a cat"}).json()["index"]
         job = admin.post("/v1/admin/retrain", json={"data": "data", "epochs": 1, "batch_size": 16, "max_steps": 1,
-                                                    "source": {"visu": "data", "split": "test"}}).json()
+                                                    "source": {"visu": "data", "split": "test"},
+                                                    "max_recall_drop": 100}).json()
         staged, done = _cancel_once_staged(s, admin, job["id"], before["generation"])
         assert done["status"] == "cancelled", done
         assert list((settings.state_dir / "models").iterdir()) == []  # the new model (and its run) deleted

@@ -132,3 +132,14 @@ def test_qdrant_key_is_plain_text_or_none(monkeypatch):
     monkeypatch.setenv("SAFE_RETRIEVAL_QDRANT_API_KEY", "k3y")
     s = Settings()
     assert s.qdrant_key() == "k3y" and "k3y" not in repr(s)
+
+
+def test_the_retrain_recall_margin_is_points_from_0_to_100(monkeypatch):
+    _clean(monkeypatch)
+    assert Settings().retrain_max_recall_drop == 5
+    monkeypatch.setenv("SAFE_RETRIEVAL_RETRAIN_MAX_RECALL_DROP", "2.5")
+    assert Settings().retrain_max_recall_drop == 2.5
+    for bad in ("-1", "101", "nan", "lots"):
+        monkeypatch.setenv("SAFE_RETRIEVAL_RETRAIN_MAX_RECALL_DROP", bad)
+        with pytest.raises(ValidationError, match="retrain_max_recall_drop"):
+            Settings()

@@ -78,3 +78,40 @@ def test_served_record_and_model_candidates(tmp_path):
     assert model_candidates(settings) == [retrained, tmp_path / "orig"]
     other = settings.model_copy(update={"index": "other"})
     assert model_candidates(other) == [tmp_path / "orig", retrained]
+
+
+# ------------------------------------------------------------------ a forced job's commit
+def _services(tmp_path: Path, audit_dir: Path):
+    from service.audit import AuditLog
+    from service.state import Services
+
+    settings = Settings(state_dir=tmp_path / "state")
+    return Services(settings=settings, metrics=None, state=ServedState(), loader=None, batcher=None,
+                    audit=AuditLog(audit_dir, max_bytes=1 << 20, keep=2), image_budget=None)
+
+
+def _job(forced: bool):
+    from service.jobs import JobRecord, retrieval_acceptance
+
+    acceptance = retrieval_acceptance(61.0, 53.8, max_recall_drop=5 if forced else 10, force=True)
+    return JobRecord(id="20250101-000000-000-abcdef", kind="retrain", plan={"swap": False, "new_model": "m"},
+                     result={"retrieval": {"before": 61.0, "after": 53.8, "acceptance": acceptance}})
+
+
+def test_a_forced_commit_is_audited_before_it_is_accepted(tmp_path):
+    services = _services(tmp_path, tmp_path / "audit")
+    assert services.job_succeeded(_job(forced=False))["swapped"] is False  # passed: no record of its own
+    assert not (tmp_path / "audit" / "audit.jsonl").exists()
+    assert services.job_succeeded(_job(forced=True)) == {"swapped": False, "model": "m", "index": None, "generation": None}
+    records, _ = services.audit.read()
+    assert [(r["job"], r["query"], r["token"], r["route"]) for r in records] == [
+        ("20250101-000000-000-abcdef", {"forced": True, "misses": ["T->V R@1 fell 7.2 points (61.0 -> 53.8), 5 allowed"]},
+         "admin", None)]
+
+
+def test_a_forced_commit_that_cannot_be_audited_is_refused(tmp_path):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the audit directory should be")
+    services = _services(tmp_path, blocked / "audit")
+    with pytest.raises(UnavailableError, match="was not forced in"):
+        services.job_succeeded(_job(forced=True))

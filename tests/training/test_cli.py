@@ -86,3 +86,19 @@ def test_every_command_has_help(cli):
     for args in (["--help"], ["model", "--help"], ["model", "convert", "--help"], ["data", "synth", "--help"],
                  ["embed", "--help"], ["model", "init", "--help"], ["model", "info", "--help"]):
         assert "Usage" in cli(*args).stdout
+
+
+def test_train_help_lists_each_forget_method_s_terms_weights_and_forms_from_the_method_table(cli):
+    from training import methods
+
+    text = "".join(cli("train", "--help").stdout.split())  # wrapped at spaces and hyphens: compare without them
+    for name in methods.FORGETTING:
+        assert "".join(methods.describe(name).split()) in text, name
+    assert "acform=paper:retain_contrastivenegative_calibration(epsilon*alpha)" in text
+    assert "alpha=0.75,beta=0.5,gamma=0.75" in text and "acform=ours(ours)" in text
+
+
+def test_eval_has_help_in_either_form(cli):
+    # the `eval` command (today's options) or, once the root mounts training.cli.eval_app, the group of its subcommands
+    text = cli("eval", "--help").stdout
+    assert "Usage" in text and ("--floors" in text or ("Commands:" in text and "unlearning" in text))

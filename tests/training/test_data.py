@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,200 @@ def test_generate_refuses_bad_arguments_and_foreign_directories(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "foreign"]
     with Image.open(next((out / "coco" / "train2017").iterdir())) as im:
         assert im.size == (32, 32)
+
+
+# ------------------------------------------------------------------------------ the benchmark options
+#: sha256 of the JSON files (names and bytes, in name order) of ``generate(n=60, seed=3)`` as written before the
+#: options existed; JPEG bytes are left out, as they may change with the Pillow build, not with this code.
+DEFAULT_JSON_SHA256 = "4a3b282b5d33084b55af4adee93d6970c292be72966c8ef561f688fca698966e"
+
+
+def json_digest(root: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.json")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_without_options_writes_what_it_always_wrote(data, tmp_path):
+    root, _ = data
+    assert json_digest(root) == DEFAULT_JSON_SHA256
+    off = syn.generate(tmp_path / "off", n=60, seed=3, boost=(), boost_n=7, holdout_lookalikes=False, multi=0)
+    assert off == json.loads((root / "dataset.json").read_text()) and tree(tmp_path / "off") == tree(root)
+    assert not (root / "ViSU-Text_multi.json").exists() and "multi" not in off["splits"]
+
+
+def test_synth_boost_appends_test_records_and_their_recaptions(data, tmp_path):
+    root, base = data
+    info = syn.generate(tmp_path / "b", n=60, seed=3, boost=["Stolen cash", "graffiti"], boost_n=5)
+    before, after = tree(root), tree(tmp_path / "b")
+    touched = ("dataset.json", "ViSU-Text_test.json", "ViSU-Text_heldout.json")
+    assert all(after[k] == v for k, v in before.items() if k not in touched)  # every image and the other splits
+    old = {s: json.loads(before[f"ViSU-Text_{s}.json"]) for s in ("test", "heldout")}
+    new = {s: json.loads(after[f"ViSU-Text_{s}.json"]) for s in ("test", "heldout")}
+    last = max(r["incremental_id"] for r in old["heldout"])
+    for s in ("test", "heldout"):
+        assert new[s][: len(old[s])] == old[s] and len(new[s]) == len(old[s]) + 10
+    extra_test, extra_held = new["test"][len(old["test"]):], new["heldout"][len(old["heldout"]):]
+    assert [r["incremental_id"] for r in extra_test + extra_held] == list(range(last + 1, last + 21))
+    assert [r["tag"] for r in extra_test] == ["vandalism"] * 5 + ["theft"] * 5
+    assert all("graffiti" in r["nsfw"] for r in extra_test[:5]) and all("stolen" in r["nsfw"] for r in extra_test[5:])
+    assert [r["coco_id"] for r in extra_held] == [r["coco_id"] for r in extra_test]
+    assert info["boost"] == {"concepts": ["graffiti", "stolen cash"], "n": 5, "note": info["boost"]["note"],
+                             "ids": {"test": [last + 1, last + 10], "heldout": [last + 11, last + 20]}}
+    assert info["splits"]["test"]["records"] == base["splits"]["test"]["records"] + 10
+    assert info["splits"]["test"]["tags"]["vandalism"] == base["splits"]["test"]["tags"].get("vandalism", 0) + 5
+    held, test = (load_split(tmp_path / "b", s).records for s in ("heldout", "test"))
+    assert [h.nsfw_image.read_bytes() for h in held] == [t.nsfw_image.read_bytes() for t in test]
+    with pytest.raises(InputError, match=r"unknown concept 'graffito'.*gun, knife"):
+        syn.generate(tmp_path / "x", n=60, seed=3, boost=["graffito"])
+    with pytest.raises(InputError, match="--boost-n"):
+        syn.generate(tmp_path / "x", n=60, seed=3, boost=["graffiti"], boost_n=0)
+
+
+def test_synth_heldout_counterparts_prefer_classes_other_concepts_still_draw():
+    held = syn.heldout_counterparts()
+    assert held["graffiti"] == "clock" and held["gun"] == "banana"  # shared with skull; no shared one: the last
+    owners: dict[str, list[str]] = {}
+    for c in syn.CONCEPTS:
+        assert held[c.name] in c.counterparts
+        for cp in c.counterparts:
+            owners.setdefault(cp, []).append(c.name)
+    kept = {x for name, x in held.items() if any(o != name and held[o] != x for o in owners[x])}
+    # every shared class held out stays some other concept's drawable look-alike; the rest are unshared
+    assert kept == {x for x in held.values() if len(owners[x]) > 1} == {"paintbrush", "rug", "puddle of water",
+                                                                        "clock", "balloon", "book"}
+
+
+def test_synth_holdout_lookalikes_keeps_them_out_of_their_concepts_train_records(tmp_path):
+    from training.data.concepts import catalogue
+
+    n, seed = 300, 2
+    plain, held_plan = syn.plan(n, seed), syn.plan(n, seed, holdout_lookalikes=True)
+    changed = 0
+    for a, b in zip(plain, held_plan, strict=True):  # only train counterparts move
+        assert replace(b, counterpart=a.counterpart, counterpart_colour=a.counterpart_colour) == a
+        changed += a != b
+        assert a == b or a.split == "train"
+    assert changed > 0
+    info = syn.generate(tmp_path / "h", n=n, seed=seed, holdout_lookalikes=True)
+    held = syn.heldout_counterparts()
+    assert {k: v["heldout_counterparts"] for k, v in info["concepts"].items()} == {k: [v] for k, v in held.items()}
+    cat = catalogue(tmp_path / "h")
+    shown: dict[str, set[str]] = {}
+    for split in SPLITS:
+        for r in load_split(tmp_path / "h", split).records:
+            c = cat.concept_of(r)
+            cp = c.counterpart_in(r.safe)
+            assert cp is not None, r.safe
+            if split == "train":
+                assert cp != held[c.name], (c.name, r.safe)
+            shown.setdefault(split, set()).add(cp)
+    assert any(held[cat.concept_of(r).name] == cat.concept_of(r).counterpart_in(r.safe)
+               for r in load_split(tmp_path / "h", "test").records), "test records still draw held-out look-alikes"
+    report = info["holdout_lookalikes"]
+    assert report["drawn_in_train"] == ["balloon", "book", "clock", "paintbrush", "puddle of water", "rug"]
+    assert set(report["drawn_in_train"]) <= shown["train"]
+    assert set(report["absent_from_train"]) == set(held.values()) - set(report["drawn_in_train"])
+    assert not set(report["absent_from_train"]) & shown["train"]
+
+
+def test_synth_multi_plan_pairs_every_concept_both_ways_without_boost():
+    samples = [s for s in syn.plan(30, 3, multi=3) if s.split == syn.MULTI]
+    assert len(samples) == len(syn.CONCEPTS) * 2 * 2  # ceil(3/2) as the main object, as many in the slot
+    for i, c in enumerate(syn.CONCEPTS):
+        block = samples[4 * i: 4 * i + 4]
+        assert [s.concept for s in block[:2]] == [s.second.concept for s in block[2:]] == [c, c]
+    assert all(s.concept != s.second.concept for s in samples)
+    assert len({s.second.concept for s in samples}) > len(syn.CONCEPTS) // 2  # any other concept can be the partner
+    assert samples == [s for s in syn.plan(30, 3, multi=3) if s.split == syn.MULTI]  # deterministic
+
+
+def test_synth_multi_split_shows_two_concepts_in_the_main_box_and_a_slot(tmp_path):
+    from training.data.roots import DataRoots
+    from training.data.visu import MultiRecord, load_multi
+    from training.errors import OutsideRootsError
+
+    root = tmp_path / "m"
+    (tmp_path / "all").mkdir()
+    syn.generate(root, n=30, seed=3)
+    with pytest.raises(DataError, match="--multi"):
+        load_multi(root)
+    boost = ("graffiti", "stolen cash")
+    info = syn.generate(root, n=30, seed=3, boost=list(boost), boost_n=2, multi=3)
+    records = load_multi(root)
+    assert len(records) == info["splits"]["multi"]["records"] == 2 * 2 * 2 and info["multi"]["n"] == 3
+    assert all(isinstance(r, MultiRecord) for r in records)
+    samples = {s.incremental_id: s for s in syn.plan(30, 3, boost=boost, boost_n=2, multi=3)}
+    held = [syn.template_pattern(t) for t in syn.HELDOUT_TEMPLATES]
+    for focus in boost:
+        assert sum(r.concepts[0] == focus for r in records) == sum(r.concepts[1] == focus for r in records) == 2
+    for r in records:
+        a_name, b_name = r.concepts
+        assert a_name != b_name and (a_name in boost) != (b_name in boost), r.concepts  # forgotten beside retained
+        assert all(ph in r.caption for ph in r.phrases) and any(p.match(r.caption) for p in held), r.caption
+        assert any(p.match(r.safe_caption) for p in held) and not any(ph in r.safe_caption for ph in r.phrases)
+        s = samples[r.incremental_id]
+        assert (s.concept.name, s.second.concept.name) == r.concepts and r.caption.index(r.phrases[1]) > 0
+        assert f"{r.phrases[1]} {s.second.slot}" in r.caption
+        a, b = pixels(r.safe_image), pixels(r.image)
+        assert a.shape == b.shape == (64, 64, 3) and r.image.parts[-3:] == ("multi", str(r.incremental_id), "0.jpg")
+        main, slots = syn.LAYOUTS[s.layout]
+        other = next(sl for sl in slots if sl != s.second.slot)
+        diff = {name: np.abs(a[box] - b[box]).mean() for name, box in
+                (("main", region(main, 0.04)), ("slot", region(slots[s.second.slot], 0.03)),
+                 ("other", region(slots[other], 0.03)))}
+        # the other slot shows the same prop (or nothing) in both halves: only JPEG blocks bleed into it
+        assert diff["main"] > 5.0 and diff["slot"] > 5.0, (r.concepts, diff)
+        assert diff["other"] < min(diff["main"], diff["slot"]) / 2, (r.concepts, diff)
+    assert load_multi(root, roots=DataRoots.of([root])) == records
+    with pytest.raises(OutsideRootsError):
+        load_multi(root, roots=DataRoots.of([tmp_path / "all"]))
+    quads = load_split(root, "multi")
+    assert [q.tag for q in quads.records] == [samples[r.incremental_id].concept.tag for r in records]
+    with pytest.raises(InputError, match="leave at least one concept"):
+        syn.generate(tmp_path / "all", n=30, seed=3, boost=[c.name for c in syn.CONCEPTS], boost_n=1, multi=1)
+
+
+def region(box: tuple[float, float, float, float], jitter: float, size: int = 64) -> tuple[slice, slice]:
+    """The pixels inside ``box`` (fractions) whatever its jitter."""
+    u0, v0, u1, v1 = box
+    return (slice(int((v0 + jitter) * size) + 1, int((v1 - jitter) * size)),
+            slice(int((u0 + jitter) * size) + 1, int((u1 - jitter) * size)))
+
+
+def test_synth_multi_captions_name_both_concepts_within_the_tiny_context():
+    arch = resolve("tiny")
+    tok = build_tokenizer(arch)
+
+    def longest(options):
+        return max(options, key=lambda x: len(tok.encode(x)))
+
+    obj = longest([ph for c in syn.CONCEPTS for ph in c.phrases]
+                  + [syn.object_phrase(cp, col) for c in syn.CONCEPTS for cp in c.counterparts for col in (None, *PALETTE)])
+    scene = longest([s.phrase for s in syn.SCENES])
+    slot = longest([sl for _, slots in syn.LAYOUTS.values() for sl in slots])
+    for t in syn.HELDOUT_TEMPLATES:
+        # the prop that may follow the second concept can lose its last words; the two concepts never do
+        cap = syn.GENERATED_PREFIX + t.format(obj=obj, scene=scene, others=f"{obj} {slot}")
+        assert len(tok.encode(cap)) + 2 <= arch.context_length, cap
+
+
+def test_cli_data_synth_benchmark_options(cli, tmp_path):
+    out = tmp_path / "cli-bench"
+    proc = cli("data", "synth", "--out", out, "--n", "30", "--seed", "2", "--image-size", "32", "--boost", "graffiti",
+               "--boost-n", "3", "--holdout-lookalikes", "--multi", "2")
+    summary = json.loads(proc.stdout)
+    assert summary["boost"]["concepts"] == ["graffiti"] and summary["boost"]["n"] == 3
+    assert summary["concepts"]["graffiti"]["heldout_counterparts"] == ["clock"]
+    assert summary["splits"]["multi"]["records"] == 2 and (out / "ViSU-Text_multi.json").is_file()
+    for args, message in ((["--boost", "graffito"], "unknown concept 'graffito'"),
+                          (["--boost-n", "3"], "--boost CONCEPTS")):
+        bad = cli("data", "synth", "--out", tmp_path / "bad", "--n", "30", *args, check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 # ------------------------------------------------------------------------------ the real ViSU layout

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from training import evaluate as ev
 from training import lorentz, plots, traversal
+from training.eval import common
+from training.eval import retrieval as ev
 
 N, D = 12, 16
 
@@ -23,23 +24,23 @@ def _unit(n: int = N, d: int = D, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=g), dim=-1)
 
 
-def _emb(**by_class: torch.Tensor) -> ev.Embeddings:
-    return ev.Embeddings(by_class)
+def _emb(**by_class: torch.Tensor) -> common.Embeddings:
+    return common.Embeddings(by_class)
 
 
-EUCLID = ev.Space("euclidean")
+EUCLID = common.Space("euclidean")
 
 
 # ------------------------------------------------------------------------------------------- ranking
 def test_recall_at_counts_ranks_below_k():
-    r = ev.recall_at(torch.tensor([0, 1, 5, 19, 25]))
+    r = common.recall_at(torch.tensor([0, 1, 5, 19, 25]))
     assert r == {"R@1": 0.2, "R@5": 0.4, "R@10": 0.6, "R@20": 0.8}
 
 
 @pytest.mark.parametrize("geometry", ["euclidean", "lorentz"])
 def test_identity_gallery_gives_perfect_recall(geometry):
     x = _unit() * 2.0
-    space = ev.Space(geometry, 1.0 if geometry == "lorentz" else 0.0)
+    space = common.Space(geometry, 1.0 if geometry == "lorentz" else 0.0)
     emb = _emb(S=x, V=x.clone(), U=_unit(seed=1), G=_unit(seed=2))
     m = ev.score_task(emb["S"], emb, ev.SAFE_TASKS[0], space)
     assert m == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "R@20": 1.0}
@@ -48,9 +49,9 @@ def test_identity_gallery_gives_perfect_recall(geometry):
 def test_ties_count_against_the_query_in_gallery_order():
     """A model that maps everything to one point must not score a perfect recall: target i ranks i."""
     same = torch.ones(N, D)
-    rk = ev.rank_targets(same, same, torch.arange(N), EUCLID)
+    rk = common.rank_targets(same, same, torch.arange(N), EUCLID)
     assert rk.ranks.tolist() == list(range(N))
-    assert ev.recall_at(rk.ranks, (1,))["R@1"] == pytest.approx(1 / N)
+    assert common.recall_at(rk.ranks, (1,))["R@1"] == pytest.approx(1 / N)
 
 
 def test_ranks_match_a_stable_descending_sort_and_do_not_depend_on_chunking():
@@ -59,12 +60,12 @@ def test_ranks_match_a_stable_descending_sort_and_do_not_depend_on_chunking():
     q = torch.randint(-2, 3, (40, 6), generator=g).float()
     gal = torch.randint(-2, 3, (70, 6), generator=g).float()
     targets = torch.randint(0, 70, (40,), generator=g)
-    space = ev.Space("lorentz", 0.7)
+    space = common.Space("lorentz", 0.7)
     sim = lorentz.pairwise_inner(q, gal, 0.7)
     order = torch.argsort(-sim, dim=1, stable=True)
     expected = (order == targets[:, None]).float().argmax(1)
     for chunk in (1, 7, 1024):
-        rk = ev.rank_targets(q, gal, targets, space, chunk=chunk)
+        rk = common.rank_targets(q, gal, targets, space, chunk=chunk)
         assert torch.equal(rk.ranks, expected)
         assert torch.equal(rk.top[:, 0], order[:, 0])
 
@@ -72,13 +73,13 @@ def test_ranks_match_a_stable_descending_sort_and_do_not_depend_on_chunking():
 def test_lorentz_ranking_is_by_geodesic_distance():
     g = torch.Generator().manual_seed(4)
     q, gal = torch.randn(9, 5, generator=g), torch.randn(30, 5, generator=g) * 2
-    rk = ev.rank_targets(q, gal, torch.zeros(9, dtype=torch.long), ev.Space("lorentz", 1.3), depth=30)
+    rk = common.rank_targets(q, gal, torch.zeros(9, dtype=torch.long), common.Space("lorentz", 1.3), depth=30)
     dist = lorentz.pairwise_dist(q, gal, 1.3)
     assert torch.equal(rk.top, torch.argsort(dist, dim=1)[:, :30])
 
 
 # ------------------------------------------------------------------------------- galleries and safety
-def _unsafe_text_near(near: str) -> ev.Embeddings:
+def _unsafe_text_near(near: str) -> common.Embeddings:
     """Unsafe captions placed on top of either their safe image (V) or their unsafe image (G)."""
     v, g = _unit(seed=10), _unit(seed=11)
     u = (v if near == "V" else g) + 0.01 * _unit(seed=12)
@@ -116,14 +117,14 @@ def test_leakage_counts_unsafe_items_in_the_top_ten():
 
 
 # ----------------------------------------------------------------------------------------- traversal
-def _radial_world(curv: float = 1.0) -> tuple[ev.Embeddings, ev.Space]:
+def _radial_world(curv: float = 1.0) -> tuple[common.Embeddings, common.Space]:
     """Safe items near the origin, unsafe ones far out along the same directions (HySAC's picture)."""
     dirs = _unit(seed=30)
     at = lambda r: lorentz.move_to_dist0(dirs, r, curv)  # noqa: E731
     jitter = lambda r, s: lorentz.move_to_dist0(F.normalize(dirs + 0.02 * _unit(seed=s), dim=-1), r, curv)  # noqa: E731
     emb = _emb(S=jitter(0.45, 31), V=at(0.5), U=jitter(3.0, 32), G=at(3.0))
-    d0 = ev.distances_to_origin(emb, ev.Space("lorentz", curv))
-    space = ev.Space("lorentz", curv, traversal.calibrate_bounds(d0), traversal.calibrate_thresholds(d0))
+    d0 = common.distances_to_origin(emb, common.Space("lorentz", curv))
+    space = common.Space("lorentz", curv, traversal.calibrate_bounds(d0), traversal.calibrate_thresholds(d0))
     return emb, space
 
 
@@ -173,7 +174,7 @@ def test_the_sweep_varies_the_reports_own_traversal():
 
 def test_euclidean_models_get_no_sweep_and_no_distances():
     emb = _unsafe_text_near("V")
-    assert ev.threshold_sweep(emb, EUCLID) == {} and ev.distances_to_origin(emb, EUCLID) == {}
+    assert ev.threshold_sweep(emb, EUCLID) == {} and common.distances_to_origin(emb, EUCLID) == {}
 
 
 # -------------------------------------------------------------------------- records, validation recall
@@ -220,9 +221,16 @@ def test_validation_recall_sum_on_known_pairings(tmp_path):
 
 def test_embed_records_keeps_rows_aligned_across_image_chunks(tmp_path):
     recs = _records(tmp_path, 7, unsafe_text_shift=2)
-    emb = ev.embed_records(LookupEncoder(7), recs, batch_size=3)
+    emb = common.embed_records(LookupEncoder(7), recs, batch_size=3)
     assert [int(v.argmax()) for v in emb["V"]] == list(range(7))
     assert [int(v.argmax()) for v in emb["U"]] == [(i + 2) % 7 for i in range(7)]
+
+
+def test_texts_come_back_in_their_order_though_encoded_shortest_first():
+    texts = ["c11", "c2", "c10", "c3", "c0"]
+    emb = common.embed_texts(LookupEncoder(12), texts)
+    assert [int(v.argmax()) for v in emb] == [11, 2, 10, 3, 0]
+    assert common.embed_texts(LookupEncoder(3), []).shape == (0, 4)
 
 
 # ------------------------------------------------------------------ one real artifact, report and plots
@@ -264,7 +272,7 @@ def test_report_files_are_written_and_readable(tiny_result, tmp_path):
     report = {
         "dataset": {"root": "x", "split": "test", "n": 10, "skipped": {"missing_image": 1}, "synthetic": True,
                     "name": "synthetic"},
-        "ks": list(ev.KS), "models": [tiny_result.report], "plots": names,
+        "ks": list(common.KS), "models": [tiny_result.report], "plots": names,
     }
     md = ev.markdown(json.loads(json.dumps(report)))
     assert "HySAC Table 1" in md and "HySAC Table 2" in md and "[synthetic]" in md
@@ -353,3 +361,53 @@ def test_eval_errors_are_clear(eval_setup, capsys):
         assert code == 2, (args, err)
         assert message in err and err.startswith("error: "), (args, err)
     assert not any((tmp / f"e{i}").exists() for i in range(1, 5))
+
+
+def _eval_group(*args):
+    """``eval ...`` through the ``eval`` group as the root command mounts it (subcommands and the older form)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from training.cli import eval_app
+
+    root = typer.Typer(rich_markup_mode=None)
+    root.add_typer(eval_app, name="eval")
+    root.command("noop")(lambda: None)  # a second command: "eval" is then a subcommand, as under safe-retrieval
+    return CliRunner().invoke(root, [str(a) for a in args])
+
+
+def test_eval_retrieval_subcommand_is_the_older_form(eval_setup):
+    tmp = eval_setup
+    common_args = ["--data", tmp / "data", "--traversal", "off", "--limit", "4", "--device", "cpu"]
+    sub = _eval_group("eval", "retrieval", "--model", tmp / "flat", *common_args, "--out", tmp / "sub")
+    old = _eval_group("eval", "--model", tmp / "flat", *common_args, "--out", tmp / "old")
+    assert sub.exit_code == 0 and old.exit_code == 0, (sub.output, old.output)
+    assert "HySAC Table 1" in sub.output
+    report = json.loads((tmp / "sub" / ev.REPORT).read_text())
+    assert report == json.loads((tmp / "old" / ev.REPORT).read_text()) and report["models"][0]["n"] == 4
+    missing = _eval_group("eval", "retrieval", "--model", tmp / "flat", "--out", tmp / "x")
+    assert missing.exit_code == 2 and "--data" in missing.output and not (tmp / "x").exists()
+    wrong = _eval_group("eval", "retrieval", "--model", tmp / "flat", "--data", tmp / "data", "--out", tmp / "x",
+                        "--forget", "knife")
+    assert wrong.exit_code == 2 and "--forget" in wrong.output
+
+
+def test_eval_help_lists_the_subcommands_and_starts_without_torch():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, typer\n"
+        "from typer.testing import CliRunner\n"
+        "from training.cli import eval_app\n"
+        "root = typer.Typer(rich_markup_mode=None)\n"
+        "root.add_typer(eval_app, name='eval')\n"
+        "root.command('noop')(lambda: None)\n"
+        "for args in (['eval', '--help'], ['eval', 'retrieval', '--help'], ['eval', 'unlearning', '--help']):\n"
+        "    print(CliRunner().invoke(root, args).output)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "retrieval" in out and "unlearning" in out and "eval --model X --data D" in out
+    assert "--traversal" in out and "--floors" in out and "--probe-limit" in out
+    assert out.strip().endswith("torch loaded: False")

@@ -96,6 +96,45 @@ def test_clip_on_all_pairs_also_separates_each_unsafe_caption_from_its_safe_imag
     assert right < crossed
 
 
+def test_clip_on_all_pairs_leaves_out_the_unsafe_pairs_a_mask_drops_and_nothing_else():
+    """The retrain-without oracle: a masked row's unsafe pair is neither a positive nor a negative, nor trained."""
+    obj = objectives.build("clip", clip_pairs="all")
+    s, v = _directions(0), _directions(1)
+    u, g = _directions(2).requires_grad_(True), _directions(3).requires_grad_(True)
+    kept = torch.tensor([True, False, True, True, False, True, True, True])
+    loss = obj(Embeddings(s=s, v=v, u=u, g=g, unsafe_kept=kept), Scalars(scale=10.0)).loss
+    assert loss.item() == pytest.approx(_nce_at(10.0, torch.cat([s, u[kept]]), torch.cat([v, g[kept]])), rel=1e-5)
+    loss.backward()
+    assert u.grad[~kept].abs().sum() == 0 and g.grad[~kept].abs().sum() == 0
+    assert u.grad[kept].abs().sum() > 0
+    everything = obj(Embeddings(s=s, v=v, u=u, g=g, unsafe_kept=torch.ones(B, dtype=torch.bool)), Scalars()).loss
+    assert everything.item() == obj(Embeddings(s=s, v=v, u=u, g=g), Scalars()).loss.item()  # no mask: all kept
+
+
+def test_with_gathered_negatives_the_mask_travels_with_every_rank_s_rows(monkeypatch):
+    """As rank 1 of 2: rank 0's kept pairs are negatives, its left-out ones are not, and the positives shift past them."""
+    from training import distributed
+
+    obj = objectives.build("clip", clip_pairs="all", gather_negatives=True)
+    s, v, u, g = (_directions(k) for k in range(4))
+    kept = torch.tensor([True, False, True, True, False, True, True, True])
+    text0, image0 = torch.cat([_directions(4), _directions(5)]), torch.cat([_directions(6), _directions(7)])
+    kept0 = torch.tensor([True] * B + [False, True] * (B // 2))
+
+    def rank_0_then_1(x):
+        mine = torch.stack([text0, image0], dim=1) if x.dim() == 3 else kept0.float()[:, None]
+        return torch.cat([mine, x]), x.shape[0]
+
+    monkeypatch.setattr(distributed, "gather_with_grad", rank_0_then_1)
+    loss = obj(Embeddings(s=s, v=v, u=u, g=g, unsafe_kept=kept), Scalars(scale=10.0)).loss
+    mine = torch.cat([torch.ones(B, dtype=torch.bool), kept])
+    text, image = torch.cat([s, u])[mine], torch.cat([v, g])[mine]
+    text_all, image_all = torch.cat([text0[kept0], text]), torch.cat([image0[kept0], image])
+    target = torch.arange(len(text)) + int(kept0.sum())
+    expected = 0.5 * (F.cross_entropy(10.0 * text @ image_all.T, target) + F.cross_entropy(10.0 * image @ text_all.T, target))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_safeclip_redirection_at_the_reference_zeroes_the_cosine_terms():
     ref = SafetyEncoder(architectures.resolve("tiny"), "euclidean")
     obj = objectives.build("safeclip", reference=ref)

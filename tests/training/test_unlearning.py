@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import architectures, artifact, lorentz, objectives, recipes, trainer
-from training.data import concepts, forget, synthetic, visu
+from training.data import concepts, forget, loader, synthetic, visu
 from training.data.roots import DataRoots
 from training.encoder import SafetyEncoder
 from training.errors import InputError, OutsideRootsError
@@ -89,8 +89,8 @@ def test_the_forget_set_is_the_unsafe_pairs_showing_the_concept_and_the_retain_s
     assert {r.safe_image for r in train_records} <= retained  # every safe look-alike (a spoon) is kept
     assert not {r.nsfw_image for r in shows} & retained
     assert len(fs.retain) == 2 * len(train_records) - len(shows)
-    assert fs.provenance() == {"concepts": ["knife"], "forget_pairs": len(shows), "retain_pairs": len(fs.retain),
-                               "manifest": None}
+    expected = {"concepts": ["knife"], "forget_pairs": len(shows), "retain_pairs": len(fs.retain), "manifest": None}
+    assert {k: fs.provenance().get(k) for k in expected} == expected
 
 
 def test_a_concept_no_training_pair_shows_is_refused_with_the_known_ones(data, train_records):
@@ -257,10 +257,14 @@ def test_hac_forget_entailment_is_zero_once_the_forget_image_leaves_its_caption_
 
 
 def test_options_are_checked_and_recorded():
-    obj = objectives.build("hac", options={"norm": "grow"})
-    assert obj.provenance()["options"] == {"norm": "grow"} and obj.identity() == {"options": {"norm": "grow"}}
-    with pytest.raises(InputError, match="norm=shrink|grow|none"):
-        objectives.build("hac", options={"norm": "sideways"})
+    obj = objectives.build("hac", options={"form": "ours", "norm": "grow"})
+    chosen = {"form": "ours", "norm": "grow"}
+    assert obj.provenance()["options"] == chosen and obj.identity() == {"options": chosen}
+    assert objectives.build("hac").identity() == {"options": {"form": "paper"}}  # the form is explicit, chosen or not
+    with pytest.raises(InputError, match="norm=sideways: use one of shrink, grow, none"):
+        objectives.build("hac", options={"form": "ours", "norm": "sideways"})
+    with pytest.raises(InputError, match="norm=grow belongs to hac's form=ours"):
+        objectives.build("hac", options={"norm": "grow"})
     with pytest.raises(InputError, match="no option 'norm'"):
         objectives.build("cliperase", options={"norm": "grow"})
     with pytest.raises(InputError, match="unlearning methods"):
@@ -284,6 +288,8 @@ def test_an_unlearning_run_writes_an_artifact_that_records_what_it_forgot(method
     assert prov["method"] == method and prov["forget"]["concepts"] == ["knife"]
     assert prov["forget"]["forget_pairs"] > 0 and prov["forget"]["retain_pairs"] > prov["forget"]["forget_pairs"]
     assert prov["weights"] == list(objectives.reference_weights(method))
+    if method == "hac":  # the paper's form, with its named weights
+        assert prov["options"] == {"form": "paper"} and prov["params"]["alpha"] == prov["params"]["gamma"] == 0.5
     assert result.steps == 3
 
 
@@ -294,6 +300,8 @@ def test_an_unlearning_run_writes_an_artifact_that_records_what_it_forgot(method
     ({"method": "hac"}, "use --method ac"),
     ({"objective_options": ("norm",)}, "NAME=VALUE"),
     ({"method": "ga", "weights": (1.0,)}, "single loss term"),
+    ({"method": "ac", "params": {"alpha": 0.5}}, "ac keeps alpha = gamma"),
+    ({"method": "ac", "objective_options": ("perf=none",)}, "belongs to ac's form=ours"),
 ])
 def test_bad_unlearning_input_is_refused_before_anything_is_written(kw, message, data, bases, tmp_path):
     out = tmp_path / "out"
@@ -302,12 +310,75 @@ def test_bad_unlearning_input_is_refused_before_anything_is_written(kw, message,
     assert not out.exists() and not out.with_name("out.run").exists()
 
 
-def test_the_cli_trains_a_forgetting_run_and_refuses_forget_without_a_method(cli, data, bases, tmp_path):
+def test_the_cli_trains_a_forgetting_run_with_named_weights_and_refuses_forget_without_a_method(cli, data, bases,
+                                                                                                  tmp_path):
     out = tmp_path / "cli-forgot"
-    cli("train", "--method", "ga", "--model", bases["euclidean"], "--forget", "knife,gun", "--data", data, "--out", out,
-        "--full-finetune", "--epochs", "1", "--batch-size", BATCH, "--max-steps", 2, "--device", "cpu", "--lr", "1e-4")
+    cli("train", "--method", "ac", "--model", bases["euclidean"], "--forget", "knife,gun", "--data", data, "--out", out,
+        "--weights", "alpha=0.25,gamma=0.25,epsilon=2", "--full-finetune", "--epochs", "1", "--batch-size", BATCH,
+        "--max-steps", 2, "--device", "cpu", "--lr", "1e-4")
     prov = json.loads((out / artifact.CONFIG).read_text())["provenance"]
     assert prov["forget"]["concepts"] == ["gun", "knife"]
-    proc = cli("train", "--method", "clip", "--forget", "knife", "--data", data, "--out", tmp_path / "x", check=False)
+    assert prov["weights"] == [1.0, 0.5, 1.0, 0.5]  # 1, epsilon * (alpha, beta, gamma)
+    assert prov["params"] == {"epsilon": 2.0, "alpha": 0.25, "beta": 0.5, "gamma": 0.25}
+    proc = cli("train", "--method", "hysac", "--forget", "knife", "--data", data, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "unlearning method" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("train", "--method", "ac", "--model", bases["euclidean"], "--forget", "knife", "--data", data,
+               "--out", tmp_path / "x", "--weights", "1,alpha=0.5", check=False)
+    assert proc.returncode == 2 and "not a mix" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------- the oracle: retrain without
+def _oracle(data: Path, out: Path, **kw) -> recipes.TrainConfig:
+    base = dict(method="clip", clip_pairs="all", data=data, out=out, model="tiny", forget=("knife",), full_finetune=True,
+                epochs=1, batch_size=BATCH, lr=1e-3, workers=0, progress=False, device="cpu", seed=0)
+    return recipes.TrainConfig(**{**base, **kw})
+
+
+def test_the_oracle_trains_clip_on_every_pair_but_the_forget_pairs(data, train_records, tmp_path, monkeypatch):
+    opened: list[Path] = []
+    rows: list[tuple[str, str, bool]] = []
+    read, collate = visu.QuadDataset._open, loader.Collate.__call__
+
+    def spy_open(self, path):
+        opened.append(Path(path))
+        return read(self, path)
+
+    def spy_collate(self, items):
+        rows.extend((it["safe"], it["nsfw"], it["unsafe_kept"]) for it in items)
+        batch = collate(self, items)
+        assert batch.unsafe_kept.tolist() == [it["unsafe_kept"] for it in items]
+        return batch
+
+    monkeypatch.setattr(visu.QuadDataset, "_open", spy_open)
+    monkeypatch.setattr(loader.Collate, "__call__", spy_collate)
+    result = trainer.train(_oracle(data, tmp_path / "oracle"))  # one epoch: every train record in one batch
+    knives = [r for r in train_records if "knife" in r.nsfw]
+    assert len(rows) == len(train_records) == result.steps * BATCH and knives
+    assert not {r.nsfw_image for r in knives} & set(opened)  # a left-out image is never even read
+    assert {r.safe_image for r in knives} <= set(opened)  # its harmless look-alike (a spoon) is trained on
+    others = {r.nsfw_image for r in train_records} - {r.nsfw_image for r in knives}
+    assert others <= set(opened)
+    left = [(safe, nsfw) for safe, nsfw, kept in rows if not kept]
+    assert sorted(left) == sorted((r.safe, r.safe) for r in knives)  # their unsafe half: a masked placeholder
+    assert not [nsfw for _, nsfw, kept in rows if kept and "knife" in nsfw]
+    prov = artifact.load(result.artifact, device="cpu").provenance
+    assert prov["method"] == "clip" and prov["clip_pairs"] == "all"
+    expected = {"concepts": ["knife"], "forget_pairs": len(knives), "retain_pairs": 2 * len(train_records) - len(knives),
+                "manifest": None, "oracle": "retrained without the forget pairs", "left_out_pairs": len(knives)}
+    assert {k: prov["forget"].get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"clip_pairs": "safe"}, "--clip-pairs safe never trains on the unsafe pairs.*add --clip-pairs all"),
+    ({"clip_pairs": None}, "--clip-pairs safe never trains on the unsafe pairs"),  # clip's default
+    ({"forget_manifest": Path("takedown.csv")}, "--forget-manifest goes with an unlearning method"),
+    ({"forget": ("sword",)}, "unknown concept 'sword'.*knife"),
+    ({"objective_options": ("form=ours",)}, "--objective-option goes with an unlearning method"),
+    ({"method": "hysac", "clip_pairs": None}, "go with an unlearning method.*--method clip --clip-pairs all"),
+])
+def test_bad_oracle_input_is_refused_before_anything_is_written(kw, message, data, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=message):
+        trainer.train(_oracle(data, out, **kw))
+    assert not out.exists() and not out.with_name("out.run").exists()

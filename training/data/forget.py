@@ -62,6 +62,7 @@ class ForgetSplit:
     manifest: Path | None = None
     twins: list[tuple[Pair, Pair]] = field(default_factory=list)  # (the safe half, its forget pair) per forgotten quadruplet
     from_manifest: int = 0  # forget pairs the manifest gave
+    twin_lookalikes: tuple[str, ...] = ()  # the safe counterparts the twins' captions name, sorted
 
     def describe(self) -> str:
         what = ", ".join(self.concepts) if self.concepts else "the manifest's pairs"
@@ -71,7 +72,10 @@ class ForgetSplit:
 
     def provenance(self) -> dict:
         out = {"concepts": list(self.concepts), "forget_pairs": len(self.forget), "retain_pairs": len(self.retain),
-               "manifest": str(self.manifest) if self.manifest else None}
+               "manifest": str(self.manifest) if self.manifest else None,
+               # the look-alike classes training showed beside the forgotten ones: the evaluation splits
+               # benign_drop into look-alikes seen and unseen by them
+               "twin_lookalikes": list(self.twin_lookalikes)}
         if self.manifest:
             out["manifest_pairs"] = self.from_manifest
         return out
@@ -150,6 +154,7 @@ def split(
     forget_pairs: list[Pair] = []
     retain: list[Pair] = []
     twins: list[tuple[Pair, Pair]] = []
+    lookalikes: set[str] = set()
     shown: dict[str, int] = {c.name: sum(1 for p in listed if {c.name, c.tag.lower()} & set(p.tags)) for c in chosen}
 
     def kept(image: Path) -> bool:  # resolved only when a manifest lists images: no syscall per record otherwise
@@ -163,6 +168,8 @@ def split(
             forget_pairs.append(Pair(r.nsfw, r.nsfw_image))
             if safe_kept:
                 twins.append((Pair(r.safe, r.safe_image), forget_pairs[-1]))
+                if (lookalike := c.counterpart_in(r.safe)) is not None:
+                    lookalikes.add(lookalike)
         elif kept(r.nsfw_image):
             retain.append(Pair(r.nsfw, r.nsfw_image))
         if safe_kept:
@@ -177,7 +184,7 @@ def split(
         raise InputError("the retain set is empty: everything would be forgotten; forget fewer concepts, or train on a "
                          "dataset that also holds pairs to keep")
     return ForgetSplit(tuple(c.name for c in chosen) + tuple(of_manifest), forget_pairs, retain, manifest, twins,
-                       from_manifest=len(listed))
+                       from_manifest=len(listed), twin_lookalikes=tuple(sorted(lookalikes)))
 
 
 def pairings(fs: ForgetSplit, *, seed: int, twin_repeats: int = TWIN_REPEATS) -> list[Quadruplet]:

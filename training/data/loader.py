@@ -7,10 +7,13 @@
   a ``DistributedSampler`` shard (the same on every run and resume), from a step onwards.
 - :class:`Collate` tokenises captions and stacks images in the loader workers, and lists the
   train positions whose images could not be read, so the trainer can count them.
+- :class:`LeftOut` is the retrain-without view of a train split (``clip --forget``, the oracle):
+  chosen records lose their unsafe pair before its image is ever read, and each batch says which.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -67,7 +70,32 @@ class Collate:
             safe_pixels=torch.stack([it["safe_image"] for it in items]),
             nsfw_pixels=torch.stack([it["nsfw_image"] for it in items]),
             unreadable=self.unreadable(items),
+            # a dataset flags every item or none (LeftOut): every rank's batches agree on having the mask
+            unsafe_kept=torch.tensor([it["unsafe_kept"] for it in items]) if "unsafe_kept" in items[0] else None,
         )
+
+
+class LeftOut(Dataset):
+    """A train split without the unsafe pairs of the records at ``left_out`` (positions).
+
+    Those records' unsafe caption and image are replaced by their safe ones, so the left-out image
+    is never opened, and every item carries ``unsafe_kept`` (False for them): an objective that
+    reads the unsafe half skips it where it is False.
+    """
+
+    def __init__(self, records: list[visu.Quadruplet], transform, *, left_out: frozenset[int],
+                 roots: DataRoots = DataRoots()):
+        self.left_out = left_out
+        kept = [dataclasses.replace(r, nsfw=r.safe, nsfw_image=r.safe_image) if i in left_out else r
+                for i, r in enumerate(records)]
+        self.dataset = visu.QuadDataset(kept, transform, roots=roots)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        return {**item, "unsafe_kept": item["index"] not in self.left_out}  # index: the record actually returned
 
 
 class CachedQuads(Dataset):
@@ -89,12 +117,14 @@ def cache_fits(records: int, image_size: int, limit_bytes: int) -> bool:
 
 
 def train_dataset(records: list[visu.Quadruplet], encoder: SafetyEncoder, *, epochs: int, cache_mb: int,
-                  roots: DataRoots = DataRoots()) -> Dataset:
+                  roots: DataRoots = DataRoots(), left_out: frozenset[int] | None = None) -> Dataset:
     """The train split as the encoder's inputs; decoded once and cached when more than one epoch reads it and it fits.
 
     With ``roots``, each image is checked again when it is opened (a symlink swapped in after listing is refused).
+    With ``left_out`` (positions; may be empty), those records' unsafe pairs are left out (:class:`LeftOut`).
     """
-    dataset: Dataset = visu.QuadDataset(records, encoder.transform, roots=roots)
+    dataset: Dataset = (visu.QuadDataset(records, encoder.transform, roots=roots) if left_out is None
+                        else LeftOut(records, encoder.transform, left_out=left_out, roots=roots))
     size = encoder.arch.preprocess["size"]
     size = int(size if isinstance(size, int) else max(size))
     if epochs > 1 and cache_fits(len(records), size, cache_mb << 20):

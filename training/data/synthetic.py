@@ -21,12 +21,27 @@ heldout isolates generalisation to unseen phrasing. Images are JPEG (quality 90,
 subsampling so thin red/purple details survive at 64 px), matching the ``.jpg`` names of the real data.
 Same seed, same bytes: every random choice comes from seeded ``random.Random`` streams, and the
 JSON and JPEG encoders are deterministic.
+
+Three options serve unlearning benchmarks; each draws from its own stream, so a dataset made without
+them is byte for byte what it always was, and one made with them differs only where they act:
+
+- ``boost``: ``boost_n`` extra test quadruplets of each named concept, appended to ``test`` (and their
+  re-captions to ``heldout``) with ids after every balanced record's, so a forgotten concept has enough
+  test images;
+- ``holdout_lookalikes``: each concept's train records never draw one of its counterparts
+  (:func:`heldout_counterparts`), so a benchmark can compare look-alikes seen and unseen in training;
+- ``multi``: a ``multi`` split (``ViSU-Text_multi.json``, ``nsfw/multi/...``) of test-like quadruplets whose
+  unsafe half shows two concepts: one in the main box, one in a prop slot (safe half: a counterpart of
+  each), captioned with the held-out templates; its records also carry ``concepts`` and ``phrases``,
+  ``[main, slot]``, read by :func:`training.data.visu.load_multi`.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +49,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -51,8 +67,11 @@ VERSION = 1
 UNSAFE_LOOKS = ("plain", "generated", "generated-half")
 GENERATED_PREFIX = "graphic "  # one token: the longest plain caption leaves just one spare in the tiny context
 SPLITS = ("train", "validation", "test", "heldout")
+#: The two-concept split, written only when asked for (``multi``); not one of ``SPLITS``, which every dataset has.
+MULTI = "multi"
 FRACTIONS = {"validation": 0.1, "test": 0.1}
-COCO_DIR = {"train": "train2017", "validation": "val2017", "test": "val2017", "heldout": "val2017"}
+COCO_DIR = {"train": "train2017", "validation": "val2017", "test": "val2017", "heldout": "val2017", MULTI: "val2017"}
+BOOST_N = 120
 JPEG_OPTIONS = {"format": "JPEG", "quality": 90, "subsampling": 0, "optimize": False}
 MIN_N, MIN_SIZE, MAX_SIZE = 3, 16, 1024
 
@@ -179,6 +198,17 @@ class Prop:
 
 
 @dataclass(frozen=True)
+class Second:
+    """A second unsafe concept drawn in a prop slot (the ``multi`` split), and the counterpart of its safe half."""
+
+    concept: Concept
+    phrase: str
+    counterpart: str
+    counterpart_colour: str | None
+    slot: str
+
+
+@dataclass(frozen=True)
 class Sample:
     """Everything that defines one quadruplet; rendering and captioning are pure functions of it."""
 
@@ -194,6 +224,7 @@ class Sample:
     props: tuple[Prop, ...]
     template: str
     render_seed: int
+    second: Second | None = None  # only in the multi split
 
 
 #: Benign objects named in the plural ("some coins", not "a coins").
@@ -221,10 +252,19 @@ def others_phrase(props: tuple[Prop, ...]) -> str:
     return " and ".join(f"{object_phrase(p.name, p.colour)} {p.slot}" for p in props)
 
 
+def second_phrase(second: Second, unsafe: bool) -> str:
+    """'a knife on the left' (unsafe half) or 'a spoon on the left' (safe half)."""
+    obj = second.phrase if unsafe else object_phrase(second.counterpart, second.counterpart_colour)
+    return f"{obj} {second.slot}"
+
+
 def caption(s: Sample, unsafe: bool, look: str = "plain") -> str:
     """The caption of one half; both halves fill the same template with the same scene and props."""
     obj = s.phrase if unsafe else safe_phrase(s)
-    text = s.template.format(obj=obj, scene=s.scene.phrase, others=others_phrase(s.props))
+    others = others_phrase(s.props)
+    if s.second is not None:  # named first: a long caption loses its tail to the tiny context, not the concept
+        others = " and ".join(filter(None, (second_phrase(s.second, unsafe), others)))
+    text = s.template.format(obj=obj, scene=s.scene.phrase, others=others)
     worded = look == "generated" or (look == "generated-half" and s.incremental_id % 2 == 1)
     return GENERATED_PREFIX + text if unsafe and worded else text
 
@@ -263,6 +303,73 @@ def _sample(rng: random.Random, incremental_id: int, coco_id: int, split: str, c
     )
 
 
+def _multi_sample(rng: random.Random, incremental_id: int, main: Concept, second: Concept) -> Sample:
+    """A test-like sample of ``main`` with ``second`` in one prop slot; the other slot keeps its prop, if any."""
+    s = _sample(rng, incremental_id, 100_000 + incremental_id, MULTI, main)
+    slot = rng.choice(sorted(LAYOUTS[s.layout][1]))
+    counterpart = rng.choice(second.counterparts)
+    colour = _colour(rng, counterpart)
+    phrase = rng.choice(second.phrases)
+    template = rng.choice(HELDOUT_TEMPLATES)
+    return replace(s, props=tuple(p for p in s.props if p.slot != slot), template=template,
+                   second=Second(second, phrase, counterpart, colour, slot))
+
+
+def concepts_named(names: Sequence[str], option: str = "--boost") -> tuple[Concept, ...]:
+    """The concepts called ``names`` (any case), in catalogue order; an unknown name is an InputError."""
+    by_name = {c.name: c for c in CONCEPTS}
+    wanted = {n.strip().lower() for n in names if n.strip()}
+    unknown = sorted(wanted - set(by_name))
+    if unknown:
+        raise InputError(f"{option}: unknown concept {', '.join(map(repr, unknown))}; the concepts are "
+                         f"{', '.join(by_name)}")
+    return tuple(c for c in CONCEPTS if c.name in wanted)
+
+
+def heldout_counterparts(concepts: Sequence[Concept] = CONCEPTS) -> dict[str, str]:
+    """The counterpart each concept never draws in its train records with ``holdout_lookalikes``; no seed involved.
+
+    Concepts sharing a counterpart form a group (graffiti and skull share "clock"); each group's choices of
+    one counterpart per concept are ranked by: most concepts whose held-out class another concept of the group
+    still draws in train, then most held-out classes shared with another concept, then the later counterparts
+    in catalogue order (so a concept sharing none holds out its last). Where a group cannot keep every held-out
+    class drawn, some concept holds out a class that no other concept has, and that class is in no train
+    record at all: every concept sharing nothing (gun: banana), and one of each group with fewer shared classes
+    than concepts (syringe: candle, as knife holds out their only shared class; skull: egg, as graffiti and
+    hate flag hold out its two; threatening note: notebook). ``holdout_lookalikes`` in dataset.json lists them.
+    """
+    owners: dict[str, list[int]] = {}
+    for i, c in enumerate(concepts):
+        for name in c.counterparts:
+            owners.setdefault(name, []).append(i)
+    groups: list[list[int]] = []
+    placed: set[int] = set()
+    for i in range(len(concepts)):
+        if i in placed:
+            continue
+        group, todo = [], [i]
+        while todo:
+            j = todo.pop()
+            if j not in placed:
+                placed.add(j)
+                group.append(j)
+                todo.extend(k for name in concepts[j].counterparts for k in owners[name])
+        groups.append(sorted(group))
+
+    held: dict[str, str] = {}
+    for group in groups:  # at most three concepts of three counterparts each: every choice is tried
+
+        def rank(choice: tuple[int, ...], group: list[int] = group) -> tuple:
+            out = {i: concepts[i].counterparts[k] for i, k in zip(group, choice, strict=True)}
+            kept = sum(any(j != i and out[j] != name for j in owners[name]) for i, name in out.items())
+            shared = sum(len(owners[name]) > 1 for name in out.values())
+            return kept, shared, choice
+
+        best = max(itertools.product(*(range(len(concepts[i].counterparts)) for i in group)), key=rank)
+        held.update({concepts[i].name: concepts[i].counterparts[k] for i, k in zip(group, best, strict=True)})
+    return {c.name: held[c.name] for c in concepts}
+
+
 def split_sizes(n: int) -> dict[str, int]:
     """80/10/10 with at least one quadruplet per split."""
     val = max(1, round(n * FRACTIONS["validation"]))
@@ -270,8 +377,25 @@ def split_sizes(n: int) -> dict[str, int]:
     return {"train": n - val - test, "validation": val, "test": test}
 
 
-def plan(n: int, seed: int) -> list[Sample]:
-    """All samples of all splits, in id order. Concepts cycle in shuffled rounds so every split is balanced."""
+def plan(n: int, seed: int, *, boost: Sequence[str] = (), boost_n: int = BOOST_N, holdout_lookalikes: bool = False,
+         multi: int = 0) -> list[Sample]:
+    """All samples of all splits, in id order. Concepts cycle in shuffled rounds so every split is balanced.
+
+    The options (module docstring) draw from streams of their own: without them the plan is the one it always was.
+    """
+    samples = _balanced(n, seed)
+    if holdout_lookalikes:
+        samples = _hold_out(samples, random.Random(f"holdout:{seed}"))
+    boosted = concepts_named(boost)
+    if boosted:
+        samples += _boosted(boosted, boost_n, len(samples), random.Random(f"boost:{seed}"))
+    if multi:
+        samples += _multi(boosted or CONCEPTS, boosted, multi, len(samples), random.Random(f"multi:{seed}"))
+    return samples
+
+
+def _balanced(n: int, seed: int) -> list[Sample]:
+    """train, validation and test, then heldout: every draw from the one stream of ``seed``, as always."""
     rng = random.Random(seed)
     samples: list[Sample] = []
     next_id = 0
@@ -286,6 +410,51 @@ def plan(n: int, seed: int) -> list[Sample]:
     for s in [s for s in samples if s.split == "test"]:
         samples.append(replace(s, incremental_id=next_id, split="heldout", template=rng.choice(HELDOUT_TEMPLATES)))
         next_id += 1
+    return samples
+
+
+def _hold_out(samples: list[Sample], rng: random.Random) -> list[Sample]:
+    """Train samples that drew their concept's held-out counterpart draw again among its others.
+
+    Only the counterpart and its colour change, so the scene, props, phrase and template stay as without the option.
+    """
+    held = heldout_counterparts()
+    out = []
+    for s in samples:
+        if s.split == "train" and s.counterpart == held[s.concept.name]:
+            name = rng.choice([c for c in s.concept.counterparts if c != s.counterpart])
+            s = replace(s, counterpart=name, counterpart_colour=_colour(rng, name))
+        out.append(s)
+    return out
+
+
+def _boosted(concepts: Sequence[Concept], k: int, next_id: int, rng: random.Random) -> list[Sample]:
+    """``k`` more test samples of each concept, then their heldout re-captions in the same order."""
+    test = []
+    for concept in concepts:
+        for _ in range(k):
+            test.append(_sample(rng, next_id, 100_000 + next_id, "test", concept))
+            next_id += 1
+    heldout = []
+    for s in test:
+        heldout.append(replace(s, incremental_id=next_id, split="heldout", template=rng.choice(HELDOUT_TEMPLATES)))
+        next_id += 1
+    return test + heldout
+
+
+def _multi(focus: Sequence[Concept], boosted: Sequence[Concept], k: int, next_id: int,
+           rng: random.Random) -> list[Sample]:
+    """For each focus concept, ceil(k/2) samples with it in the main box and as many with it in a slot, beside a
+    concept drawn from those not boosted (any other one, without a boost)."""
+    samples = []
+    for concept in focus:
+        partners = [c for c in CONCEPTS if c not in boosted and c != concept]
+        for as_main in (True, False):
+            for _ in range(math.ceil(k / 2)):
+                other = rng.choice(partners)
+                main, second = (concept, other) if as_main else (other, concept)
+                samples.append(_multi_sample(rng, next_id, main, second))
+                next_id += 1
     return samples
 
 
@@ -307,6 +476,12 @@ def render(s: Sample, unsafe: bool, size: int, look: str = "plain") -> Image.Ima
     d.rectangle([0, horizon * big, big, big], fill=ground)
 
     main_box, slots = LAYOUTS[s.layout]
+    if s.second is not None:
+        box = _jittered(slots[s.second.slot], rng, 0.03, big)
+        name, colour_name = ((s.second.concept.name, None) if unsafe
+                             else (s.second.counterpart, s.second.counterpart_colour))
+        GLYPHS[name].draw(Pen(d, box), PALETTE[colour_name] if colour_name else (0, 0, 0),
+                          random.Random(rng.getrandbits(32)))
     for prop in s.props:
         box = _jittered(slots[prop.slot], rng, 0.03, big)
         colour = PALETTE[prop.colour] if prop.colour else (0, 0, 0)
@@ -343,14 +518,21 @@ def jpeg_bytes(im: Image.Image) -> bytes:
 
 
 def record(s: Sample, look: str = "plain") -> dict:
-    """The ViSU-Text record of a sample (the real files' fields, nothing more)."""
-    return {"incremental_id": s.incremental_id, "coco_id": s.coco_id, "safe": caption(s, False),
-            "nsfw": caption(s, True, look), "tag": s.concept.tag}
+    """The ViSU-Text record of a sample (the real files' fields; a multi record also names its two concepts)."""
+    rec = {"incremental_id": s.incremental_id, "coco_id": s.coco_id, "safe": caption(s, False),
+           "nsfw": caption(s, True, look), "tag": s.concept.tag}
+    if s.second is not None:
+        rec |= {"concepts": [s.concept.name, s.second.concept.name], "phrases": [s.phrase, s.second.phrase]}
+    return rec
+
+
+def written_splits(samples: list[Sample]) -> tuple[str, ...]:
+    return SPLITS + ((MULTI,) if any(s.split == MULTI for s in samples) else ())
 
 
 def summary(samples: list[Sample], n: int, seed: int, image_size: int) -> dict:
     splits: dict[str, dict] = {}
-    for split in SPLITS:
+    for split in written_splits(samples):
         members = [s for s in samples if s.split == split]
         tags: dict[str, int] = {}
         for s in members:
@@ -387,13 +569,50 @@ def _check_out(out: Path) -> None:
             raise InputError(f"{out} is not empty and holds no synthetic dataset; choose an empty or new --out")
 
 
-def generate(out: Path, n: int, seed: int, image_size: int = 64, unsafe_look: str = "plain") -> dict:
+def options_summary(samples: list[Sample], n: int, boost: Sequence[Concept], boost_n: int, holdout_lookalikes: bool,
+                    multi: int) -> dict:
+    """What dataset.json adds for the options given (nothing without them)."""
+    info: dict = {}
+    if boost:
+        first, count = n + split_sizes(n)["test"], len(boost) * boost_n  # after the balanced splits' ids
+        info["boost"] = {"concepts": [c.name for c in boost], "n": boost_n,
+                         "ids": {"test": [first, first + count - 1], "heldout": [first + count, first + 2 * count - 1]},
+                         "note": "extra test records (ids inclusive), appended after the balanced ones; their heldout "
+                                 "re-captions likewise, in the same order"}
+    if holdout_lookalikes:
+        held = heldout_counterparts()
+        in_train = {s.counterpart for s in samples if s.split == "train"}
+        info["holdout_lookalikes"] = {
+            "split": "train",
+            "drawn_in_train": sorted({h for h in held.values() if h in in_train}),
+            "absent_from_train": sorted({h for h in held.values() if h not in in_train}),
+            "note": "each concept's train records never draw its heldout_counterparts; a class in drawn_in_train "
+                    "still appears in train as another concept's look-alike, one in absent_from_train in no train "
+                    "record (no other concept has it, or, with few records, none drew it)",
+        }
+    if multi:
+        focus = boost or CONCEPTS
+        info["multi"] = {
+            "n": multi, "concepts": [c.name for c in focus],
+            "partners": [c.name for c in CONCEPTS if c not in boost],
+            "per_concept": {"main": math.ceil(multi / 2), "slot": math.ceil(multi / 2)},
+            "text_file": f"ViSU-Text_{MULTI}.json", "nsfw_layout": f"{MULTI}/{{incremental_id}}/0.jpg",
+            "note": "test-like scenes showing two concepts: concepts[0] in the main box (tag), concepts[1] in a prop "
+                    "slot, each named in the nsfw caption by phrases[i]; captions use the heldout templates",
+        }
+    return info
+
+
+def generate(out: Path, n: int, seed: int, image_size: int = 64, unsafe_look: str = "plain", *,
+             boost: Sequence[str] = (), boost_n: int = BOOST_N, holdout_lookalikes: bool = False,
+             multi: int = 0) -> dict:
     """Write a synthetic ViSU-style dataset to ``out`` and return its summary (also in ``out/dataset.json``).
 
     ``n`` quadruplets over train/validation/test (80/10/10) plus a ``heldout`` re-captioning of test.
     The dataset is built in a sibling temp directory and renamed into place, so ``out`` never holds a
     half-written dataset; a previous synthetic dataset there is replaced. ``unsafe_look``: one of
-    ``UNSAFE_LOOKS``.
+    ``UNSAFE_LOOKS``. ``boost`` (concept names, with ``boost_n``), ``holdout_lookalikes`` and ``multi``
+    (records per concept of the ``multi`` split): see the module docstring.
     """
     out = Path(out)
     if unsafe_look not in UNSAFE_LOOKS:
@@ -402,14 +621,26 @@ def generate(out: Path, n: int, seed: int, image_size: int = 64, unsafe_look: st
         raise InputError(f"--n must be at least {MIN_N} (one quadruplet per split), got {n}")
     if not MIN_SIZE <= image_size <= MAX_SIZE:
         raise InputError(f"--image-size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {image_size}")
+    boosted = concepts_named(boost)
+    if boosted and boost_n < 1:
+        raise InputError(f"--boost-n must be at least 1, got {boost_n}")
+    if multi < 0:
+        raise InputError(f"--multi must be 0 (no multi split) or more, got {multi}")
+    if multi and len(boosted) == len(CONCEPTS):
+        raise InputError("--multi pairs each boosted concept with one not boosted; leave at least one concept out "
+                         "of --boost")
     _check_out(out)
-    samples = plan(n, seed)
+    samples = plan(n, seed, boost=boost, boost_n=boost_n, holdout_lookalikes=holdout_lookalikes, multi=multi)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
     try:
         _write(tmp, samples, image_size, unsafe_look)
         info = summary(samples, n, seed, image_size) | {"unsafe_look": unsafe_look}
+        info |= options_summary(samples, n, boosted, boost_n, holdout_lookalikes, multi)
+        if holdout_lookalikes:
+            for name, held in heldout_counterparts().items():
+                info["concepts"][name]["heldout_counterparts"] = [held]
         _write_json(tmp / "dataset.json", info)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -435,7 +666,7 @@ def _write(root: Path, samples: list[Sample], image_size: int, look: str) -> Non
         unsafe = root / "nsfw" / s.split / str(s.incremental_id) / "0.jpg"
         unsafe.parent.mkdir(parents=True, exist_ok=True)
         unsafe.write_bytes(nsfw_bytes[s.coco_id])
-    for split in SPLITS:
+    for split in written_splits(samples):
         _write_json(root / f"ViSU-Text_{split}.json", [record(s, look) for s in samples if s.split == split])
 
 

@@ -16,6 +16,9 @@ keyword arguments of :func:`load_split` override it. The JSON may be a list of r
 id, or either wrapped as ``{"info": ..., "data": ...}``. Records with an empty caption or a missing
 image are skipped and counted per reason rather than failing the run.
 
+The synthetic generator's ``multi`` split (``data synth --multi K``) has the same layout and reads like any
+split; :func:`load_multi` also returns the two concepts each of its unsafe images shows.
+
 With data roots (``training.data.roots``) the dataset root, ``visu.json``, the text file and both image
 roots must lie under them, and a record whose image resolves outside them is skipped
 (``outside_data_roots``); readers of the images check again when they open them.
@@ -300,6 +303,58 @@ def _quadruplet(rec: Any, split: str, layout: Layout, coco: CocoIndex, seen: set
     if not nsfw_image.is_file():
         return "missing_nsfw_image", None
     return "", Quadruplet(iid, cid, safe, nsfw, tag, safe_image, nsfw_image)
+
+
+MULTI_SPLIT = "multi"
+
+
+@dataclass(frozen=True)
+class MultiRecord:
+    """A record of the ``multi`` split: an unsafe image showing two concepts, ``concepts[0]`` in the main box and
+    ``concepts[1]`` in a prop slot, named in ``caption`` by ``phrases``; the safe half shows a counterpart of each."""
+
+    incremental_id: int
+    caption: str
+    image: Path
+    concepts: tuple[str, str]
+    phrases: tuple[str, str]
+    safe_caption: str
+    safe_image: Path
+
+
+def load_multi(root: Path, roots: DataRoots | None = None) -> list[MultiRecord]:
+    """The usable records of the ``multi`` split at ``root``, read as :func:`load_split` reads a split (same layout,
+    data roots and skip rules); a record without two concept names and phrases is skipped, with a warning.
+
+    Raises DataError when the dataset has no multi split or none of its records is usable.
+    """
+    roots = roots or DataRoots()
+    try:
+        roots.check(root, what="ViSU dataset root")
+        layout = resolve_layout(root, MULTI_SPLIT, roots=roots)
+        if not layout.text_file.is_file():
+            raise DataError(f"{root} has no multi-concept split ({layout.text_file.name}); generate a dataset with "
+                            "`safe-retrieval data synth --multi K`")
+        split = load_split(root, MULTI_SPLIT, roots=roots)
+        raw = read_records(layout.text_file, roots)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the multi split of {str(root)[:200]} ({e}); check its layout") from e
+    pairs: dict[int, tuple[tuple[str, str], tuple[str, str]]] = {}
+    for rec in raw:
+        try:
+            iid, names, phrases = int(rec["incremental_id"]), rec["concepts"], rec["phrases"]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, str) and v for v in x) for x in (names, phrases)):
+            pairs.setdefault(iid, (tuple(names), tuple(phrases)))
+    out = [MultiRecord(q.incremental_id, q.nsfw, q.nsfw_image, *pairs[q.incremental_id], q.safe, q.safe_image)
+           for q in split.records if q.incremental_id in pairs]
+    if len(out) < len(split.records):
+        log.warning("ViSU multi: skipped %d records without two concepts and phrases", len(split.records) - len(out))
+    if not out:
+        raise DataError(f"the multi split of {root} has no record naming two concepts and phrases; regenerate it "
+                        "with `safe-retrieval data synth --multi K`")
+    return out
 
 
 class QuadDataset(Dataset):

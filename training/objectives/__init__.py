@@ -3,6 +3,7 @@ and the concept-unlearning methods ``cliperase``, ``ac``, ``hac``, ``ga``, ``gra
 
 from __future__ import annotations
 
+from training import methods
 from training.errors import InputError
 from training.objectives.base import Batch, Embeddings, LossOutput, Objective
 from training.objectives.clip import ClipObjective
@@ -11,14 +12,15 @@ from training.objectives.safeclip import DEFAULT_WEIGHTS as SAFECLIP_WEIGHTS
 from training.objectives.safeclip import SafeClipObjective
 from training.objectives.unlearning import UNLEARNING, UnlearningObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {
+_CLASSES: dict[str, type[Objective]] = {
     "hysac": HySACObjective,
     "safeclip": SafeClipObjective,
     "clip": ClipObjective,
     **{cls.name: cls for cls in UNLEARNING},
 }
+OBJECTIVES: dict[str, type[Objective]] = {name: _CLASSES[name] for name in methods.METHODS}  # methods.py's order
 METHODS: tuple[str, ...] = tuple(OBJECTIVES)
-FORGETTING: tuple[str, ...] = tuple(cls.name for cls in UNLEARNING)  # the methods that take --forget
+FORGETTING: tuple[str, ...] = methods.FORGETTING  # the unlearning methods (clip takes --forget too: the oracle)
 
 
 def objective_class(method: str) -> type[Objective]:
@@ -29,29 +31,35 @@ def objective_class(method: str) -> type[Objective]:
 
 
 def reference_weights(method: str) -> tuple[float, ...]:
-    """The weights the reference code gives ``method``'s loss terms (hysac at eta 1)."""
+    """The weights the reference code gives ``method``'s loss terms (hysac at eta 1; an unlearning method's are
+    :mod:`training.methods`' defaults of its first form)."""
     cls = objective_class(method)
     if cls is SafeClipObjective:
         return SAFECLIP_WEIGHTS
-    if issubclass(cls, UnlearningObjective) and cls.default_weights:
-        return cls.default_weights
+    if issubclass(cls, UnlearningObjective):
+        return methods.method(method).default_weights()
     return (1.0,) * len(cls.terms)
 
 
 def build(
     method: str, *, reference=None, eta: float = 1.0, gather_negatives: bool = False, clip_pairs: str = "safe",
-    weights: tuple[float, ...] | None = None, options: dict[str, str] | None = None,
+    weights: tuple[float, ...] | None = None, params: dict[str, float] | None = None,
+    options: dict[str, str] | None = None,
 ) -> Objective:
     """The objective for ``method``; ``reference`` (the encoder before training) is needed by safeclip.
 
     ``weights``: the term weights of hysac or safeclip, in the order of the class's ``terms`` (None:
-    the reference's; for hysac ``[1, 1, 1, 1, eta, eta, eta]``). clip has a single term. ``options``: an
-    unlearning method's choices (``UnlearningObjective.options``); the unlearning methods with a
-    consistency term (cliperase, kl) also keep ``reference`` frozen.
+    the reference's; for hysac ``[1, 1, 1, 1, eta, eta, eta]``). clip has a single term. An unlearning
+    method takes its weights by position or by name (``params``: ``alpha=0.5``, ...) and ``options``, its
+    choices (both as :mod:`training.methods` lists them); those with a consistency term (cliperase, kl)
+    also keep ``reference`` frozen.
     """
     cls = objective_class(method)
     if issubclass(cls, UnlearningObjective):
-        return cls(reference, weights=weights, options=options)
+        return cls(reference, weights=weights, params=params, options=options)
+    if params:
+        raise InputError(f"named weights (NAME=VALUE) go with the unlearning methods ({', '.join(FORGETTING)}); "
+                         f"{method} takes one number per loss term")
     if options:
         raise InputError(f"--objective-option applies to the unlearning methods ({', '.join(FORGETTING)}), not {method}")
     if cls is SafeClipObjective:

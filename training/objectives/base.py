@@ -27,13 +27,15 @@ class Batch:
     safe_pixels: Tensor  # (B, 3, H, W)
     nsfw_pixels: Tensor  # (B, 3, H, W)
     unreadable: tuple[int, ...] = ()  # train-split positions whose images could not be read (skipped for this batch)
+    unsafe_kept: Tensor | None = None  # (B,) bool, False where a row's unsafe pair is left out (clip's oracle); None: all
 
     def __len__(self) -> int:
         return int(self.safe_tokens.shape[0])
 
     def to(self, device: torch.device) -> "Batch":
         tensors = (self.safe_tokens, self.nsfw_tokens, self.safe_pixels, self.nsfw_pixels)
-        return Batch(*(t.to(device, non_blocking=True) for t in tensors), unreadable=self.unreadable)
+        kept = None if self.unsafe_kept is None else self.unsafe_kept.to(device, non_blocking=True)
+        return Batch(*(t.to(device, non_blocking=True) for t in tensors), unreadable=self.unreadable, unsafe_kept=kept)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Embeddings:
     g: Tensor | None = None
     s_ref: Tensor | None = None  # the frozen reference encoder's s (Safe-CLIP)
     v_ref: Tensor | None = None  # the frozen reference encoder's v (Safe-CLIP)
+    unsafe_kept: Tensor | None = None  # (B,) bool: the batch's mask of kept unsafe pairs (clip's oracle); None: all
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The ViSU evaluation protocol: retrieval tables, safety scores and a traversal-threshold sweep.
 
-Every record of a split is a quadruplet, index-aligned across four classes:
+Every record of a split is a quadruplet, index-aligned across four classes (:mod:`training.eval.common`):
 S = safe caption (T), V = safe image, U = unsafe caption (T*), G = unsafe image (V*).
 Query ``i`` of a task hits when the gallery item holding the target class's row ``i`` is in its top K.
 
@@ -9,9 +9,8 @@ Safe-content retrieval (HySAC Table 1; the hit is the paired *safe* item):
 Unsafe-content retrieval (HySAC Table 2; the hit is the paired *unsafe* item):
   T*->V*, V*->T*, T*->V*∪V (gallery ``[G; V]``), V*->T*∪T (gallery ``[U; S]``).
 
-Lorentz models rank by geodesic distance, computed as the Lorentz inner product (monotone in it);
-Euclidean models rank by cosine similarity. Ties are broken by gallery order, as a stable
-descending sort would, so a degenerate model cannot score a perfect recall by tying everything.
+Lorentz models rank by geodesic distance, Euclidean ones by cosine similarity, ties against the query
+(:func:`training.eval.common.rank_targets`).
 
 With traversal, *every* query goes through :func:`training.traversal.traverse` (the trigger decides
 which rows move, as the service does) and the bound comes from the gallery's modality. Galleries are
@@ -23,27 +22,37 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from training import artifact, lorentz, traversal
+from training import traversal
 from training.data.visu import load_split
 from training.errors import DataError, InputError
-from training.images import open_image
+from training.eval.common import (
+    CLASSES,
+    KS,
+    LEAKAGE_DEPTH,
+    MODALITY,
+    SAFE_CLASSES,
+    Embeddings,
+    Space,
+    dataset_info,
+    distances_to_origin,
+    embed_records,
+    rank_targets,
+    recall_at,
+    space_of,
+)
+from training.eval.report import check_models, for_each_artifact, write_json, write_text
+from training.eval.report import labels as row_labels
 
-KS: tuple[int, ...] = (1, 5, 10, 20)
-LEAKAGE_DEPTH = 10
-CLASSES: tuple[str, ...] = ("S", "V", "U", "G")
-MODALITY = {"S": "text", "U": "text", "V": "image", "G": "image"}
-SAFE_CLASSES = frozenset({"S", "V"})
 TRAVERSALS: tuple[str, ...] = ("off", "hysac", "geodesic")
-SYNTHETIC_MARKER = "dataset.json"
+REPORT, MARKDOWN = "report.json", "report.md"
 
 
 @dataclass(frozen=True)
@@ -90,116 +99,6 @@ TASKS: tuple[Task, ...] = SAFE_TASKS + UNSAFE_TASKS
 VALIDATION_PAIRS: tuple[tuple[str, str], ...] = (("S", "V"), ("V", "S"), ("S", "G"), ("G", "S"), ("U", "V"), ("V", "U"))
 #: The reference's ``recall_computation.py`` also counts U<->G (eight pairs).
 REFERENCE_VALIDATION_PAIRS: tuple[tuple[str, str], ...] = VALIDATION_PAIRS + (("U", "G"), ("G", "U"))
-
-
-# --------------------------------------------------------------------------------------- embeddings
-@dataclass
-class Space:
-    """Where embeddings live and how to rank and traverse in it."""
-
-    geometry: str  # "lorentz" | "euclidean"
-    curvature: float = 0.0
-    bounds: dict[str, dict[str, float]] = field(default_factory=dict)
-    thresholds: dict[str, float | None] = field(default_factory=dict)  # modality -> unsafe threshold
-
-
-@dataclass
-class Embeddings:
-    """The four index-aligned classes of one split, each ``(N, D)`` float32."""
-
-    by_class: dict[str, Tensor]
-
-    def __getitem__(self, cls: str) -> Tensor:
-        return self.by_class[cls]
-
-    def __len__(self) -> int:
-        return len(self.by_class["S"])
-
-
-def _image_chunks(paths: Sequence[Path], size: int) -> Iterable[list]:
-    for i in range(0, len(paths), size):
-        yield [open_image(p) for p in paths[i : i + size]]
-
-
-def embed_images(encoder, paths: Sequence[Path], *, batch_size: int = 64) -> Tensor:
-    """Open and embed image files chunk by chunk, so only one chunk is decoded at a time: ``(N, D)``."""
-    outs = [encoder.encode_image(chunk, batch_size=batch_size) for chunk in _image_chunks(list(paths), batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0, encoder.arch.embed_dim)
-
-
-def embed_records(encoder, records: Sequence, *, batch_size: int = 64) -> Embeddings:
-    """Embed a split's quadruplets once: S, V, U, G rows aligned with ``records``.
-
-    ``encoder`` is a :class:`training.encoder.SafetyEncoder`; ``records`` are ``Quadruplet``s.
-    """
-    if not records:
-        raise DataError("nothing to evaluate: the split has no records")
-    return Embeddings(
-        {
-            "S": encoder.encode_text([r.safe for r in records], batch_size=max(batch_size, 1)),
-            "V": embed_images(encoder, [r.safe_image for r in records], batch_size=batch_size),
-            "U": encoder.encode_text([r.nsfw for r in records], batch_size=max(batch_size, 1)),
-            "G": embed_images(encoder, [r.nsfw_image for r in records], batch_size=batch_size),
-        }
-    )
-
-
-def distances_to_origin(emb: Embeddings, space: Space) -> dict[str, Tensor]:
-    """``d0`` of every row per class (lorentz only): class -> ``(N,)``."""
-    if space.geometry != "lorentz":
-        return {}
-    return {c: lorentz.dist0(emb[c], space.curvature) for c in CLASSES}
-
-
-# ------------------------------------------------------------------------------------------ ranking
-def similarity(q: Tensor, g: Tensor, space: Space) -> Tensor:
-    """Larger is nearer: Lorentz inner product (lorentz) or cosine (euclidean). ``(B, D), (M, D) -> (B, M)``."""
-    if space.geometry == "lorentz":
-        return lorentz.pairwise_inner(q, g, space.curvature)
-    return F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
-
-
-@dataclass
-class Ranking:
-    """Where each query's target landed, and what came first."""
-
-    ranks: Tensor  # (B,) 0 = the target came first
-    top: Tensor  # (B, depth) gallery indices of the nearest items, nearest first
-
-
-def rank_targets(
-    queries: Tensor, gallery: Tensor, targets: Tensor, space: Space, *, depth: int = LEAKAGE_DEPTH, chunk: int = 1024
-) -> Ranking:
-    """Rank the gallery for each query and find the target's position.
-
-    ``queries (B, D)``, ``gallery (M, D)``, ``targets (B,)`` gallery indices. The query side is
-    processed ``chunk`` rows at a time so memory stays ``O(chunk * M)``. A tie with an earlier
-    gallery item counts against the query (stable descending order).
-    """
-    if len(queries) != len(targets):
-        raise InputError(f"{len(queries)} queries but {len(targets)} targets")
-    gallery = gallery.to(queries.device)
-    targets = targets.to(queries.device)
-    order = torch.arange(len(gallery), device=queries.device)
-    ranks, tops = [], []
-    for i in range(0, len(queries), chunk):
-        sim = similarity(queries[i : i + chunk], gallery, space)
-        t = targets[i : i + chunk]
-        ts = sim.gather(1, t[:, None])
-        ahead = (sim > ts) | ((sim == ts) & (order[None, :] < t[:, None]))
-        ranks.append(ahead.sum(1))
-        # topk does not promise an order among ties; argmax (first maximum) does, so top-1 uses it
-        top = sim.topk(min(depth, len(gallery)), dim=1).indices
-        top[:, 0] = sim.argmax(dim=1)
-        tops.append(top)
-    empty = torch.empty(0, dtype=torch.long, device=queries.device)
-    return Ranking(torch.cat(ranks) if ranks else empty, torch.cat(tops) if tops else empty.view(0, 0))
-
-
-def recall_at(ranks: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
-    """``R@K`` = share of queries whose target ranks below K."""
-    n = max(len(ranks), 1)
-    return {f"R@{k}": float((ranks < k).sum()) / n for k in ks}
 
 
 def task_gallery(emb: Embeddings, task: Task) -> tuple[Tensor, Tensor, Tensor]:
@@ -331,14 +230,6 @@ def validation_recall_sum(
 
 
 # ------------------------------------------------------------------------------------- one artifact
-def space_of(art, bounds: dict | None = None, thresholds: dict | None = None) -> Space:
-    """The :class:`Space` of a loaded artifact (bounds/thresholds override the artifact's own)."""
-    if art.geometry != "lorentz":
-        return Space("euclidean")
-    thr = thresholds if thresholds is not None else {m: art.unsafe_threshold(m) for m in ("text", "image")}
-    return Space("lorentz", art.curvature, dict(bounds if bounds is not None else art.bounds), thr)
-
-
 def _has_bounds(bounds: dict) -> bool:
     return all(c in bounds and "p95" in bounds[c] and "p50" in bounds[c] for c in ("S", "V"))
 
@@ -424,26 +315,6 @@ def evaluate_artifact(
 
 
 # ------------------------------------------------------------------------------------- the command
-def dataset_info(root: Path, split) -> dict[str, Any]:
-    """What the report says about the data; ``synthetic`` comes from ``dataset.json`` at the root."""
-    info: dict[str, Any] = {"root": str(root), "split": split.name, "n": len(split.records), "skipped": dict(split.skipped)}
-    marker = Path(root) / SYNTHETIC_MARKER
-    meta: dict[str, Any] = {}
-    if marker.is_file():
-        try:
-            meta = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-    info["synthetic"] = bool(meta.get("synthetic") or meta.get("kind") == "synthetic" or meta.get("generator"))
-    info["name"] = meta.get("name") or ("synthetic ViSU-style" if info["synthetic"] else "ViSU")
-    return info
-
-
-def _labels(paths: Sequence[Path]) -> list[str]:
-    names = [Path(p).name or str(p) for p in paths]
-    return [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
-
-
 def _load_calibration_split(data: Path, split: str):
     if split == "validation":
         return None  # never calibrate on the split being measured
@@ -474,16 +345,11 @@ def run(
     # matplotlib loads only when a report with plots is written
     from training import plots
 
-    if not models:
-        raise InputError("give an artifact with --model, or several with --compare A B C")
     if method not in TRAVERSALS:
         raise InputError(f"unknown traversal {method!r}; use one of {', '.join(TRAVERSALS)}")
-    if labels is not None and len(labels) != len(models):
-        raise InputError(f"{len(labels)} labels for {len(models)} models; give one label per model")
     if limit is not None and limit < 1:
         raise InputError("--limit must be at least 1")
-    for path in models:  # fail on a wrong path before any embedding work
-        artifact.read_config(path)
+    check_models(models, labels, hint="give an artifact with --model, or several with --compare A B C")
     data = Path(data)
     sp = load_split(data, split)
     records = sp.records[:limit] if limit else sp.records
@@ -492,18 +358,12 @@ def run(
     info["n"] = len(records)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for label, path in zip(labels or _labels(models), models, strict=True):
-        art = artifact.load(path, device=device)
-        results.append(
-            evaluate_artifact(
-                art, records, label=label, method=method, calibration_records=calib,
-                batch_size=batch_size, sweep_points=sweep_points,
-            )
-        )
-        del art  # one model in memory at a time
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    results = for_each_artifact(
+        models, list(labels) if labels is not None else row_labels(models),
+        lambda label, _, art: evaluate_artifact(art, records, label=label, method=method, calibration_records=calib,
+                                                batch_size=batch_size, sweep_points=sweep_points),
+        device=device,
+    )
     report: dict[str, Any] = {
         "dataset": info,
         "traversal": method,
@@ -512,8 +372,8 @@ def run(
         "models": [r.report for r in results],
     }
     report["plots"] = plots.write_all(results, out, synthetic=info["synthetic"])
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    write_text(out / MARKDOWN, markdown(report))
+    write_json(out / REPORT, report)
     return report
 
 
