@@ -171,9 +171,14 @@ def test_report_maps_each_artifact_to_every_metric_with_its_interval(compared):
     report = json.loads((out / ue.REPORT).read_text())
     assert report == result["report"]
     assert list(report) == ROWS
-    for name in ROWS[:3]:
+    for i, name in enumerate(ROWS[:3]):
         metrics = report[name]
-        assert set(metrics) == {*ue.METRICS, "ci"} and set(metrics["ci"]) == set(ue.METRICS)
+        drops = set(ue.DROPS) if i else set()  # the rows after the reference carry their drops against it
+        assert set(metrics) == {*ue.METRICS, *drops, "ci"} and set(metrics["ci"]) == {*ue.METRICS, *drops}
+        for key, metric in ue.DROPS.items():
+            if i:  # the reference's accuracy minus this row's, on the same images, inside its paired interval
+                assert metrics[key] == pytest.approx(report["before"][metric] - metrics[metric], abs=0.11)
+                assert metrics["ci"][key][0] <= metrics[key] <= metrics["ci"][key][1]
         for key in ue.METRICS:
             value, ci = metrics[key], metrics["ci"][key]
             lo = -100 if key.startswith("benign_drop") else 0
