@@ -14,11 +14,13 @@ real evaluator, and the claims the papers make are checked on them:
   see that test), and at least moves unsafe captions off its reference's unsafe images;
 - HySAC keeps safe retrieval (T->V R@1) close to the baseline's (margin in that test's docstring);
 - unlearning, at a seed the recipes were not developed at (``GATE_SEED``), measured on the test split
-  of a fresh dataset with about 150 images of the forgotten concept, each bar held against the 95 %
-  interval's bound rather than the point: CLIPErase and AC from the base forget ``graffiti`` (zero-shot
-  accuracy down 50 points or more) while the other concepts and the harmless look-alikes lose at most
-  10 points each; HAC from the HySAC model, which recognises far less of the concept, keeps at most a
-  third of what that model recognised, within the same bars for the rest.
+  of a fresh dataset with about 150 images of the forgotten concept: CLIPErase and AC from the base
+  forget ``graffiti`` (zero-shot accuracy down 50 points or more, the lower bound of the paired drop's
+  95 % interval) while the other concepts and the harmless look-alikes lose at most 10 points each
+  (the points); HAC from the HySAC model, which recognises far less of the concept, keeps at most a
+  third of what that model recognised (the upper bound), within the same bars for the rest. The keep
+  side at the intervals' upper bounds is a strict xfail for all three (session 11: within the bars at
+  the point, not with 95 % confidence).
 
 They are part of ``make test`` (training the base, the three models and the two unlearning runs takes
 about 15 minutes on two quiet cores, done in the background while the rest of the suite runs:
