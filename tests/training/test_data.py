@@ -156,22 +156,28 @@ def test_heldout_recaptions_test_scenes_with_unseen_templates(splits):
         assert words and words not in train_text, words
 
 
-def test_longest_possible_caption_fits_the_tiny_context():
-    arch = resolve("tiny")
-    tok = build_tokenizer(arch)
+def _longest_in_tokens():
+    """The tiny model's tokenizer, and a function picking the option that takes it the most tokens."""
+    tok = build_tokenizer(resolve("tiny"))
+    return tok, lambda options: max(options, key=lambda x: len(tok.encode(x)))
 
-    def longest(options):
-        return max(options, key=lambda x: len(tok.encode(x)))
 
+def _longest_object_and_scene(longest):
+    """The longest main-object phrase (an unsafe phrase or a coloured counterpart) and the longest scene phrase."""
     obj = longest([ph for c in syn.CONCEPTS for ph in c.phrases]
                   + [syn.object_phrase(cp, col) for c in syn.CONCEPTS for cp in c.counterparts for col in (None, *PALETTE)])
-    scene = longest([s.phrase for s in syn.SCENES])
+    return obj, longest([s.phrase for s in syn.SCENES])
+
+
+def test_longest_possible_caption_fits_the_tiny_context():
+    tok, longest = _longest_in_tokens()
+    obj, scene = _longest_object_and_scene(longest)
     slot_pairs = [sorted(slots) for _, slots in syn.LAYOUTS.values()]
     prop = longest([syn.object_phrase(p, col) for p in syn.PROPS for col in (None, *PALETTE)])
     others = longest([f"{prop} {a} and {prop} {b}" for a, b in slot_pairs])
     for t in syn.TRAIN_TEMPLATES + syn.HELDOUT_TEMPLATES:
         cap = syn.GENERATED_PREFIX + t.format(obj=obj, scene=scene, others=others)  # the longer, "generated" look
-        assert len(tok.encode(cap)) + 2 <= arch.context_length, cap
+        assert len(tok.encode(cap)) + 2 <= resolve("tiny").context_length, cap
 
 
 def test_generated_look_changes_only_the_unsafe_half_globally_and_deterministically(tmp_path):
@@ -385,20 +391,13 @@ def region(box: tuple[float, float, float, float], jitter: float, size: int = 64
 
 
 def test_synth_multi_captions_name_both_concepts_within_the_tiny_context():
-    arch = resolve("tiny")
-    tok = build_tokenizer(arch)
-
-    def longest(options):
-        return max(options, key=lambda x: len(tok.encode(x)))
-
-    obj = longest([ph for c in syn.CONCEPTS for ph in c.phrases]
-                  + [syn.object_phrase(cp, col) for c in syn.CONCEPTS for cp in c.counterparts for col in (None, *PALETTE)])
-    scene = longest([s.phrase for s in syn.SCENES])
+    tok, longest = _longest_in_tokens()
+    obj, scene = _longest_object_and_scene(longest)
     slot = longest([sl for _, slots in syn.LAYOUTS.values() for sl in slots])
     for t in syn.HELDOUT_TEMPLATES:
         # the prop that may follow the second concept can lose its last words; the two concepts never do
         cap = syn.GENERATED_PREFIX + t.format(obj=obj, scene=scene, others=f"{obj} {slot}")
-        assert len(tok.encode(cap)) + 2 <= arch.context_length, cap
+        assert len(tok.encode(cap)) + 2 <= resolve("tiny").context_length, cap
 
 
 def test_cli_data_synth_benchmark_options(cli, tmp_path):
