@@ -143,13 +143,15 @@ class Bench:
                                            "--data", self.data, "--forget", forget, "--seed", seed, "--out", out,
                                            *extra))
 
-    def evaluate(self, folder: Path, name: str, forget: str, before: Path, others: list[Path], floors: bool) -> dict:
+    def evaluation(self, folder: Path, name: str, forget: str, before: Path, others: list[Path],
+                   floors: bool) -> tuple[str, tuple] | None:
+        """The ``eval unlearning`` job of one group of artifacts, or None when its report exists."""
         report = folder / name
-        if not (report / "report.json").exists():
-            self.step(f"{folder.name}/{name}", "eval", "unlearning", "--forget", forget, "--data", self.fresh,
-                      "--split", "test", "--out", report, "--probe-limit", self.args.probe_limit,
-                      *(["--floors"] if floors else []), "--compare", before, *others)
-        return json.loads((report / "report.json").read_text())
+        if (report / "report.json").exists():
+            return None
+        return (f"{folder.name}/{name}", ("eval", "unlearning", "--forget", forget, "--data", self.fresh, "--split",
+                                          "test", "--out", report, "--probe-limit", self.args.probe_limit,
+                                          *(["--floors"] if floors else []), "--compare", before, *others))
 
 
 def main() -> None:
@@ -183,6 +185,7 @@ def main() -> None:
     bench.parallel(jobs)
 
     rows: list[dict] = []
+    evaluations, reads = [], []
     for forget, seed, folder, labels, first in plans:
         euclidean = [folder / lb.replace(" ", "-") for lb, m, _ in labels if m != "hac"]
         lorentz = [folder / lb.replace(" ", "-") for lb, m, _ in labels if m == "hac"]
@@ -192,10 +195,14 @@ def main() -> None:
         if lorentz:
             groups.append(("eval-lorentz", bench.hysac, lorentz))
         for name, before, others in groups:
-            table = bench.evaluate(folder, name, forget, before, others, floors=first and name == "eval-euclidean")
-            by_dir = {p.name: names[p] for p in [before, *others]}
-            for key, metrics in table.items():
-                rows.append({"forget": forget, "seed": seed, "model": by_dir.get(key, key), **metrics})
+            job = bench.evaluation(folder, name, forget, before, others, floors=first and name == "eval-euclidean")
+            evaluations += [job] if job else []
+            reads.append((forget, seed, folder / name, {p.name: names[p] for p in [before, *others]}))
+    bench.parallel(evaluations)  # two at a time, as the trainings
+    for forget, seed, report, by_dir in reads:
+        table = json.loads((report / "report.json").read_text())
+        for key, metrics in table.items():
+            rows.append({"forget": forget, "seed": seed, "model": by_dir.get(key, key), **metrics})
 
     lines = []
     models = ["base", "oracle (retrained without)", "hysac", *dict.fromkeys(r["model"] for r in rows)]
