@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping
 from service.errors import ConflictError, ForbiddenError, NotFoundError, UnprocessableError
 from service.schemas import ForgetRequest, IndexSource, ReindexRequest, RetrainRequest
 from training.errors import DataError, InputError, SafeRetrievalError
+from training.methods import ERASE
 
 log = logging.getLogger("safe_retrieval.jobs")
 
@@ -651,6 +652,12 @@ def check_forget_method(req: ForgetRequest, model: Path) -> None:
     from training import methods
     from training.artifact import read_config
 
+    if req.method == ERASE:
+        extra = [k for k in ("preset", "epochs", "lr", "max_steps", "weights", "options") if getattr(req, k) is not None]
+        if extra:
+            raise UnprocessableError(f"method 'erase' fits a closed-form eraser and trains nothing, so it takes no "
+                                     f"{', '.join(map(repr, extra))}; leave them out, or pick a method that trains")
+        return
     geometry = read_config(model).get("geometry")
     if methods.METHODS[req.method].geometry == "lorentz" and geometry != "lorentz":
         usable = [m for m in methods.FORGETTING if methods.METHODS[m].geometry != "lorentz"]
@@ -677,6 +684,20 @@ def _test_split(data: Path, roots: list[Path], why: str):
     except (DataError, InputError) as e:
         raise UnprocessableError(f"the job's evaluation could not run, so {why}: {e}. Give `data` whose test split "
                                  "(its ViSU-Text test file and images, under the data roots) is there") from e
+
+
+def check_erasable(req: ForgetRequest, model: Path, data: Path, concepts: list[str], roots: list[Path]) -> None:
+    """Refuse (422), before anything is trained, a forget job whose eraser could not be fitted: too few train images
+    of a concept (the message says how many it needs). Nothing to check without the eraser."""
+    from training import erasure
+    from training.artifact import read_config
+
+    if not (req.erase or req.method == ERASE):
+        return
+    try:
+        erasure.plan(data, concepts, dim=int(read_config(model)["embed_dim"]), roots=_confined(roots))
+    except (DataError, InputError) as e:
+        raise UnprocessableError(f"{e}; or ask for no eraser (`erase`: false)") from e
 
 
 def check_forget_evaluation(data: Path, concepts: list[str], roots: list[Path]) -> None:
@@ -733,6 +754,8 @@ def forget_steps(req: ForgetRequest, *, concepts: list[str], model: Path, out: P
         train += ["--weights", ",".join(f"{name}={weight!r}" for name, weight in req.weights.items())]
     for name, choice in (req.options or {}).items():
         train += ["--objective-option", f"{name}={choice}"]
+    if req.erase and req.method != ERASE:
+        train.append("--then-erase")
     evaluate = ["eval", "--unlearning", "--forget", forget, "--data", str(data), "--split", "test",
                 "--out", f"{JOB_DIR}/{UNLEARNING}", *data_root_args(roots), "--compare", str(model), str(out)]
     return [train, evaluate]

@@ -82,6 +82,8 @@ def config_dict(artifact: Artifact) -> dict[str, Any]:
         "safety": artifact.safety,
         "provenance": artifact.provenance,
     }
+    if enc.erasure:  # only then: an artifact without erasers keeps the config (and fingerprint) it always had
+        cfg["erasure"] = enc.erasure
     if enc.geometry == "lorentz":
         cfg["curvature"] = enc.curvature
         cfg["visual_alpha"] = float(enc.visual_alpha.detach().exp())
@@ -228,6 +230,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", verify
                             "the artifact was altered or is corrupt")
     arch: Architecture = from_config(cfg["architecture"]["name"], cfg["architecture"]["model_cfg"], cfg.get("preprocess"))
     encoder = SafetyEncoder(arch, cfg["geometry"])
+    _add_erasers(encoder, cfg.get("erasure") or [], state, path)
     load_state(encoder, state, str(weights))
     encoder.to(pick_device(device)).eval()
     return Artifact(
@@ -238,6 +241,23 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", verify
         fingerprint=cfg.get("fingerprint", ""),
         path=path,
     )
+
+
+def _add_erasers(encoder: SafetyEncoder, erasure: list, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Placeholders for the erasers ``config.json`` records, after checking the weights hold them at the right size."""
+    dim = encoder.arch.embed_dim
+    towers = {t for record in erasure for t in (record.get("towers") or [])}
+    for tower in sorted(towers):
+        shapes = {k: tuple(state[f"erasers.{tower}.{k}"].shape) if f"erasers.{tower}.{k}" in state else None
+                  for k in ("weight", "bias")}
+        if shapes != {"weight": (dim, dim), "bias": (dim,)}:
+            raise ArtifactError(
+                f"{path}: config.json records an eraser on the {tower} tower, but its weights hold "
+                f"{shapes['weight'] or 'no matrix'} / {shapes['bias'] or 'no bias'} where this {dim}-d encoder needs "
+                f"({dim}, {dim}) / ({dim},); the artifact is inconsistent: re-create it from its source with "
+                "'safe-retrieval train --method erase'")
+        encoder.add_eraser(tower)
+    encoder.erasure = [dict(r) for r in erasure]
 
 
 def provenance(source: str, **extra: Any) -> dict[str, Any]:

@@ -46,6 +46,8 @@ def data_synth(
     boost: Optional[str] = typer.Option(None, help="Concepts, comma-separated, that get --boost-n extra test "
                                         "quadruplets each (and their heldout re-captions), e.g. for a forget benchmark."),
     boost_n: Optional[int] = typer.Option(None, help="Extra test quadruplets per --boost concept (default 120)."),
+    boost_split: str = typer.Option("test", help="Where the --boost records go: test (with heldout re-captions: enough "
+                                    "test images to measure forgetting) or train (enough examples to fit an eraser on)."),
     holdout_lookalikes: bool = typer.Option(False, "--holdout-lookalikes", help="Each concept's train records never "
                                             "draw one of its safe counterparts (dataset.json: heldout_counterparts)."),
     multi: int = typer.Option(0, help="Write a 'multi' split of test scenes showing two concepts, one in a prop slot: "
@@ -56,15 +58,15 @@ def data_synth(
     # loaded by the command that needs it: the CLI and --help start without torch
     from training.data import synthetic
 
-    if boost_n is not None and boost is None:
-        raise InputError("--boost-n sets the size of a boost; name the concepts with --boost CONCEPTS")
+    if (boost_n is not None or boost_split != "test") and boost is None:
+        raise InputError("--boost-n and --boost-split shape a boost; name the concepts with --boost CONCEPTS")
     names = [x for x in (boost or "").split(",") if x.strip()]
     if boost is not None and not names:
         raise InputError(f"--boost takes concept names, comma-separated; the concepts are "
                          f"{', '.join(c.name for c in synthetic.CONCEPTS)}")
     summary = synthetic.generate(out, n=n, seed=seed, image_size=image_size, unsafe_look=unsafe_look, boost=names,
                                  boost_n=synthetic.BOOST_N if boost_n is None else boost_n,
-                                 holdout_lookalikes=holdout_lookalikes, multi=multi)
+                                 holdout_lookalikes=holdout_lookalikes, multi=multi, boost_split=boost_split)
     echo_json(summary)
 
 
@@ -340,8 +342,44 @@ def eval_unlearning(
                      data_root=data_root, floors=floors, batch_size=batch_size, device=device)
 
 
+def _train_and_erase(args: dict) -> None:
+    """``train --method erase`` (the eraser alone) and ``train --method M --then-erase`` (M, then the eraser)."""
+    from training import erasure
+    from training.artifact import read_config
+    from training.data import concepts
+    from training.data.roots import DataRoots
+
+    method, out = args["method"].value, Path(args["out"])
+    if method != methods.ERASE and method not in methods.FORGETTING:
+        raise InputError(f"--then-erase follows an unlearning method ({', '.join(methods.FORGETTING)}), not {method}; "
+                         "to erase from an artifact as it is, use --method erase --model ARTIFACT")
+    if not args["model"] or args["forget"] is None:
+        raise InputError("the eraser needs the artifact to erase from and the concepts: --model ARTIFACT --forget CONCEPTS")
+    if args["forget_manifest"] is not None:
+        raise InputError("the eraser is fitted on the concepts of --data's records; --forget-manifest lists pairs, which "
+                         "it cannot learn a concept from: name the concepts with --forget")
+    if out.exists():
+        raise InputError(f"{out} already exists; choose another --out or remove it first")
+    towers = erasure.check_towers(args["erase_towers"].split(","))
+    forget = concepts.parse_names(args["forget"])
+    roots = DataRoots.of(args["data_root"] or None)
+    dim = int(read_config(args["model"])["embed_dim"])
+    erasure.plan(args["data"], forget, dim=dim, split=args["erase_split"], roots=roots)  # its errors before training
+    kw = dict(towers=towers, split=args["erase_split"], roots=roots, batch_size=args["batch_size"] or 64,
+              device=args["device"])
+    if method == methods.ERASE:
+        echo_json(erasure.erase(args["model"], args["data"], forget, out, **kw))
+        return
+    trained = out.with_name(f".{out.name}.before-erase")  # never where the final artifact is expected
+    if trained.exists():
+        raise InputError(f"{trained} is left from an interrupted --then-erase; remove it, then run the command again")
+    run_dir = args["run_dir"] or out.with_name(out.name + ".run")
+    train(**{**args, "then_erase": False, "out": trained, "run_dir": run_dir})
+    echo_json(erasure.erase_after(trained, args["data"], forget, out, **kw))
+
+
 #: every method of training.methods, as typer's choices
-MethodOpt = Enum("MethodOpt", {name: name for name in methods.METHODS}, type=str)
+MethodOpt = Enum("MethodOpt", {name: name for name in (*methods.METHODS, methods.ERASE)}, type=str)
 
 
 def _forget_methods_help() -> str:
@@ -358,7 +396,8 @@ def train(
     method: MethodOpt = typer.Option(
         MethodOpt("hysac"), help="hysac (hyperbolic), safeclip (Euclidean unlearning) or clip (baseline; with --clip-pairs all "
         "--forget, retrained without the concepts' pairs: the oracle); or forget a concept from --model with cliperase, "
-        "ac, hac (Lorentz models), ga, graddiff or kl (with --forget)."),
+        "ac, hac (Lorentz models), ga, graddiff or kl (with --forget); or erase: fit a closed-form concept eraser (LEACE) on "
+        "--model's features of the --forget concepts and fold it into the encoder (no training)."),
     data: Path = typer.Option(..., help="ViSU-layout dataset directory (with --preset demo: created if missing)."),
     out: Path = typer.Option(..., help="Artifact directory to create (must not exist)."),
     model: Optional[str] = typer.Option(None, help="Start from: an artifact dir, a preset (tiny), an open_clip name "
@@ -407,9 +446,18 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps in total."),
     data_root: List[Path] = typer.Option([], "--data-root", help="Read data files only under this directory, after "
                                          "resolving symlinks (repeatable; none given: no limit)."),
+    then_erase: bool = typer.Option(False, "--then-erase", help="After an unlearning method: also fit the concept eraser "
+                                    "on the unlearned model and fold it in (what --method erase does), into --out."),
+    erase_towers: str = typer.Option("image", help="--method erase / --then-erase: the towers to erase from, image "
+                                     "and/or text, comma-separated."),
+    erase_split: str = typer.Option("train", help="--method erase / --then-erase: the split of --data the eraser is "
+                                    "fitted on."),
 ) -> None:
     """Fine-tune an encoder with HySAC, Safe-CLIP or plain CLIP, or make one forget a concept; write an artifact
     (multi-GPU: run under torchrun)."""
+    if method.value == methods.ERASE or then_erase:
+        _train_and_erase(locals())
+        return
     # loaded by the command that needs it: the CLI and --help start without torch
     from training import recipes, trainer
     from training.data import concepts

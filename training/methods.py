@@ -148,6 +148,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 FORGETTING: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.kind == "forget")
+#: The closed-form eraser (training/erasure.py): no loss and no training, so not a Method; ``train --method erase``
+#: fits it on --model's features, and ``--then-erase`` after any forget method
+ERASE = "erase"
+#: what a forget request (the API's ``method``) may name: the unlearning methods and the eraser alone
+FORGET_REQUESTS: tuple[str, ...] = (*FORGETTING, ERASE)
 TRAINING: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.kind == "train")
 
 

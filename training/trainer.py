@@ -570,7 +570,7 @@ class _Run:
             artifact.load_state(self.encoder, checkpoint.load_tensors(best), str(best))
         trained = copy.deepcopy(self.encoder).cpu()
         lora.merge_lora(trained.clip)
-        plain = SafetyEncoder(trained.arch, trained.geometry)
+        plain = trained.blank_copy()  # the erasers a source artifact carried stay in the head
         artifact.load_state(plain, trained.state_dict(), "the trained encoder")
         plain.to(self.ctx.device).eval()
         batch = max(cfg.batch_size, 64)

@@ -22,6 +22,7 @@ from service.errors import ForbiddenError, UnavailableError
 from service.jobs import (
     JobManager,
     acceptance_plan,
+    check_erasable,
     check_forget_evaluation,
     check_forget_method,
     check_retrain_evaluation,
@@ -156,7 +157,8 @@ FORGET_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     422: {"description": "A malformed body (a threshold outside 0-100 included); or a concept the dataset does not "
                          "know (the message lists its concepts and tags), `hac` on a Euclidean model, `weights` or "
-                         "`options` the method does not have, no `data` when the served model records none, or a "
+                         "`options` the method does not have, too few train images of a concept to fit the eraser (the message "
+                         "says how many it needs), no `data` when the served model records none, or a "
                          "`data` whose test split is missing or shows none of the concepts (the evaluation could not "
                          "run)."},
 }
@@ -178,6 +180,7 @@ async def forget(body: ForgetRequest, request: Request, services: ServicesDep) -
     _jobs(services).check_idle()  # a 409 at once, before the dataset is read (seconds, and once per waiting caller)
     concepts = await asyncio.to_thread(forget_concepts, data, body.concepts, settings.data_roots)
     await asyncio.to_thread(check_forget_evaluation, data, concepts, settings.data_roots)
+    await asyncio.to_thread(check_erasable, body, model, data, concepts, settings.data_roots)
     out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-forget-{body.method}"
     steps = forget_steps(body, concepts=concepts, model=model, out=out, data=data, roots=settings.data_roots)
     acceptance = acceptance_plan(len(steps) - 1, force=body.force, min_forget_drop=body.min_forget_drop,

@@ -207,6 +207,36 @@ def test_weights_and_options_the_method_does_not_take_are_422_before_any_job(euc
         assert c.get("/v1/admin/jobs").json() == {"jobs": []}
 
 
+def test_the_eraser_is_asked_for_by_flag_or_method_and_too_few_examples_are_422_saying_how_many(euclidean_server,
+                                                                                                    world):
+    """`method: erase` is the eraser alone, which trains nothing and so takes no training options; and a concept
+    with fewer train images than the model's 128 feature dimensions (the world's dataset has a few of each) cannot
+    be fitted: 422 before any job."""
+    from training.data import concepts, visu
+
+    train, test = (visu.load_split(world.data, split).records for split in ("train", "test"))
+    shown = next(c.name for c in concepts.catalogue(world.data, train).concepts.values()
+                 if any(c.shown_by(r) for r in train) and any(c.shown_by(r) for r in test))
+    with euclidean_server.client(ADMIN) as c:
+        r = c.post("/v1/admin/forget", json={"concepts": [shown], "erase": True})
+        assert r.status_code == 422 and r.json()["error"] == "UnprocessableError", r.text
+        assert "too few examples to fit an eraser" in r.json()["detail"] and "at least 128" in r.json()["detail"]
+        assert "`erase`: false" in r.json()["detail"]
+        r = c.post("/v1/admin/forget", json={"concepts": ["knife"], "method": "erase", "epochs": 2, "weights": {"a": 1}})
+        assert r.status_code == 422 and "takes no 'epochs', 'weights'" in r.json()["detail"], r.text
+        assert c.get("/v1/admin/jobs").json() == {"jobs": []}
+
+
+def test_forget_steps_with_the_eraser(tmp_path):
+    req = ForgetRequest(concepts=["knife"], method="ac", erase=True)
+    train, _ = forget_steps(req, concepts=["knife"], model=tmp_path / "m", out=tmp_path / "o", data=tmp_path, roots=[])
+    assert train[train.index("--method") + 1] == "ac" and "--then-erase" in train
+    alone, _ = forget_steps(ForgetRequest(concepts=["knife"], method="erase"), concepts=["knife"], model=tmp_path / "m",
+                            out=tmp_path / "o", data=tmp_path, roots=[])
+    assert alone[alone.index("--method") + 1] == "erase" and "--then-erase" not in alone
+    assert ForgetRequest(concepts=["knife"]).erase is False  # off by default: benchmarks/RESULTS.md, "The eraser"
+
+
 def test_a_forget_job_whose_evaluation_could_not_run_is_422_before_any_job(server, world):
     """The evaluation reads the test split: missing, or showing none of the concepts, the job could not be judged."""
     from training.data import concepts, visu
@@ -311,8 +341,8 @@ def test_a_threshold_outside_0_to_100_says_where_and_what(server):
         schema = c.get("/openapi.json").json()["components"]["schemas"]["ForgetRequest"]["properties"]
         assert (schema["min_forget_drop"]["minimum"], schema["min_forget_drop"]["maximum"]) == (0, 100)
         assert "min(min_forget_drop" in schema["min_forget_drop"]["description"]
-        from training.methods import FORGETTING
-        assert schema["method"]["enum"] == list(FORGETTING)
+        from training.methods import ERASE, FORGETTING
+        assert schema["method"]["enum"] == [*FORGETTING, ERASE]  # the unlearning methods, then the eraser alone
 
 
 def test_forget_needs_the_admin_token(server):

@@ -279,6 +279,19 @@ def test_synth_boost_appends_test_records_and_their_recaptions(data, tmp_path):
         syn.generate(tmp_path / "x", n=60, seed=3, boost=["graffiti"], boost_n=0)
 
 
+def test_synth_boost_into_train_appends_train_records_only(data, tmp_path):
+    root, base = data
+    info = syn.generate(tmp_path / "t", n=60, seed=3, boost=["graffiti"], boost_n=6, boost_split="train")
+    before, after = tree(root), tree(tmp_path / "t")
+    assert all(after[k] == v for k, v in before.items() if k not in ("dataset.json", "ViSU-Text_train.json"))
+    old, new = (json.loads(t["ViSU-Text_train.json"]) for t in (before, after))
+    assert new[: len(old)] == old and [r["tag"] for r in new[len(old):]] == ["vandalism"] * 6
+    assert info["boost"]["split"] == "train" and info["splits"]["train"]["records"] == base["splits"]["train"]["records"] + 6
+    assert len(load_split(tmp_path / "t", "train").records) == len(new)  # their images are there
+    with pytest.raises(InputError, match="--boost-split is test or train"):
+        syn.generate(tmp_path / "x", n=60, seed=3, boost=["graffiti"], boost_split="validation")
+
+
 def test_synth_heldout_counterparts_prefer_classes_other_concepts_still_draw():
     held = syn.heldout_counterparts()
     assert held["graffiti"] == "clock" and held["gun"] == "banana"  # shared with skull; no shared one: the last

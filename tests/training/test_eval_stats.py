@@ -249,3 +249,13 @@ def test_the_random_model_is_deterministic_per_seed(trained):
     key = "clip.transformer.resblocks.0.attn.in_proj_weight"
     assert all(torch.equal(v, b.encoder.state_dict()[k]) for k, v in a.encoder.state_dict().items())
     assert not torch.equal(a.encoder.state_dict()[key], c.encoder.state_dict()[key])
+
+
+def test_the_mean_of_several_balanced_accuracies_has_an_interval_around_it():
+    g = torch.Generator().manual_seed(0)
+    truths = [torch.rand(400, generator=g) < 0.2 for _ in range(3)]
+    preds = [t ^ (torch.rand(400, generator=g) < flip) for t, flip in zip(truths, (0.05, 0.2, 0.4), strict=True)]
+    mean = sum(stats.balanced_accuracy(p, t) for p, t in zip(preds, truths, strict=True)) / 3
+    lo, hi = stats.bootstrap_mean_balanced_accuracy(preds, truths, seed=1)
+    assert lo < mean < hi and hi - lo < 10
+    assert stats.bootstrap_mean_balanced_accuracy([torch.ones(5, dtype=torch.bool)], [torch.ones(5, dtype=torch.bool)]) is None

@@ -190,10 +190,10 @@ class LookupEncoder:
     def _hot(self, i: int) -> torch.Tensor:
         return F.one_hot(torch.tensor(i), self.n + 1).float()
 
-    def encode_text(self, texts, batch_size=256):
+    def encode_text(self, texts, batch_size=256, head=True):  # no head, no eraser: head=False is the same
         return torch.stack([self._hot(int(t[1:])) for t in texts])
 
-    def encode_image(self, images, batch_size=64):
+    def encode_image(self, images, batch_size=64, head=True):
         return torch.stack([self._hot(im.getpixel((0, 0))[0]) for im in images])
 
 

@@ -301,13 +301,22 @@ def test_without_a_twin_record_the_look_alike_split_is_null(pair):
     assert "twin_lookalikes" in result["details"]["null"]["benign_drop_seen"]
 
 
+def test_r_probe_is_one_probe_per_retained_concept_and_their_mean(compared):
+    result, _ = compared
+    row = result["report"]["after"]
+    per = result["details"]["models"]["after"]["r_probe_per_concept"]
+    assert row["r_probe"] is not None and row["ci"]["r_probe"][0] <= row["r_probe"] <= row["ci"]["r_probe"][1]
+    assert len(per) >= 2 and not set(per) & set(result["details"]["forget"]["concepts"])
+    assert abs(row["r_probe"] - sum(per.values()) / len(per)) < 0.1
+
+
 def test_markdown_and_plot(compared):
     result, out = compared
     md = (out / ue.MARKDOWN).read_text()
     assert md == ue.markdown(result)
     assert md.startswith("# Unlearning evaluation (synthetic): forget ")
     assert "| Method | F-acc ↓ | R-acc ↑ | F-acc bare ↓ | R-acc bare ↑ | F-R@10 ↓ | R-R@10 ↑ | Multi kept ↑ |" in md
-    assert "| Method | Residue ↓ | Residue MLP ↓ | Benign drop ↓ | Drop seen ↓ | Drop unseen ↓ |" in md
+    assert "| Method | Residue ↓ | Residue MLP ↓ | Probe kept ↑ | Benign drop ↓ | Drop seen ↓ | Drop unseen ↓ |" in md
     assert "| before |" in md and "| ga (after) |" in md and "| aligned |" in md
     r = result["report"]["after"]
     assert f"{r['f_acc']:.1f} [{r['ci']['f_acc'][0]:.1f}, {r['ci']['f_acc'][1]:.1f}]" in md

@@ -27,7 +27,8 @@ them is byte for byte what it always was, and one made with them differs only wh
 
 - ``boost``: ``boost_n`` extra test quadruplets of each named concept, appended to ``test`` (and their
   re-captions to ``heldout``) with ids after every balanced record's, so a forgotten concept has enough
-  test images;
+  test images; with ``boost_split="train"`` appended to ``train`` instead (no re-captions), so a concept
+  eraser has enough examples to fit on;
 - ``holdout_lookalikes``: each concept's train records never draw one of its counterparts
   (:func:`heldout_counterparts`), so a benchmark can compare look-alikes seen and unseen in training;
 - ``multi``: a ``multi`` split (``ViSU-Text_multi.json``, ``nsfw/multi/...``) of test-like quadruplets whose
@@ -72,6 +73,7 @@ MULTI = "multi"
 FRACTIONS = {"validation": 0.1, "test": 0.1}
 COCO_DIR = {"train": "train2017", "validation": "val2017", "test": "val2017", "heldout": "val2017", MULTI: "val2017"}
 BOOST_N = 120
+BOOST_SPLITS = ("test", "train")  # where a boost's records go
 JPEG_OPTIONS = {"format": "JPEG", "quality": 90, "subsampling": 0, "optimize": False}
 MIN_N, MIN_SIZE, MAX_SIZE = 3, 16, 1024
 
@@ -378,7 +380,7 @@ def split_sizes(n: int) -> dict[str, int]:
 
 
 def plan(n: int, seed: int, *, boost: Sequence[str] = (), boost_n: int = BOOST_N, holdout_lookalikes: bool = False,
-         multi: int = 0) -> list[Sample]:
+         multi: int = 0, boost_split: str = "test") -> list[Sample]:
     """All samples of all splits, in id order. Concepts cycle in shuffled rounds so every split is balanced.
 
     The options (module docstring) draw from streams of their own: without them the plan is the one it always was.
@@ -388,7 +390,7 @@ def plan(n: int, seed: int, *, boost: Sequence[str] = (), boost_n: int = BOOST_N
         samples = _hold_out(samples, random.Random(f"holdout:{seed}"))
     boosted = concepts_named(boost)
     if boosted:
-        samples += _boosted(boosted, boost_n, len(samples), random.Random(f"boost:{seed}"))
+        samples += _boosted(boosted, boost_n, len(samples), random.Random(f"boost:{seed}"), boost_split)
     if multi:
         samples += _multi(boosted or CONCEPTS, boosted, multi, len(samples), random.Random(f"multi:{seed}"))
     return samples
@@ -428,13 +430,16 @@ def _hold_out(samples: list[Sample], rng: random.Random) -> list[Sample]:
     return out
 
 
-def _boosted(concepts: Sequence[Concept], k: int, next_id: int, rng: random.Random) -> list[Sample]:
-    """``k`` more test samples of each concept, then their heldout re-captions in the same order."""
+def _boosted(concepts: Sequence[Concept], k: int, next_id: int, rng: random.Random,
+             split: str = "test") -> list[Sample]:
+    """``k`` more ``split`` samples of each concept, then (test) their heldout re-captions in the same order."""
     test = []
     for concept in concepts:
         for _ in range(k):
-            test.append(_sample(rng, next_id, 100_000 + next_id, "test", concept))
+            test.append(_sample(rng, next_id, 100_000 + next_id, split, concept))
             next_id += 1
+    if split == "train":
+        return test
     heldout = []
     for s in test:
         heldout.append(replace(s, incremental_id=next_id, split="heldout", template=rng.choice(HELDOUT_TEMPLATES)))
@@ -570,10 +575,15 @@ def _check_out(out: Path) -> None:
 
 
 def options_summary(samples: list[Sample], n: int, boost: Sequence[Concept], boost_n: int, holdout_lookalikes: bool,
-                    multi: int) -> dict:
+                    multi: int, boost_split: str = "test") -> dict:
     """What dataset.json adds for the options given (nothing without them)."""
     info: dict = {}
-    if boost:
+    if boost and boost_split == "train":
+        first, count = n + split_sizes(n)["test"], len(boost) * boost_n
+        info["boost"] = {"concepts": [c.name for c in boost], "n": boost_n, "split": "train",
+                         "ids": {"train": [first, first + count - 1]},
+                         "note": "extra train records (ids inclusive), appended after the balanced ones"}
+    elif boost:
         first, count = n + split_sizes(n)["test"], len(boost) * boost_n  # after the balanced splits' ids
         info["boost"] = {"concepts": [c.name for c in boost], "n": boost_n,
                          "ids": {"test": [first, first + count - 1], "heldout": [first + count, first + 2 * count - 1]},
@@ -605,7 +615,7 @@ def options_summary(samples: list[Sample], n: int, boost: Sequence[Concept], boo
 
 def generate(out: Path, n: int, seed: int, image_size: int = 64, unsafe_look: str = "plain", *,
              boost: Sequence[str] = (), boost_n: int = BOOST_N, holdout_lookalikes: bool = False,
-             multi: int = 0) -> dict:
+             multi: int = 0, boost_split: str = "test") -> dict:
     """Write a synthetic ViSU-style dataset to ``out`` and return its summary (also in ``out/dataset.json``).
 
     ``n`` quadruplets over train/validation/test (80/10/10) plus a ``heldout`` re-captioning of test.
@@ -624,20 +634,23 @@ def generate(out: Path, n: int, seed: int, image_size: int = 64, unsafe_look: st
     boosted = concepts_named(boost)
     if boosted and boost_n < 1:
         raise InputError(f"--boost-n must be at least 1, got {boost_n}")
+    if boost_split not in BOOST_SPLITS:
+        raise InputError(f"--boost-split is {' or '.join(BOOST_SPLITS)}, not {boost_split!r}")
     if multi < 0:
         raise InputError(f"--multi must be 0 (no multi split) or more, got {multi}")
     if multi and len(boosted) == len(CONCEPTS):
         raise InputError("--multi pairs each boosted concept with one not boosted; leave at least one concept out "
                          "of --boost")
     _check_out(out)
-    samples = plan(n, seed, boost=boost, boost_n=boost_n, holdout_lookalikes=holdout_lookalikes, multi=multi)
+    samples = plan(n, seed, boost=boost, boost_n=boost_n, holdout_lookalikes=holdout_lookalikes, multi=multi,
+                   boost_split=boost_split)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
     try:
         _write(tmp, samples, image_size, unsafe_look)
         info = summary(samples, n, seed, image_size) | {"unsafe_look": unsafe_look}
-        info |= options_summary(samples, n, boosted, boost_n, holdout_lookalikes, multi)
+        info |= options_summary(samples, n, boosted, boost_n, holdout_lookalikes, multi, boost_split)
         if holdout_lookalikes:
             for name, held in heldout_counterparts().items():
                 info["concepts"][name]["heldout_counterparts"] = [held]

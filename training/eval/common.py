@@ -62,14 +62,17 @@ def _image_chunks(paths: Sequence[Path], size: int) -> Iterable[list]:
         yield [open_image(p) for p in paths[i : i + size]]
 
 
-def embed_images(encoder, paths: Sequence[Path], *, batch_size: int = 64) -> Tensor:
-    """Open and embed image files chunk by chunk, so only one chunk is decoded at a time: ``(N, D)``."""
-    outs = [encoder.encode_image(chunk, batch_size=batch_size) for chunk in _image_chunks(list(paths), batch_size)]
+def embed_images(encoder, paths: Sequence[Path], *, batch_size: int = 64, head: bool = True) -> Tensor:
+    """Open and embed image files chunk by chunk, so only one chunk is decoded at a time: ``(N, D)``
+    (``head=False``: the features the geometry head takes)."""
+    outs = [encoder.encode_image(chunk, batch_size=batch_size, head=head)
+            for chunk in _image_chunks(list(paths), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, encoder.arch.embed_dim)
 
 
-def embed_texts(encoder, texts: Sequence[str], *, batch_size: int = 64) -> Tensor:
-    """Embed captions at least ``TEXT_BATCH`` at a time, rows in the order of ``texts``: ``(N, D)``.
+def embed_texts(encoder, texts: Sequence[str], *, batch_size: int = 64, head: bool = True) -> Tensor:
+    """Embed captions at least ``TEXT_BATCH`` at a time, rows in the order of ``texts``: ``(N, D)``
+    (``head=False``: the features the geometry head takes).
 
     They are encoded shortest first, so each batch holds captions of about one length (the encoder
     cuts a batch to its longest sequence); the rows are put back in order.
@@ -77,7 +80,7 @@ def embed_texts(encoder, texts: Sequence[str], *, batch_size: int = 64) -> Tenso
     if not texts:
         return torch.empty(0, encoder.arch.embed_dim)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = encoder.encode_text([texts[i] for i in order], batch_size=max(batch_size, TEXT_BATCH))
+    out = encoder.encode_text([texts[i] for i in order], batch_size=max(batch_size, TEXT_BATCH), head=head)
     return out[torch.argsort(torch.tensor(order, device=out.device))]
 
 

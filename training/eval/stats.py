@@ -111,13 +111,35 @@ def bootstrap_balanced_accuracy(pred: Tensor, truth: Tensor, *, resamples: int =
     p, t = pred.detach().bool().cpu(), truth.detach().bool().cpu()
     if len(p) != len(t):
         raise InputError(f"{len(p)} predictions for {len(t)} labels; give one prediction per item")
+    figures = _balanced_resamples(p, t, resamples, _generator(seed))
+    return None if figures is None else _percentiles(figures, level)
+
+
+def _balanced_resamples(p: Tensor, t: Tensor, resamples: int, g: torch.Generator) -> Tensor | None:
+    """``(R,)`` balanced accuracies (shares) of stratified resamples; None without both classes."""
     hit_pos, hit_neg = p[t].double(), (~p[~t]).double()
     if not len(hit_pos) or not len(hit_neg):
         return None
-    g = _generator(seed)
     tpr = hit_pos[torch.randint(len(hit_pos), (resamples, len(hit_pos)), generator=g)].mean(dim=1)
     tnr = hit_neg[torch.randint(len(hit_neg), (resamples, len(hit_neg)), generator=g)].mean(dim=1)
-    return _percentiles((tpr + tnr) / 2, level)
+    return (tpr + tnr) / 2
+
+
+def bootstrap_mean_balanced_accuracy(preds: Sequence[Tensor], truths: Sequence[Tensor], *, resamples: int = RESAMPLES,
+                                     seed: int = 0, level: float = LEVEL) -> Interval | None:
+    """Interval of the mean of several balanced accuracies (one probe per class, on the same test items): each
+    resample draws every probe's positives and negatives as :func:`bootstrap_balanced_accuracy` does, and the
+    figure is the mean over the probes; None when no probe has both classes."""
+    _check(resamples, level)
+    g = _generator(seed)
+    per_probe = []
+    for pred, truth in zip(preds, truths, strict=True):
+        figures = _balanced_resamples(pred.detach().bool().cpu(), truth.detach().bool().cpu(), resamples, g)
+        if figures is not None:
+            per_probe.append(figures)
+    if not per_probe:
+        return None
+    return _percentiles(torch.stack(per_probe).mean(dim=0), level)
 
 
 def interval_text(value: float | None, ci: Interval | None) -> str:
