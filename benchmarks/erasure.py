@@ -39,7 +39,7 @@ from training.eval import retrieval as ev
 OUT = Path(__file__).parent / "results" / "erasure.json"
 METHODS = ("cliperase", "ac", "hac")
 FIT_N, FIT_SEED, FIT_BOOST = 1200, 2, 150
-#: the issue's bars: metric -> (the figure's limit, how it is read)
+#: the issue's bars, as the printed table names them (checked by ``bars``)
 BARS = ("residue <= 55 (upper bound <= 60)", "residue_mlp <= oracle's + 5", "f_acc within the oracle's interval",
         "r_acc, r_recall drop <= 2", "T->V R@1 drop <= 1", "benign_drop_unseen <= 5", "r_probe within 2 of before")
 
@@ -132,9 +132,8 @@ def main() -> None:
         folder = work / f"seed{seed}"
         table = {**json.loads((folder / "eval-euclidean" / "report.json").read_text()),
                  **json.loads((folder / "eval-lorentz" / "report.json").read_text())}
-        r1 = {m["label"]: m["variants"]["plain"]["tasks"][ev.T2V]["R@1"]
-              for m in json.loads((folder / "retrieval" / "report.json").read_text())["models"]}
         retr = {m["label"]: m for m in json.loads((folder / "retrieval" / "report.json").read_text())["models"]}
+        r1 = {label: m["variants"]["plain"]["tasks"][ev.T2V]["R@1"] for label, m in retr.items()}
         for key, metrics in table.items():
             rows.append({"seed": seed, "model": key, "T->V R@1": r1.get(key), **metrics,
                          "d0": retr.get(key, {}).get("d0")})

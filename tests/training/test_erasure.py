@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.cli import run_cli
+from tests.helpers.models import random_tiny_artifacts
 from training import architectures, artifact, erasure
 from training.data import synthetic
 from training.encoder import SafetyEncoder
@@ -148,12 +149,7 @@ def erasable(tmp_path_factory) -> dict[str, Path]:
     data = root / "visu"
     synthetic.generate(data, n=100, seed=4, image_size=32, boost=["gun", "knife", "graffiti"], boost_n=128,
                        boost_split="train")
-    out = {"data": data}
-    for geometry in ("euclidean", "lorentz"):
-        torch.manual_seed(0)
-        out[geometry] = artifact.save(artifact.Artifact(SafetyEncoder(architectures.resolve("tiny"), geometry)),
-                                      root / geometry)
-    return out
+    return {"data": data, **random_tiny_artifacts(root)}
 
 
 def test_train_method_erase_writes_an_erased_artifact_that_records_what_it_took_out(erasable, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.models import random_tiny_artifacts
 from training import architectures, artifact, lorentz, objectives, recipes, trainer
 from training.data import concepts, forget, loader, synthetic, visu
 from training.data.roots import DataRoots
@@ -35,13 +36,7 @@ def train_records(data):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     """geometry -> a randomly initialised tiny artifact to forget from."""
-    root = tmp_path_factory.mktemp("unlearning-bases")
-    out = {}
-    for geometry in ("euclidean", "lorentz"):
-        torch.manual_seed(0)
-        out[geometry] = artifact.save(artifact.Artifact(SafetyEncoder(architectures.resolve("tiny"), geometry)),
-                                      root / geometry)
-    return out
+    return random_tiny_artifacts(tmp_path_factory.mktemp("unlearning-bases"))
 
 
 # ------------------------------------------------------------------------------------ concepts
