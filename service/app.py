@@ -27,6 +27,7 @@ from service import handlers
 from service.admission import MemoryBudget
 from service.audit import AuditLog, AuditTrail
 from service.batching import Batcher
+from service.collection import Collection
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.middleware import AdminGate, AuditedCaller, BodyLimit, RequestMetrics
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 env=job_environment(settings),
                 on_change=functools.partial(_publish_job_counts, metrics),
             )
+            services.collection = Collection(settings, services.swap_lock, lambda: services.state.current)
         app.state.services = services
         services.batcher.start()
         await asyncio.to_thread(services.connect)

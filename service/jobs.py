@@ -570,8 +570,12 @@ def source_args(source: IndexSource, roots: list[Path], default_media_root: Path
 
 
 def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
-                  qdrant_url: str | None, index_root: Path, max_file_bytes: int | None = None) -> list[list[str]]:
+                  qdrant_url: str | None, index_root: Path, max_file_bytes: int | None = None,
+                  takedowns: Path | None = None) -> list[list[str]]:
     """The index step of a job: it stages a generation (``--no-switch``) and reports it (``--result-file``).
+
+    ``takedowns`` (the collection's journal, ``service.collection.journal_path``) becomes ``--takedowns``: content on
+    the takedown list is a failure of the job, never a point of the new generation.
 
     ``max_file_bytes`` (the service's ``JOB_MAX_FILE_BYTES``) becomes ``--max-file-bytes``: image files over
     it are failures of the job, refused from their size before they are read.
@@ -586,6 +590,7 @@ def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Pa
     return [["index", verb, "--model", str(model), "--name", name,
              *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root),
              *(["--max-file-bytes", str(max_file_bytes)] if max_file_bytes is not None else []),
+             *(["--takedowns", str(takedowns)] if takedowns is not None else []),
              "--no-switch", "--result-file", INDEX_RESULT]]
 
 

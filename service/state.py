@@ -25,6 +25,7 @@ from service import audit as audit_records
 from service.admission import MemoryBudget
 from service.audit import AuditLog
 from service.batching import Batcher
+from service.collection import Collection
 from service.errors import ConflictError, UnavailableError
 from service.jobs import JobManager, JobRecord, forced
 from service.metrics import Metrics
@@ -222,6 +223,7 @@ class Services:
     audit: AuditLog
     image_budget: MemoryBudget  # what the query-image decodes in flight may take together
     jobs: JobManager | None = None
+    collection: Collection | None = None  # online item writes (the service that runs jobs only)
     swap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reload(self, model: Path | None = None) -> tuple[bool, dict[str, Any]]:
@@ -252,6 +254,12 @@ class Services:
         return generations_for(name or s.index, root=s.index_root, url=s.qdrant_url, api_key=s.qdrant_key())
 
     def _install(self, pair: ServedPair) -> None:
+        """Serve ``pair`` (under the swap lock), after replaying the journal of online changes onto it: a pair is
+        never served without an acknowledged add, or with an item taken down."""
+        if self.collection is not None:
+            replayed = self.collection.replay(pair)
+            if replayed["added"] or replayed["missing"]:
+                log.info("replayed the journal onto generation %s: %s", pair.info.get("generation"), replayed)
         self.state.swap(pair)
         self.metrics.swaps.inc()
         self.metrics.ready.set(1)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AfterValidator, BeforeValidator
 
 from service import audit
+from service.collection import journal_path
 from service.deps import ServicesDep, audited_admin, require_admin
 from service.errors import ForbiddenError, UnavailableError
 from service.jobs import (
@@ -92,7 +93,7 @@ async def reindex(body: ReindexRequest, request: Request, services: ServicesDep)
     model = _served_model(services)
     steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
                           qdrant_url=settings.qdrant_url, index_root=settings.index_root,
-                          max_file_bytes=settings.job_max_file_bytes)
+                          max_file_bytes=settings.job_max_file_bytes, takedowns=journal_path(settings.state_dir))
     plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
     return await _submit(request, services, "reindex", body.model_dump(exclude_none=True), steps, plan)
 
@@ -150,7 +151,7 @@ def _reindex_with(model: Path, source: IndexSource | None, services: Services, p
     plan["source"] = source.model_dump(exclude_none=True)
     return reindex_steps(ReindexRequest(source=source), model=model, name=settings.index, roots=settings.data_roots,
                          media_root=settings.media_root, qdrant_url=settings.qdrant_url, index_root=settings.index_root,
-                         max_file_bytes=settings.job_max_file_bytes)
+                         max_file_bytes=settings.job_max_file_bytes, takedowns=journal_path(settings.state_dir))
 
 
 FORGET_ERRORS: dict[int | str, dict[str, Any]] = {

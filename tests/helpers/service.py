@@ -183,3 +183,22 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> httpx.Respo
             pass
         time.sleep(0.3)
     return ready
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted on the way out."""
+    path.mkdir(parents=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no `mount` command here: the full-disk test needs a tmpfs (run it as root, as CI does)")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test needs root with "
+                    "CAP_SYS_ADMIN, as in CI")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
