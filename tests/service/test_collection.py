@@ -7,28 +7,18 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from indexer.journal import ADD, Journal, read_entries
 from indexer.store import content_id
 from service.collection import journal_path
-from tests.helpers.service import ADMIN, MODERATOR, copy_index, live, settings_for, small_tmpfs
+from tests.helpers.service import ADMIN, MODERATOR, fresh_png, live, make_settings, private_media, small_tmpfs
 
 #: the tokens file's second moderator, so records can tell moderators apart
 CAROL = "carol-secret-token"
-
-
-def fresh_png(seed: int, size: int = 48) -> bytes:
-    """An image no gallery holds: random pixels from ``seed``."""
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -47,16 +37,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 @pytest.fixture
 def media(world, tmp_path) -> Path:
-    """A private media root (the gallery's images, plus the uploads folder the test writes)."""
-    root = tmp_path / "media"
-    shutil.copytree(world.data, root)
-    return root
-
-
-def make_settings(world, tmp_path: Path, media: Path, **overrides):
-    """A server's settings over a private copy of the index, with ``media`` as its media root and a data root."""
-    return settings_for(world, tmp_path, index_root=copy_index(world, tmp_path / "indexes"), media_root=media,
-                        data_roots=[world.root, media], **overrides)
+    return private_media(world, tmp_path)
 
 
 @pytest.fixture
@@ -307,3 +288,61 @@ def test_a_replica_without_jobs_takes_no_writes(settings, tmp_path):
     with live(replica) as s, s.client(ADMIN) as admin:
         r = admin.post("/v1/items", json={"text": "x"})
         assert r.status_code == 403 and "RUN_JOBS" in r.json()["detail"]
+
+
+# ------------------------------------------------------------------ a Qdrant server
+def test_writes_and_replay_on_a_qdrant_server_collection(world, tmp_path, media):
+    """The same writes through qdrant-client's local mode (the server backend's calls; no cluster runs here): an add
+    and a takedown change the served collection in place (replicas following the alias see them), and a new
+    generation built from the source gets both replayed onto it before it is served."""
+    import threading
+
+    from qdrant_client import QdrantClient
+
+    from indexer import builder, sources
+    from indexer.index import open_index
+    from indexer.server_store import ServerGenerations
+    from indexer.sources import Item as SourceItem
+    from service.collection import Collection
+    from service.state import ServedPair
+    from training import artifact as artifacts
+
+    client = QdrantClient(":memory:")
+    gens = ServerGenerations("gallery", client, tmp_path / "jobs")
+    art = artifacts.load(world.model, device="cpu")
+    items = sources.collect(visu=world.data, split="test", captions_as_text=True)
+    first = builder.build(gens, art, items, media_root=world.data, workers=0, progress=False).generation
+    settings = make_settings(world, tmp_path, media)
+    current: list[ServedPair] = []
+
+    def serve(gen: str) -> ServedPair:
+        index = open_index("gallery", client=client, generation=gen)
+        return ServedPair(artifact=art, index=index, info=dict(index.info), model_path=world.model)
+
+    current.append(serve(first))
+    collection = Collection(settings, threading.Lock(), lambda: current[-1])
+    data = fresh_png(11)
+    x = art.encoder.encode_image(torch_pixels(art, data))[0]
+    pid = content_id(data)
+    payload, created, _ = collection.add(pid, SourceItem(kind="image", caption="on a server"), x, art.fingerprint,
+                                         by="admin", data=data)
+    assert created and payload["source"] == "api"
+    victim = next(i for i in current[-1].index.store.iter_ids() if i != pid)
+    collection.take_down(victim, reason="r", by="admin", purge=False)
+    with open_index("gallery", client=client) as follower:  # a replica's own view of the alias
+        assert follower.retrieve(pid)["caption"] == "on a server" and follower.retrieve(victim) is None
+    # a reindex job's new generation: built from the source without the add, skipping the listed item
+    second = builder.build(gens, art, items, media_root=world.data, workers=0, progress=False, switch=False,
+                           blocked=frozenset(collection.journal.takedowns)).generation
+    staged = serve(second)
+    assert staged.index.retrieve(pid) is None
+    assert collection.replay(staged) == {"removed": 1, "added": 1, "missing": []}
+    assert staged.index.retrieve(pid)["caption"] == "on a server" and staged.index.retrieve(victim) is None
+    assert collection.replay(staged) == {"removed": 1, "added": 0, "missing": []}  # idempotent
+    assert staged.index.store.count() == current[-1].index.store.count()
+
+
+def torch_pixels(art, data: bytes):
+    from training.images import preprocess_bytes
+
+    return preprocess_bytes(data, art.encoder.transform)[None]
