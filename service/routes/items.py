@@ -21,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from indexer.sources import Item as SourceItem
 from indexer.store import content_id
 from service import audit, searching
+from service.admin.paths import resolve_under_roots
 from service.collection import Collection
 from service.deps import TOKEN_OPTIONAL, CallerDep, ServicesDep, TakedownCallerDep, audited_admin
 from service.errors import ForbiddenError, NotFoundError
-from service.jobs import resolve_under_roots
 from service.schemas import MAX_REASON_CHARS, Caption, Item, ItemAdd, ItemWritten, Tag, Takedown, TakedownRequest
 from service.searching import fetch_item, item_vector
 from service.state import Services
