@@ -176,9 +176,15 @@ class Collection:
         for start in range(0, len(adds), REPLAY_BATCH):
             chunk = adds[start:start + REPLAY_BATCH]
             present = {p.id for p in store.retrieve([e["id"] for e in chunk], fields=["kind"])}
-            todo = [(e, self._item(e)) for e in chunk if e["id"] not in present]
-            ready = [(e, it) for e, it in todo if it.kind == "text" or (it.path is not None and it.path.is_file())]
-            missing += [e["id"] for e, it in todo if (e, it) not in ready]
+            ready: list[tuple[dict[str, Any], Item]] = []
+            for entry in chunk:
+                if entry["id"] in present:
+                    continue
+                item = self._item(entry)
+                if item.kind == "text" or (item.path is not None and item.path.is_file()):
+                    ready.append((entry, item))
+                else:
+                    missing.append(entry["id"])
             for kind in ("image", "text"):
                 group = [(e["id"], it) for e, it in ready if it.kind == kind]
                 if group:
