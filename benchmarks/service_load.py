@@ -234,17 +234,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(model: Path, root: Path, name: str, *, max_batch: int, wait_ms: float, cache: int, threads: int):
+def server(model: Path, root: Path, name: str, *, max_batch: int, wait_ms: float, cache: int, threads: int,
+           env_extra: dict[str, str] | None = None, work: Path = WORK):
+    """The real ``safe-retrieval serve`` in a process of its own, on a free port: its URL until the block ends.
+    ``env_extra``: more ``SAFE_RETRIEVAL_*`` settings (tokens, roots); ``work``: where its state and log go."""
     import httpx
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFE_RETRIEVAL_")}
     env.update(SAFE_RETRIEVAL_MODEL=str(model), SAFE_RETRIEVAL_INDEX=name, SAFE_RETRIEVAL_INDEX_ROOT=str(root),
-               SAFE_RETRIEVAL_STATE_DIR=str(WORK / "state"), SAFE_RETRIEVAL_DEVICE="cpu",
+               SAFE_RETRIEVAL_STATE_DIR=str(work / "state"), SAFE_RETRIEVAL_DEVICE="cpu",
                SAFE_RETRIEVAL_BATCH_MAX_SIZE=str(max_batch), SAFE_RETRIEVAL_BATCH_MAX_WAIT_MS=str(wait_ms),
-               SAFE_RETRIEVAL_CACHE_SIZE=str(cache), SAFE_RETRIEVAL_TORCH_THREADS=str(threads))
+               SAFE_RETRIEVAL_CACHE_SIZE=str(cache), SAFE_RETRIEVAL_TORCH_THREADS=str(threads), **(env_extra or {}))
     cmd = [sys.executable, "-c", "import sys; from service.cli import main; main(sys.argv[1:])", "serve", "--port", str(port)]
-    log = open(WORK / f"server-{port}.log", "wb")
+    log = open(work / f"server-{port}.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -264,6 +267,11 @@ def server(model: Path, root: Path, name: str, *, max_batch: int, wait_ms: float
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def percentile_ms(lat: list[float], p: float) -> float:
+    """The ``p`` quantile of the sorted latencies ``lat`` (seconds), in milliseconds (nan when there are none)."""
+    return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else float("nan")
 
 
 async def load(url: str, clients: int, seconds: float, offset: int, k: int = 10) -> dict:
@@ -296,12 +304,8 @@ async def load(url: str, clients: int, seconds: float, offset: int, k: int = 10)
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - t0
     lat = sorted(latencies)
-
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else float("nan")
-
     return {"clients": clients, "requests": len(lat), "errors": errors, "qps": len(lat) / elapsed,
-            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+            "p50_ms": percentile_ms(lat, 0.50), "p95_ms": percentile_ms(lat, 0.95), "p99_ms": percentile_ms(lat, 0.99),
             "server_encode_p50_ms": statistics.median(encode_ms) if encode_ms else float("nan")}
 
 

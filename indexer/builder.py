@@ -158,7 +158,7 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
           media_root: Path | None = None, batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2,
           progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
           max_file_bytes: int | None = None, roots: DataRoots = DataRoots(), switch: bool = True,
-          staged: "Callable[[str], None] | None" = None) -> JobResult:
+          staged: "Callable[[str], None] | None" = None, blocked: frozenset[str] = frozenset()) -> JobResult:
     """Index ``items`` into a new (or resumed) generation of ``gens.name`` and switch to it.
 
     With ``roots``, an image file outside them is a recorded failure (``indexer.pipeline``); so is one over
@@ -166,7 +166,8 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
 
     ``model`` is an artifact or its directory (loaded only once the lock is held, so a busy index
     fails before any model is loaded). ``switch=False`` leaves the complete generation staged (no
-    switch, no prune); ``staged`` is called with the generation's name once it is chosen.
+    switch, no prune); ``staged`` is called with the generation's name once it is chosen. Content whose id is in
+    ``blocked`` (the takedown list) is a recorded failure, never a point.
     """
     rank, world = dist_env()
     if world > 1 and isinstance(gens, LocalGenerations):
@@ -195,7 +196,7 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
         failures = gens.failures_path(gen, suffix)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
                   progress_path=gens.progress_path(gen, suffix), progress=progress,
-                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), roots=roots,
+                  desc=f"{gen}" + (f" rank {rank}/{world}" if world > 1 else ""), roots=roots, blocked=blocked,
                   **_limits(max_pixels, max_file_bytes))
         try:
             summary = job.run(shard(items, rank, world) if world > 1 else items)
@@ -274,10 +275,11 @@ def _writable_copy(gens: Generations, cur: str, meta: dict[str, Any]) -> tuple[s
 def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, media_root: Path | None = None,
         batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2, progress: bool = True,
         break_lock: bool = False, device: str = "auto", max_pixels: int | None = None, max_file_bytes: int | None = None,
-        roots: DataRoots = DataRoots(), switch: bool = True, staged: "Callable[[str], None] | None" = None) -> JobResult:
+        roots: DataRoots = DataRoots(), switch: bool = True, staged: "Callable[[str], None] | None" = None,
+        blocked: frozenset[str] = frozenset()) -> JobResult:
     """Add ``items`` to the current generation (same model only); stored items are skipped.
 
-    ``roots``, ``switch`` and ``staged`` as for ``build`` (``switch=False`` on the embedded backend only).
+    ``roots``, ``switch``, ``staged`` and ``blocked`` as for ``build`` (``switch=False`` on the embedded backend only).
     """
     _check_stageable(gens, switch)
     with gens.lock(break_lock=break_lock):
@@ -295,7 +297,7 @@ def add(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *, m
         failures = gens.failures_path(gen)
         job = Job(art, store, media_root=media_root, batch_size=batch_size, workers=workers, failures_path=failures,
                   progress_path=gens.progress_path(gen), progress=progress, desc=f"add to {gen}", roots=roots,
-                  **_limits(max_pixels, max_file_bytes))
+                  blocked=blocked, **_limits(max_pixels, max_file_bytes))
         try:
             summary = job.run(items)
         except BaseException:

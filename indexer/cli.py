@@ -58,6 +58,15 @@ RESULT_OPT = typer.Option(None, "--result-file", dir_okay=False,
 # the default is training.images.MAX_FILE_BYTES (not imported here: PIL would load at CLI start-up)
 MAX_FILE_BYTES_OPT = typer.Option(None, "--max-file-bytes", min=1,
                                   help="Skip larger image files as failures, from their size before reading (default 64 MiB).")
+TAKEDOWNS_OPT = typer.Option(None, "--takedowns", dir_okay=False,
+                             help="A collection's journal (the service's STATE_DIR/collection/journal.jsonl): content "
+                                  "on its takedown list is skipped as a recorded failure.")
+
+
+def _takedowns(path: Optional[Path]) -> frozenset:
+    from indexer.journal import taken_down
+
+    return taken_down(path)
 
 
 def _roots(dirs: List[Path]) -> DataRoots:
@@ -168,6 +177,7 @@ def build_cmd(
     data_root: List[Path] = DATA_ROOT_OPT,
     switch: bool = SWITCH_OPT,
     result_file: Optional[Path] = RESULT_OPT,
+    takedowns: Optional[Path] = TAKEDOWNS_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Index a collection into a new generation of NAME and switch NAME to it once complete.
@@ -185,7 +195,8 @@ def build_cmd(
     try:
         result = builder.build(gens, model, items, sources=sig, media_root=media, batch_size=batch_size, workers=workers,
                                keep=keep, progress=progress, break_lock=break_lock, device=device, max_pixels=max_pixels,
-                               max_file_bytes=max_file_bytes, roots=roots, switch=switch, staged=out.staged)
+                               max_file_bytes=max_file_bytes, roots=roots, switch=switch, staged=out.staged,
+                               blocked=_takedowns(takedowns))
     except KeyboardInterrupt:
         raise _interrupted("build") from None
     if result.points >= 0:  # non-zero ranks of a torchrun job have nothing to report
@@ -217,6 +228,7 @@ def add_cmd(
     data_root: List[Path] = DATA_ROOT_OPT,
     switch: bool = SWITCH_OPT,
     result_file: Optional[Path] = RESULT_OPT,
+    takedowns: Optional[Path] = TAKEDOWNS_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Add items to the current generation of NAME (already stored items are skipped)."""
@@ -230,7 +242,7 @@ def add_cmd(
     try:
         result = builder.add(gens, model, items, media_root=media, batch_size=batch_size, workers=workers, keep=keep,
                              progress=progress, device=device, max_pixels=max_pixels, max_file_bytes=max_file_bytes,
-                             roots=roots, switch=switch, staged=out.staged)
+                             roots=roots, switch=switch, staged=out.staged, blocked=_takedowns(takedowns))
     except KeyboardInterrupt:
         raise _interrupted("add") from None
     out.done(result, switch)

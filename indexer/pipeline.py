@@ -12,6 +12,8 @@
 - Ids are content hashes and stored ids are skipped, so a run killed at any point (even ``kill -9``)
   and re-run ends with the same points and no duplicates. Two items with the same content become
   one point: the first in input order wins.
+- Content on the takedown list (``blocked``: content ids from ``indexer.journal.taken_down``) is never indexed:
+  each such item is a recorded failure that says so.
 - Progress: a tqdm bar (items/s, ETA) and ``progress.json`` with live counters (read by ``index info``).
 """
 
@@ -43,6 +45,7 @@ from training.errors import ImageError, InputError, OutsideRootsError
 from training.images import MAX_FILE_BYTES, MAX_PIXELS, preprocess_bytes, read_image_file
 
 DEFAULT_BATCH = 64
+TAKEN_DOWN = "taken down: this content is on the collection's takedown list, so it is not indexed again"
 
 
 @dataclass
@@ -70,9 +73,10 @@ class ImageReader(Dataset):
     """Worker-side half of the pipeline: ``i -> {i, id, pixels (3, H, W) | None, error | None, real}``."""
 
     def __init__(self, items: Sequence[Item], transform, *, known: frozenset[str] = frozenset(),
-                 max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FILE_BYTES, roots: DataRoots = DataRoots()):
+                 max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FILE_BYTES, roots: DataRoots = DataRoots(),
+                 blocked: frozenset[str] = frozenset()):
         self.items, self.transform, self.known, self.max_pixels = items, transform, known, max_pixels
-        self.max_bytes, self.roots = max_bytes, roots
+        self.max_bytes, self.roots, self.blocked = max_bytes, roots, blocked
 
     def __len__(self) -> int:
         return len(self.items)
@@ -90,6 +94,8 @@ class ImageReader(Dataset):
             except OSError as e:
                 raise ImageError(f"cannot read {item.path}: {e.strerror or e}") from e
             pid = content_id(data)
+            if pid in self.blocked:
+                raise ImageError(f"{item.path}: {TAKEN_DOWN}")
             if pid in self.known:
                 return {"i": i, "id": pid, "pixels": None, "error": None}
             pixels = preprocess_bytes(data, self.transform, name=str(item.path), max_pixels=self.max_pixels)
@@ -194,9 +200,10 @@ class Job:
     def __init__(self, art: Artifact, store: VectorStore, *, media_root: Path | None = None, batch_size: int = DEFAULT_BATCH,
                  workers: int = 2, failures_path: Path | None = None, progress_path: Path | None = None,
                  progress: bool = True, desc: str = "indexing", max_pixels: int = MAX_PIXELS,
-                 max_bytes: int = MAX_FILE_BYTES, roots: DataRoots = DataRoots()):
+                 max_bytes: int = MAX_FILE_BYTES, roots: DataRoots = DataRoots(),
+                 blocked: frozenset[str] = frozenset()):
         self.art, self.store, self.media_root, self.max_pixels = art, store, media_root, max_pixels
-        self.max_bytes, self.roots = max_bytes, roots
+        self.max_bytes, self.roots, self.blocked = max_bytes, roots, blocked
         self.batch_size, self.workers = max(1, batch_size), max(0, workers)
         self.failures_path, self.progress_path = failures_path, progress_path
         self.show, self.desc = progress, desc
@@ -242,7 +249,7 @@ class Job:
     def _images(self, items: Sequence[Item]) -> None:
         enc = self.art.encoder
         reader = ImageReader(items, enc.transform, known=frozenset(self.seen), max_pixels=self.max_pixels,
-                             max_bytes=self.max_bytes, roots=self.roots)
+                             max_bytes=self.max_bytes, roots=self.roots, blocked=self.blocked)
         loader = DataLoader(reader, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
                             pin_memory=enc.device.type == "cuda", worker_init_fn=functools.partial(die_with_parent, os.getpid()))
         for batch in loader:
@@ -284,6 +291,9 @@ class Job:
                         self._fail(it, str(e))
                         continue
                 pid = content_id(text)
+                if pid in self.blocked:
+                    self._fail(it, TAKEN_DOWN)
+                    continue
                 if pid in self.seen:
                     self.summary.skipped += 1
                     continue

@@ -24,9 +24,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from service import handlers
+from service.admin.facade import judge
 from service.admission import MemoryBudget
 from service.audit import AuditLog, AuditTrail
 from service.batching import Batcher
+from service.collection import Collection
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.middleware import AdminGate, AuditedCaller, BodyLimit, RequestMetrics
@@ -58,11 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.run_jobs:
             services.jobs = JobManager(
-                settings.state_dir, on_success=services.job_succeeded, on_discard=services.job_discarded,
+                settings.state_dir, on_success=services.job_succeeded, on_discard=services.job_discarded, judge=judge,
                 cancel_grace_s=settings.job_cancel_grace_s,
                 env=job_environment(settings),
                 on_change=functools.partial(_publish_job_counts, metrics),
             )
+            services.collection = Collection(settings, services.swap_lock, lambda: services.state.current)
         app.state.services = services
         services.batcher.start()
         await asyncio.to_thread(services.connect)

@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from indexer.journal import append_line, whole_lines
 from service.errors import UnavailableError
 
 ADMIN = "admin"
@@ -85,7 +86,7 @@ class AuditLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
-            self._size = _whole_lines(fd)
+            self._size = whole_lines(fd)
         except OSError:
             os.close(fd)
             raise
@@ -119,7 +120,7 @@ class AuditLog:
                 fd = self._open() if self._fd is None else self._fd
                 if self._size and self._size + len(data) > self.max_bytes:
                     fd = self._rotate()
-                self._size = _append(fd, data)
+                self._size = append_line(fd, data)
             except OSError:
                 self._reset()
                 raise
@@ -184,40 +185,6 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._reset()
-
-
-def _whole_lines(fd: int) -> int:
-    """The size of the file open at ``fd`` after cutting off an incomplete last line (a write a crash
-    interrupted: never acknowledged, so never a record)."""
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
-    end = size
-    while end > 0:
-        start = max(0, end - 65536)
-        newline = os.pread(fd, end - start, start).rfind(b"\n")
-        if newline >= 0:
-            end = start + newline + 1
-            break
-        end = start
-    os.ftruncate(fd, end)
-    service_log.warning("cut an incomplete last line (%d bytes) off the audit log", size - end)
-    return end
-
-
-def _append(fd: int, data: bytes) -> int:
-    """Append ``data`` at the end of the file open at ``fd`` (``O_APPEND``) and return the new size, or raise
-    OSError having cut the file back to its size before: a short write (a full disk) leaves no half line."""
-    before = os.fstat(fd).st_size
-    written = 0
-    try:
-        while written < len(data):
-            written += os.write(fd, data[written:])
-    except OSError:
-        if written:
-            os.ftruncate(fd, before)  # if this fails too, the next open cuts the half line off
-        raise
-    return before + written
 
 
 # ------------------------------------------------------------------ what the routes note

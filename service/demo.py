@@ -23,8 +23,8 @@ from pathlib import Path
 
 from indexer import builder, sources
 from indexer.index import generations_for
+from service.admin.plans import write_source
 from service.app import serve
-from service.jobs import write_source
 from service.settings import Settings
 from training import artifact, trainer
 from training.recipes import RECIPES, synthesize_for_recipe

@@ -89,6 +89,25 @@ def audited_admin(request: Request, _: Annotated[None, Depends(require_admin)]) 
     audit.privileged(request, audit.ADMIN)
 
 
+def takedown_caller(request: Request, settings: SettingsDep, credentials: Credentials) -> str:
+    """Who takes an item down: ``admin`` (the admin token) or the moderator whose token it is; 401 for any other
+    token or none, 403 when neither role is configured. The request leaves one audit record in that name."""
+    given = credentials.credentials if credentials else None
+    name = audit.ADMIN if admin_matches(settings, given) else moderator_name(settings, given)
+    if name is None:
+        if settings.token("admin") is None and not settings.moderators():
+            raise ForbiddenError("taking items down needs the admin or a moderator token, and neither is configured on "
+                                 "this server; set SAFE_RETRIEVAL_ADMIN_TOKEN or SAFE_RETRIEVAL_MODERATOR_TOKEN")
+        what = "missing" if given is None else "wrong"
+        raise UnauthorizedError(f"taking an item down needs the admin or a moderator token: token {what}; send "
+                                "'Authorization: Bearer <token>'")
+    audit.privileged(request, name)
+    return name
+
+
+TakedownCallerDep = Annotated[str, Depends(takedown_caller)]
+
+
 class Caller:
     """Who is asking: an ordinary caller, or a named moderator (a valid moderator token).
 

@@ -51,6 +51,10 @@ class TooLargeError(InputError):
     """The request body is over the configured limit (413)."""
 
 
+class StorageFullError(SafeRetrievalError):
+    """A write the service could not make durable (a full disk, a read-only state volume): nothing was written (507)."""
+
+
 class UnprocessableError(InputError):
     """A well-formed request the server cannot act on: a concept the dataset does not know, a method the
     served model's geometry does not allow (422, as a body that fails validation)."""
@@ -72,6 +76,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ModelMismatchError, 409),
     (IndexBusyError, 409),
     (UnavailableError, 503),
+    (StorageFullError, 507),
     (StoreUnavailableError, 503),
     (ArtifactError, 500),
     (CheckpointError, 500),

@@ -1,4 +1,8 @@
-"""Admin jobs: the trainer's and indexer's CLI commands run as child processes, one job at a time.
+"""The job runner: the trainer's and indexer's CLI commands run as child processes, one job at a time.
+
+What a job is for (its plan, steps, evaluation and acceptance) is :mod:`service.admin`'s; the runner only runs
+steps, persists the record, and calls back: ``judge`` after each step, ``on_success`` at the commit point,
+``on_discard`` when a job's outputs must go. The plan is opaque to it (persisted as the admin side gave it).
 
 A job is a list of steps (command lines of ``safe-retrieval``) run in order in a fresh process
 group, with output going to a log file. Its record (status, progress, timestamps, error, result) is
@@ -8,14 +12,14 @@ Cancelling ends the whole process group (SIGTERM, then SIGKILL after a grace per
 
 A job builds, it never switches: its ``index build/add/delete`` steps run with ``--no-switch`` and
 ``--result-file``, so they leave a complete generation *staged* and name it (``JobRecord.staged``),
-and a retrain writes its new model to ``plan["new_model"]``. Nothing a job makes is served until the
+and a retrain writes its new model into the state's ``models`` folder. Nothing a job makes is served until the
 job's one **commit point** in ``_run``: under the manager's lock, with every step succeeded and no
 cancel requested, the job is marked ``committed``; only then does ``on_success`` (the service's
 acceptance) open the staged generation, check it against the model, switch the pointer and swap
-the served pair together. A job whose plan names an ``acceptance`` is judged right after its evaluation step,
-before any later step (the reindex) runs: a new model that misses a threshold ends the job ``failed`` there
-(:class:`AcceptanceError`, unless the request said ``force``), with what was measured kept in its result, and
-nothing is reindexed or swapped. A cancel that lands before the commit point ends the job ``cancelled``
+the served pair together. ``judge`` is called after every step: when it measured something (a job's evaluation
+step) the result keeps it, and when it refuses the job (a new model that missed its acceptance, unless the request
+said ``force``) the job ends ``failed`` there, before any later step (the reindex) runs, and nothing is reindexed or
+swapped. A cancel that lands before the commit point ends the job ``cancelled``
 and ``on_discard`` deletes the staged generation, as a failure does (the new model is removed too);
 a cancel after it is too late and the job ends ``succeeded``. If acceptance fails, the pointer has
 not moved and the outputs are discarded. So a job that does not end ``succeeded`` changes nothing
@@ -37,7 +41,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -45,12 +48,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-from service.errors import ConflictError, ForbiddenError, NotFoundError, UnprocessableError
-from service.schemas import ForgetRequest, IndexSource, ReindexRequest, RetrainRequest
-from training.errors import DataError, InputError, SafeRetrievalError
-from training.methods import ERASE
+from service.errors import ConflictError, NotFoundError
+from training.errors import SafeRetrievalError
 
 log = logging.getLogger("safe_retrieval.jobs")
 
@@ -88,7 +89,7 @@ class JobRecord:
     request: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
     steps: list[list[str]] = field(default_factory=list)  # argv after ``safe-retrieval``
-    plan: dict[str, Any] = field(default_factory=dict)  # what on_success needs: model, index, swap
+    plan: dict[str, Any] = field(default_factory=dict)  # the admin side's ``Plan``, as a dict: opaque to the runner
     staged: dict[str, Any] = field(default_factory=dict)  # the index step's --result-file: the staged generation
     committed: bool = False  # past the commit point: a cancel is too late, on_success decides
     pid: int | None = None
@@ -101,54 +102,6 @@ class JobRecord:
             "started_at": self.started_at, "finished_at": self.finished_at, "request": self.request,
             "result": self.result,
         }
-
-
-# ------------------------------------------------------------------ paths in requests
-def resolve_under_roots(text: str, roots: list[Path], *, what: str = "path") -> Path:
-    """A path from a request, refused unless it lies under one of ``roots`` (no ``..``, no symlink escape).
-
-    Relative paths are taken relative to the first root under which they exist (else the first root).
-    A name the OS refuses (a component over 255 bytes, a symlink loop) is an InputError (400), not a crash.
-    The files a job then finds inside (manifest rows, symlinks in a folder, a ViSU layout) are confined
-    by the job itself: every command gets ``--data-root`` for each root.
-    """
-    if not roots:
-        raise ForbiddenError("no data roots are configured; set SAFE_RETRIEVAL_DATA_ROOTS to allow job paths")
-    shown = repr(text if len(text) <= 200 else text[:200] + "...")
-    if "\x00" in text:
-        raise InputError(f"{what} contains a NUL byte")
-    raw = Path(text)
-    if ".." in raw.parts:
-        raise InputError(f"{what} {shown} contains '..'; give a path under the data roots")
-    try:
-        resolved_roots = [r.resolve() for r in roots]
-        if raw.is_absolute():
-            candidates = [raw.resolve()]
-        else:
-            candidates = [(root / raw).resolve() for root in resolved_roots]
-            existing = [c for c in candidates if c.exists()]
-            candidates = existing[:1] or candidates[:1]
-        path = candidates[0]
-        inside = any(path == root or path.is_relative_to(root) for root in resolved_roots)
-        exists = inside and path.exists()
-    except (OSError, RuntimeError) as e:  # ENAMETOOLONG from stat, "Symlink loop" from resolve
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "a symlink loop" if isinstance(e, RuntimeError) else e
-        raise InputError(f"{what} {shown} cannot be used ({why}); give a plain path under the data roots") from e
-    if not inside:
-        allowed = ", ".join(str(r) for r in resolved_roots)
-        raise InputError(f"{what} {shown} is outside the data roots ({allowed})")
-    if not exists:
-        raise InputError(f"{what} {shown} does not exist under the data roots")
-    return path
-
-
-def data_root_args(roots: list[Path]) -> list[str]:
-    """``--data-root`` for each root: the job reads no file outside them, whatever a manifest or symlink says.
-
-    A configured root that does not exist holds no file, so leaving it out confines as much; at least one
-    exists, as every job path was found under one.
-    """
-    return [arg for root in roots if os.path.isdir(root) for arg in ("--data-root", str(root))]
 
 
 # ------------------------------------------------------------------ processes
@@ -228,6 +181,7 @@ class JobManager:
         *,
         on_success: Callable[[JobRecord], dict[str, Any]],
         on_discard: Callable[[JobRecord], bool] | None = None,
+        judge: Callable[[JobRecord, int, Path], tuple[dict[str, Any], str | None] | None] | None = None,
         on_change: Callable[[dict[str, int]], None] | None = None,
         cancel_grace_s: float = 10.0,
         env: dict[str, str] | None = None,
@@ -236,7 +190,8 @@ class JobManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.models_dir = Path(state_dir) / "models"
         self.on_success = on_success
-        self.on_discard = on_discard  # deletes a job's staged generation; False: it is already served
+        self.on_discard = on_discard  # deletes what a job made (generation, model); False: it is already served
+        self.judge = judge  # (job, step index, job folder) -> (measured, refusal or None), or None: nothing to judge
         self.on_change = on_change
         self.cancel_grace_s = cancel_grace_s
         self.env = env
@@ -415,8 +370,8 @@ class JobManager:
                     why = _error_line(tail) or f"'safe-retrieval {argv[0]}' exited with status {rc}; see log_tail"
                     self._finish(job, "failed", error=why)
                     return
-                if (job.plan.get("acceptance") or {}).get("after_step") == i:
-                    self._judge(job)
+                if self.judge is not None:
+                    self._judge(job, i)
             with self._lock:  # THE commit point: a cancel either got in before it, or is too late
                 if not cancel.is_set():
                     job.committed = True
@@ -425,8 +380,6 @@ class JobManager:
                 self._finish(job, "failed" if job.error else "cancelled", error=job.error)
                 return
             result = {**job.result, **self.on_success(job)}
-            if job.plan.get("source") and job.plan.get("swap"):
-                write_source(self.dir.parent, job.plan["source"])
         except SafeRetrievalError as e:
             self._finish(job, "failed", error=str(e))
             return
@@ -436,14 +389,15 @@ class JobManager:
             return
         self._finish(job, "succeeded", result=result)
 
-    def _judge(self, job: JobRecord) -> None:
-        """Read the evaluation the job's last step wrote into its result, and refuse a model that missed its
-        acceptance (AcceptanceError, unless forced): the job then fails before its next step."""
-        measured = evaluation_result(job.kind, self.folder(job.id), job.plan)
+    def _judge(self, job: JobRecord, step: int) -> None:
+        """What ``judge`` measured after ``step`` goes into the result; a refusal fails the job before its next step."""
+        verdict = self.judge(job, step, self.folder(job.id)) if self.judge is not None else None
+        if verdict is None:
+            return
+        measured, refusal = verdict
         self._set(job, result={**job.result, **measured})
-        refusal = refused(measured)
         if refusal is not None:
-            raise AcceptanceError(refusal)
+            raise JobRefused(refusal)
 
     def _run_step(self, job: JobRecord, argv: builtins.list[str], logfile: Path, index: int, cancel: threading.Event) -> int:
         env = dict(os.environ if self.env is None else self.env)
@@ -505,483 +459,16 @@ class JobManager:
                   step=None, **done)
 
     def _discard_outputs(self, job: JobRecord) -> bool:
-        """Delete the staged generation (``on_discard``) and the new model, unless they are already
-        served (a commit that switched before the service stopped): then keep both and return False."""
-        if self.on_discard is not None and job.staged.get("generation"):
-            try:
-                if not self.on_discard(job):
-                    return False
-            except Exception:  # noqa: BLE001 - a leftover generation is never served; pruning removes it later
-                log.exception("job %s: deleting its staged generation failed", job.id)
-        out = job.plan.get("new_model")
-        if out:  # the unfinished artifact and its run directory (checkpoints, metrics)
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(f"{out}.run", ignore_errors=True)
-        return True
-
-
-# ------------------------------------------------------------------ the last indexed source
-SOURCE_RECORD = "source.json"
-
-
-def read_source(state_dir: Path) -> dict[str, Any] | None:
-    """The source of the served index's last successful build (what a retrain reindexes by default)."""
-    try:
-        return json.loads((Path(state_dir) / SOURCE_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_source(state_dir: Path, source: dict[str, Any]) -> None:
-    tmp = Path(state_dir) / f".{SOURCE_RECORD}.tmp"
-    tmp.write_text(json.dumps(source, indent=2) + "\n")
-    os.replace(tmp, Path(state_dir) / SOURCE_RECORD)
-
-
-# ------------------------------------------------------------------ command lines
-def store_args(*, qdrant_url: str | None, index_root: Path) -> list[str]:
-    """Where ``index build`` writes: the Qdrant server, or the embedded store's root.
-
-    The server's API key travels in the environment (``SAFE_RETRIEVAL_QDRANT_API_KEY``), never on
-    a command line that job records and ``ps`` would show.
-    """
-    return ["--qdrant-url", qdrant_url] if qdrant_url else ["--root", str(index_root)]
-
-
-def source_args(source: IndexSource, roots: list[Path], default_media_root: Path | None) -> list[str]:
-    """``index build`` arguments for a source, every path checked against the data roots."""
-    args: list[str] = []
-    if source.images is not None:
-        args += ["--images", str(resolve_under_roots(source.images, roots, what="source.images"))]
-    elif source.manifest is not None:
-        args += ["--manifest", str(resolve_under_roots(source.manifest, roots, what="source.manifest"))]
-    else:
-        assert source.visu is not None and source.split is not None  # IndexSource's validator: exactly one source
-        args += ["--visu", str(resolve_under_roots(source.visu, roots, what="source.visu")), "--split", source.split]
-    if source.captions:
-        args.append("--captions-as-text")
-    if source.texts is not None:
-        args += ["--texts", str(resolve_under_roots(source.texts, roots, what="source.texts"))]
-    if source.media_root is not None:
-        args += ["--media-root", str(resolve_under_roots(source.media_root, roots, what="source.media_root"))]
-    elif default_media_root is not None:
-        args += ["--media-root", str(default_media_root)]
-    return args + data_root_args(roots)
-
-
-def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
-                  qdrant_url: str | None, index_root: Path, max_file_bytes: int | None = None) -> list[list[str]]:
-    """The index step of a job: it stages a generation (``--no-switch``) and reports it (``--result-file``).
-
-    ``max_file_bytes`` (the service's ``JOB_MAX_FILE_BYTES``) becomes ``--max-file-bytes``: image files over
-    it are failures of the job, refused from their size before they are read.
-
-    An incremental job on a Qdrant server is refused: there ``index add`` changes the served
-    collection in place, which no cancel could undo (see ``indexer.builder._check_stageable``).
-    """
-    if req.incremental and qdrant_url:
-        raise InputError("an incremental reindex cannot be staged on a Qdrant server (adding changes the served "
-                         "collection in place); submit it without 'incremental' to build a new generation")
-    verb = "add" if req.incremental else "build"
-    return [["index", verb, "--model", str(model), "--name", name,
-             *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root),
-             *(["--max-file-bytes", str(max_file_bytes)] if max_file_bytes is not None else []),
-             "--no-switch", "--result-file", INDEX_RESULT]]
-
-
-def train_step(req: RetrainRequest, *, model: Path, out: Path, roots: list[Path]) -> list[str]:
-    argv = ["train", "--method", req.method, "--data", str(resolve_under_roots(req.data, roots, what="data")),
-            "--model", str(model), "--out", str(out), *data_root_args(roots)]
-    options = {"--preset": req.preset, "--epochs": req.epochs, "--batch-size": req.batch_size, "--lr": req.lr,
-               "--lora-rank": req.lora_rank, "--eta": req.eta, "--precision": req.precision, "--seed": req.seed,
-               "--max-steps": req.max_steps}
-    for flag, value in options.items():
-        if value is not None:
-            argv += [flag, str(value)]
-    if req.full_finetune:
-        argv.append("--full-finetune")
-    return argv
-
-
-# ------------------------------------------------------------------ forget jobs
-#: where a forget job's evaluation writes report.json and report.md, in the job's folder
-UNLEARNING = "unlearning"
-
-
-def forget_data(requested: str | None, model: Path, roots: list[Path]) -> Path:
-    """The dataset a forget job trains and evaluates on: the request's ``data``, else the served model's
-    training data (its provenance ``data``), which must lie under the data roots as any job path."""
-    if requested is not None:
-        return resolve_under_roots(requested, roots, what="data")
-    from training.artifact import read_config
-
-    known = (read_config(model).get("provenance") or {}).get("data")
-    if not isinstance(known, str) or not known:
-        raise UnprocessableError("the served model records no training data (its provenance has no 'data'); give `data`: "
-                                 "the ViSU-layout dataset, under the data roots, whose pairs show the concepts")
-    try:
-        return resolve_under_roots(known, roots, what="the served model's training data")
-    except InputError as e:
-        raise UnprocessableError(f"{e}; give `data`: a copy of that dataset (or another one) under the data roots") from e
-
-
-def forget_concepts(data: Path, names: list[str], roots: list[Path]) -> list[str]:
-    """The concepts that ``names`` (concept names or tags, any case) stand for in the dataset at ``data``.
-
-    The request is checked as the job's training step will check it (:func:`training.data.forget.split`
-    on the train split), so it fails here, before any job starts: a name the dataset does not know (the
-    message lists its concepts and tags), a concept no training pair shows, or nothing left to retain
-    is an UnprocessableError (422). Nothing outside the data roots is read.
-    """
-    from training.data import concepts, forget, visu
-
-    confined = _confined(roots)
-    summary = data / concepts.DATASET_SUMMARY
-    if summary.exists():
-        confined.check(summary, what=f"{data.name}/{concepts.DATASET_SUMMARY}")
-    records = visu.load_split(data, "train", roots=confined).records
-    try:
-        return list(forget.split(records, data, forget=names, roots=confined).concepts)
-    except InputError as e:
-        raise UnprocessableError(str(e)) from e
-
-
-def check_forget_method(req: ForgetRequest, model: Path) -> None:
-    """The method, its ``weights`` and ``options`` checked as training will check them (422 with the reason): a
-    method whose geometry is ``lorentz`` (``hac``) needs a lorentz model, and the others name the methods that fit."""
-    from training import methods
-    from training.artifact import read_config
-
-    if req.method == ERASE:
-        extra = [k for k in ("preset", "epochs", "lr", "max_steps", "weights", "options") if getattr(req, k) is not None]
-        if extra:
-            raise UnprocessableError(f"method 'erase' fits a closed-form eraser and trains nothing, so it takes no "
-                                     f"{', '.join(map(repr, extra))}; leave them out, or pick a method that trains")
-        return
-    geometry = read_config(model).get("geometry")
-    if methods.METHODS[req.method].geometry == "lorentz" and geometry != "lorentz":
-        usable = [m for m in methods.FORGETTING if methods.METHODS[m].geometry != "lorentz"]
-        raise UnprocessableError(f"method {req.method!r} needs a lorentz (hyperbolic) model, and the served model is "
-                                 f"{geometry}; use a method for any model: {', '.join(map(repr, usable))}")
-    try:
-        methods.term_weights(req.method, params=req.weights, options=req.options)
-    except InputError as e:
-        raise UnprocessableError(str(e)) from e
-
-
-def _confined(roots: list[Path]):
-    from training.data.roots import DataRoots
-
-    return DataRoots.of([r for r in roots if os.path.isdir(r)])
-
-
-def _test_split(data: Path, roots: list[Path], why: str):
-    """The test split of ``data``, which the job's evaluation step reads; none is a 422 saying ``why``."""
-    from training.data import visu
-
-    try:
-        return visu.load_split(data, "test", roots=_confined(roots))
-    except (DataError, InputError) as e:
-        raise UnprocessableError(f"the job's evaluation could not run, so {why}: {e}. Give `data` whose test split "
-                                 "(its ViSU-Text test file and images, under the data roots) is there") from e
-
-
-def check_erasable(req: ForgetRequest, model: Path, data: Path, concepts: list[str], roots: list[Path]) -> None:
-    """Refuse (422), before anything is trained, a forget job whose eraser could not be fitted: too few train images
-    of a concept (the message says how many it needs). Nothing to check without the eraser."""
-    from training import erasure
-    from training.artifact import read_config
-
-    if not (req.erase or req.method == ERASE):
-        return
-    try:
-        erasure.plan(data, concepts, dim=int(read_config(model)["embed_dim"]), roots=_confined(roots))
-    except (DataError, InputError) as e:
-        raise UnprocessableError(f"{e}; or ask for no eraser (`erase`: false)") from e
-
-
-def check_forget_evaluation(data: Path, concepts: list[str], roots: list[Path]) -> None:
-    """Refuse (422), before anything is trained, a forget job whose evaluation could not measure the model: no
-    test split, one that shows none of ``concepts`` (forgetting unmeasured), or nothing else (retention unmeasured).
-
-    The same rules as the evaluation's own (``eval --unlearning``), on the same split.
-    """
-    from training.data.concepts import catalogue
-
-    records = _test_split(data, roots, "the new model could not be checked").records
-    cat = catalogue(data, records, roots=_confined(roots))
-    shown = [cat.concept_of(r) for r in records]
-    forgotten = sum(1 for c in shown if c is not None and c.name in concepts)
-    retained = sum(1 for c in shown if c is not None and c.name not in concepts)
-    if not forgotten:
-        raise UnprocessableError(f"the test split of {data.name} shows none of {', '.join(concepts)}, so the job's "
-                                 "evaluation could not measure what the new model forgot; give `data` whose test split "
-                                 f"shows them, or forget concepts it shows ({cat.known()})")
-    if not retained:
-        raise UnprocessableError(f"every test record of {data.name} with a known concept shows {', '.join(concepts)}, "
-                                 "so the job's evaluation could not measure what the new model retained; forget fewer "
-                                 "concepts, or give `data` whose test split also shows others")
-
-
-def check_retrain_evaluation(data: Path, roots: list[Path]) -> None:
-    """Refuse (422), before anything is trained, a retrain whose evaluation (the test split of ``data``) cannot run,
-    or would read an image outside the data roots: ``eval`` reads every record of the split and, unlike the
-    unlearning evaluation, takes no ``--data-root``, so the split is confined here."""
-    split = _test_split(data, roots, "the new model's retrieval could not be checked")
-    outside = split.skipped.get("outside_data_roots", 0)
-    if outside:
-        raise UnprocessableError(f"{outside} record(s) of the test split of {data.name} name images outside the data "
-                                 "roots, which the job's evaluation would read; move them under the data roots or give "
-                                 "other `data`")
-
-
-def forget_steps(req: ForgetRequest, *, concepts: list[str], model: Path, out: Path, data: Path,
-                 roots: list[Path]) -> list[list[str]]:
-    """A forget job's training and evaluation steps (its index step is ``reindex_steps``).
-
-    ``train`` unlearns ``concepts`` from ``model`` into ``out``; ``eval --unlearning`` compares the
-    two on the test split of ``data`` and writes ``report.json`` into the job's ``UNLEARNING`` folder.
-    """
-    forget = ",".join(concepts)
-    train = ["train", "--method", req.method, "--model", str(model), "--forget", forget, "--data", str(data),
-             "--out", str(out), *data_root_args(roots)]
-    options = {"--preset": req.preset, "--epochs": req.epochs, "--lr": req.lr, "--seed": req.seed,
-               "--max-steps": req.max_steps}
-    for flag, value in options.items():
-        if value is not None:
-            train += [flag, str(value)]
-    if req.weights:  # by name: the trainer checks them as the route did (training.methods.term_weights)
-        train += ["--weights", ",".join(f"{name}={weight!r}" for name, weight in req.weights.items())]
-    for name, choice in (req.options or {}).items():
-        train += ["--objective-option", f"{name}={choice}"]
-    if req.erase and req.method != ERASE:
-        train.append("--then-erase")
-    evaluate = ["eval", "--unlearning", "--forget", forget, "--data", str(data), "--split", "test",
-                "--out", f"{JOB_DIR}/{UNLEARNING}", *data_root_args(roots), "--compare", str(model), str(out)]
-    return [train, evaluate]
-
-
-def unlearning_result(folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """A forget job's ``result["unlearning"]``: its evaluation's table (``report.json``: artifact directory name
-    -> metrics) with the concepts, the method and the forget/retain sizes the new model's provenance records.
-
-    Raises DataError when the evaluation left no readable report (the job then fails, changing nothing).
-    """
-    from training.artifact import read_config
-
-    path = folder / UNLEARNING / "report.json"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"the forget job's evaluation wrote no readable {path.name} ({e.__class__.__name__}); "
-                        "see the job's log, then submit the job again") from e
-    if not isinstance(table, dict) or len(table) != 2:
-        raise DataError(f"the forget job's {path.name} does not hold two rows (before, after); see the job's log")
-    before, after = table  # in the order of --compare: the served model, then the new one
-    info = plan.get("unlearning") or {}
-    forgotten = (read_config(plan["new_model"]).get("provenance") or {}).get("forget") or {}
-    return {
-        "concepts": info.get("concepts"), "method": info.get("method"),
-        "forget_pairs": forgotten.get("forget_pairs"), "retain_pairs": forgotten.get("retain_pairs"),
-        "before": before, "after": after, "table": table, "report": str(folder / UNLEARNING / "report.md"),
-    }
-
-
-# ------------------------------------------------------------------ retrain evaluation
-#: where a retrain's evaluation writes report.json and report.md, in the job's folder
-RETRIEVAL = "retrieval"
-#: the task and metric a retrain must keep: safe caption -> safe image, recall at 1
-RECALL_TASK, RECALL_METRIC = "T->V", "R@1"
-
-
-def retrieval_eval_step(data: Path, *, model: Path, out: Path) -> list[str]:
-    """A retrain's evaluation step: the served ``model`` and the new one (``out``) on the test split of ``data``,
-    without traversal (T->V queries are safe captions), into the job's ``RETRIEVAL`` folder.
-
-    ``eval`` takes no ``--data-root`` outside ``--unlearning``: the route confines the split itself
-    (:func:`check_retrain_evaluation`) before the job starts.
-    """
-    return ["eval", "--data", str(data), "--split", "test", "--traversal", "off", "--out", f"{JOB_DIR}/{RETRIEVAL}",
-            "--compare", str(model), str(out)]
-
-
-def retrieval_result(folder: Path) -> dict[str, Any]:
-    """A retrain's ``result["retrieval"]`` (without its acceptance): T->V R@1 (%) of the served model (``before``) and
-    the new one (``after``) from its evaluation's ``report.json``; a figure the report lacks is None.
-
-    Raises DataError when the evaluation left no readable report.
-    """
-    path = folder / RETRIEVAL / "report.json"
-    try:
-        report = json.loads(path.read_text())
-        models = report["models"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"the retrain's evaluation wrote no readable {path.name} ({e.__class__.__name__}); "
-                        "see the job's log, then submit the job again") from e
-    if not isinstance(models, list) or len(models) != 2:
-        raise DataError(f"the retrain's {path.name} does not hold two models (served, new); see the job's log")
-
-    def recall(row: Any) -> float | None:
+        """Have ``on_discard`` delete what the job made; False when it is already served (a commit that switched
+        before the service stopped)."""
+        if self.on_discard is None:
+            return True
         try:
-            value = _number(100 * row["variants"]["plain"]["tasks"][RECALL_TASK][RECALL_METRIC])
-        except (KeyError, TypeError):
-            return None
-        return None if value is None else round(value, 2)
-
-    return {"task": RECALL_TASK, "metric": RECALL_METRIC, "before": recall(models[0]), "after": recall(models[1]),
-            "report": str(folder / RETRIEVAL / "report.md")}
+            return self.on_discard(job)
+        except Exception:  # noqa: BLE001 - a leftover is never served; pruning removes generations later
+            log.exception("job %s: deleting its outputs failed", job.id)
+            return True
 
 
-# ------------------------------------------------------------------ acceptance
-_EPS = 1e-6  # figures are rounded to 0.1: a fall of exactly the threshold passes
-
-
-class AcceptanceError(SafeRetrievalError):
-    """The new model missed its acceptance and the request did not say ``force``: the job fails, nothing is swapped."""
-
-
-def _number(value: Any) -> float | None:
-    """A measured figure, or None when it is missing, null, not a number or NaN (it could not be measured)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    return float(value)
-
-
-def _unmeasured(what: str, metric: str, before: float | None, after: float | None, note: str | None) -> str:
-    rows = " and ".join(name for name, v in (("the served model", before), ("the new model", after)) if v is None)
-    return f"{what} could not be measured: the evaluation reports no {metric} for {rows}" + (f" ({note})" if note else "")
-
-
-def unlearning_acceptance(before: Mapping[str, Any], after: Mapping[str, Any], *, min_forget_drop: float,
-                          max_retain_drop: float, max_benign_drop: float, force: bool = False,
-                          notes: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Judge a forget job's new model from its evaluation's rows (``before``: the served model, ``after``: the new one).
-
-    - forget: ``f_acc`` must fall by at least ``min(min_forget_drop, before f_acc)`` points (where the served model
-      recognised less than the threshold, all of it must go);
-    - retain: ``r_acc`` may fall by at most ``max_retain_drop`` points;
-    - benign: ``after["benign_drop"]`` (points lost on harmless look-alikes) may be at most ``max_benign_drop``.
-
-    A figure that is null (``notes``: metric -> why, from the evaluation) fails its check. Returns ``{"passed",
-    "forced", "thresholds", "checks": {forget, retain, benign}, "misses"}``; ``forced`` when it failed and ``force``.
-    """
-    notes = notes or {}
-    checks: dict[str, dict[str, Any]] = {}
-    f0, f1 = _number(before.get("f_acc")), _number(after.get("f_acc"))
-    required = min(min_forget_drop, f0) if f0 is not None else min_forget_drop
-    forget: dict[str, Any] = {"metric": "f_acc", "before": f0, "after": f1, "required": required}
-    if f0 is None or f1 is None:
-        forget.update(drop=None, passed=False, reason=_unmeasured("forget accuracy", "f_acc", f0, f1, notes.get("f_acc")))
-    else:
-        drop = f0 - f1
-        ok = drop >= required - _EPS
-        all_of_it = f" (all of it: the served model recognised only {f0:.1f}%)" if required < min_forget_drop else ""
-        moved = f"fell only {drop:.1f} points" if drop >= 0 else f"rose {-drop:.1f} points"
-        forget.update(drop=round(drop, 2), passed=ok,
-                      reason=None if ok else f"forget accuracy {moved} ({f0:.1f} -> {f1:.1f}), {required:g} required{all_of_it}")
-    checks["forget"] = forget
-
-    r0, r1 = _number(before.get("r_acc")), _number(after.get("r_acc"))
-    retain: dict[str, Any] = {"metric": "r_acc", "before": r0, "after": r1, "allowed": max_retain_drop}
-    if r0 is None or r1 is None:
-        retain.update(drop=None, passed=False, reason=_unmeasured("retain accuracy", "r_acc", r0, r1, notes.get("r_acc")))
-    else:
-        drop = r0 - r1
-        ok = drop <= max_retain_drop + _EPS
-        retain.update(drop=round(drop, 2), passed=ok,
-                      reason=None if ok else f"retain accuracy fell {drop:.1f} points, {max_retain_drop:g} allowed")
-    checks["retain"] = retain
-
-    b = _number(after.get("benign_drop"))
-    benign: dict[str, Any] = {"metric": "benign_drop", "drop": b, "allowed": max_benign_drop}
-    if b is None:
-        why = notes.get("benign_drop")
-        benign.update(passed=False, reason="look-alike accuracy could not be measured: the evaluation reports no "
-                      "benign_drop for the new model" + (f" ({why})" if why else ""))
-    else:
-        ok = b <= max_benign_drop + _EPS
-        benign.update(passed=ok, reason=None if ok else f"look-alike accuracy fell {b:.1f} points, {max_benign_drop:g} allowed")
-    checks["benign"] = benign
-
-    thresholds = {"min_forget_drop": min_forget_drop, "max_retain_drop": max_retain_drop, "max_benign_drop": max_benign_drop}
-    return _verdict(checks, thresholds, force)
-
-
-def retrieval_acceptance(before: float | None, after: float | None, *, max_recall_drop: float,
-                         force: bool = False) -> dict[str, Any]:
-    """Judge a retrain's new model: its T->V R@1 (%) may fall at most ``max_recall_drop`` points below the served
-    model's on the same data; a figure that could not be measured fails. Returns what :func:`unlearning_acceptance` does."""
-    name = f"{RECALL_TASK} {RECALL_METRIC}"
-    check: dict[str, Any] = {"metric": name, "before": before, "after": after, "allowed": max_recall_drop}
-    if before is None or after is None:
-        check.update(drop=None, passed=False, reason=_unmeasured(name, name, before, after, None))
-    else:
-        drop = before - after
-        ok = drop <= max_recall_drop + _EPS
-        check.update(drop=round(drop, 2), passed=ok, reason=None if ok else
-                     f"{name} fell {drop:.1f} points ({before:.1f} -> {after:.1f}), {max_recall_drop:g} allowed")
-    return _verdict({"recall": check}, {"max_recall_drop": max_recall_drop}, force)
-
-
-def _verdict(checks: dict[str, dict[str, Any]], thresholds: dict[str, float], force: bool) -> dict[str, Any]:
-    misses = [c["reason"] for c in checks.values() if not c["passed"]]
-    return {"passed": not misses, "forced": bool(misses) and force, "thresholds": thresholds, "checks": checks,
-            "misses": misses}
-
-
-def acceptance_plan(after_step: int, *, force: bool, **thresholds: float) -> dict[str, Any]:
-    """``plan["acceptance"]``: the model is judged once step ``after_step`` (the evaluation) has succeeded."""
-    return {"after_step": after_step, "force": force, "thresholds": thresholds}
-
-
-#: which result key holds each job kind's evaluation and acceptance
-EVALUATION_KEY = {"forget": "unlearning", "retrain": "retrieval"}
-
-
-def _evaluation_notes(folder: Path) -> dict[str, str]:
-    """Why the unlearning evaluation left a figure null (``null`` of its ``details.json``: metric -> why), when it
-    says so; the acceptance works without it."""
-    try:
-        notes = json.loads((folder / UNLEARNING / "details.json").read_text()).get("null")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
-
-
-def evaluation_result(kind: str, folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """What a job's evaluation measured, judged against ``plan["acceptance"]``: ``{"unlearning": ...}`` for a forget
-    job (the table, with ``acceptance``), ``{"retrieval": ...}`` for a retrain. Raises DataError without a report."""
-    spec = plan["acceptance"]
-    force, limits = bool(spec.get("force")), spec["thresholds"]
-    if kind == "forget":
-        measured = unlearning_result(folder, plan)
-        table = measured["table"]
-        measured["acceptance"] = unlearning_acceptance(
-            table[measured["before"]], table[measured["after"]], force=force, notes=_evaluation_notes(folder), **limits)
-    elif kind == "retrain":
-        measured = retrieval_result(folder)
-        measured["acceptance"] = retrieval_acceptance(measured["before"], measured["after"], force=force, **limits)
-    else:
-        raise DataError(f"a {kind} job has no evaluation to judge")
-    return {EVALUATION_KEY[kind]: measured}
-
-
-def refused(result: dict[str, Any]) -> str | None:
-    """The job's error when the acceptance in ``result`` failed and was not forced, else None."""
-    for key, measured in result.items():
-        acceptance = measured.get("acceptance") if isinstance(measured, dict) else None
-        if acceptance and not acceptance["passed"] and not acceptance["forced"]:
-            return (f"the new model was refused: {'; '.join(acceptance['misses'])}. Nothing was reindexed or swapped "
-                    f"and the new model was deleted (result.{key} holds the evaluation and its acceptance); train it "
-                    "differently or change the thresholds and submit again, or submit with force: true to swap it in "
-                    "anyway")
-    return None
-
-
-def forced(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The acceptance in ``result`` that failed but was forced (the commit's audit record names it), else None."""
-    for measured in result.values():
-        acceptance = measured.get("acceptance") if isinstance(measured, dict) else None
-        if acceptance and acceptance["forced"]:
-            return acceptance
-    return None
+class JobRefused(SafeRetrievalError):
+    """``judge`` refused the job (a new model that missed its acceptance): it fails, nothing is swapped."""

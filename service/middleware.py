@@ -26,12 +26,14 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import audit
-from service.deps import admin_matches, audited_admin, check_admin, get_caller, moderator_name
+from service.deps import admin_matches, audited_admin, check_admin, get_caller, moderator_name, takedown_caller
 from service.errors import ForbiddenError, TooLargeError, UnauthorizedError
 from service.metrics import Metrics
 from service.settings import Settings
 
 ADMIN_PREFIX = "/v1/admin"
+#: (method, path) of the other routes only the admin token may call: adding items
+ADMIN_WRITES = {("POST", "/v1/items"), ("POST", "/v1/items/upload")}
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -70,12 +72,17 @@ class AuditedCaller:
         api = [r for r in routes if isinstance(r, APIRoute)]
         self.moderated = [r for r in api if _depends_on(r.dependant, get_caller)]
         self.admin = [r for r in api if _depends_on(r.dependant, audited_admin)]
+        self.takedowns = [r for r in api if _depends_on(r.dependant, takedown_caller)]
 
     def __call__(self, scope: Scope) -> tuple[str, str] | None:
         token = bearer_token(scope)
         if token is None:
             return None
         path = route_path(scope)
+        for route in self.takedowns:  # before the moderated routes: DELETE /v1/items/{id} shares GET's path
+            if route.path_regex.match(path) and scope.get("method") in (route.methods or ()):
+                name = audit.ADMIN if admin_matches(self.settings, token) else moderator_name(self.settings, token)
+                return (name, route.path) if name is not None else None
         for route in self.moderated:
             if route.path_regex.match(path):
                 name = moderator_name(self.settings, token)
@@ -87,7 +94,8 @@ class AuditedCaller:
 
 
 class AdminGate:
-    """401/403 for /v1/admin/* without the admin token, decided before the body is read."""
+    """401/403 for /v1/admin/* and the item uploads (``ADMIN_WRITES``) without the admin token, decided before the
+    body is read."""
 
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
@@ -95,7 +103,8 @@ class AdminGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)  # mounted under a prefix: the routes see the path after it
-        if scope["type"] == "http" and (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
+        admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or (scope.get("method"), path) in ADMIN_WRITES
+        if scope["type"] == "http" and admin:
             try:
                 check_admin(self.settings, bearer_token(scope))
             except (UnauthorizedError, ForbiddenError) as e:

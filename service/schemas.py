@@ -186,6 +186,66 @@ class Item(BaseModel):
     vector: list[float] | None = None
 
 
+# ------------------------------------------------------------------ items written through the API
+MAX_REASON_CHARS = 1000
+Caption = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class ItemAdd(StrictModel):
+    """Exactly one of ``path`` (an image file under the data roots, copied into the managed uploads folder) or
+    ``text`` (a text item); ``caption`` and ``tags`` go with an image."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one(("path", "text"), ("path",), ("text",)))
+    path: PathText | None = Field(None, description="An image file under the data roots.")
+    text: QueryText | None = Field(None, description="A text item.")
+    caption: Caption | None = Field(None, description="The image's caption (image items only).")
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+
+    _blank = field_validator("text", "caption")(_not_blank)
+
+    @model_validator(mode="after")
+    def _one_item(self) -> "ItemAdd":
+        given = [name for name in ("path", "text") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path or text (got {', '.join(given) or 'none'})")
+        if self.text is not None and self.caption is not None:
+            raise ValueError("a text item has no caption: its text is what is indexed")
+        return self
+
+
+class ItemWritten(BaseModel):
+    """An item added (201) or found already there (200: the same content, so the same id)."""
+
+    id: str
+    kind: str
+    created: bool
+    uri: str | None = None
+    caption: str | None = None
+    tags: list[str] = []
+    unsafe: bool | None = None
+    index: dict[str, Any]
+
+
+class TakedownRequest(StrictModel):
+    reason: str = Field(..., min_length=1, max_length=MAX_REASON_CHARS,
+                        description=f"Why the item is taken down (at most {MAX_REASON_CHARS} characters): the audit "
+                                    "record and the takedown list keep it.")
+
+    _blank = field_validator("reason")(_not_blank)
+
+
+class Takedown(BaseModel):
+    """A takedown as the takedown list holds it; ``already``: the id was taken down before (this request changed
+    nothing, the first record stands)."""
+
+    id: str
+    reason: str
+    by: str
+    at: str
+    purged: bool
+    already: bool
+
+
 # ------------------------------------------------------------------ health
 class Health(BaseModel):
     status: Literal["ok"] = "ok"

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, used instead of the embedded store.")
     qdrant_api_key: SecretStr | None = Field(None, description="API key of the Qdrant server.")
     media_root: Path | None = Field(None, description="Root that indexed image URIs are relative to (served by /v1/media).")
+    upload_dir: Path | None = Field(
+        None, description="Where images added through POST /v1/items are stored, content-addressed (default "
+        "MEDIA_ROOT/uploads); it must lie under MEDIA_ROOT, so that /v1/media serves them.",
+    )
     device: str = Field("cpu", description="Device for query encoding: cpu, cuda, cuda:1, auto.")
 
     # --- HTTP
@@ -152,6 +156,23 @@ class Settings(BaseSettings):
                 f"it may take {need} bytes, {-(-need // 2**20)} MiB, for a model input of up to {MAX_INPUT_SIDE} px); "
                 f"raise the budget to at least {need} or lower MAX_IMAGE_PIXELS")
         return self
+
+    @model_validator(mode="after")
+    def _uploads_under_media_root(self) -> "Settings":
+        if self.upload_dir is not None:
+            if self.media_root is None:
+                raise InputError("SAFE_RETRIEVAL_UPLOAD_DIR is set without SAFE_RETRIEVAL_MEDIA_ROOT; uploaded images are "
+                                 "served from the media root, so set it too (the upload folder must lie under it)")
+            if not self.upload_dir.resolve().is_relative_to(self.media_root.resolve()):
+                raise InputError(f"SAFE_RETRIEVAL_UPLOAD_DIR ({self.upload_dir}) is not under SAFE_RETRIEVAL_MEDIA_ROOT "
+                                 f"({self.media_root}); uploaded images could not be served: put it under the media root")
+        return self
+
+    def uploads(self) -> Path | None:
+        """Where uploaded images go: ``UPLOAD_DIR``, else ``MEDIA_ROOT/uploads``; None without a media root."""
+        if self.upload_dir is not None:
+            return self.upload_dir
+        return self.media_root / "uploads" if self.media_root is not None else None
 
     @model_validator(mode="after")
     def _collect_moderators(self) -> "Settings":

@@ -22,11 +22,14 @@ from typing import Any, Iterator
 from indexer.errors import IndexBusyError
 from indexer.index import Index, check_model, generations_for, open_index
 from service import audit as audit_records
+from service.admin.acceptance import forced
+from service.admin.plans import Plan, write_source
 from service.admission import MemoryBudget
 from service.audit import AuditLog
 from service.batching import Batcher
+from service.collection import Collection
 from service.errors import ConflictError, UnavailableError
-from service.jobs import JobManager, JobRecord, forced
+from service.jobs import JobManager, JobRecord
 from service.metrics import Metrics
 from service.settings import Settings
 from training import artifact as artifacts
@@ -222,6 +225,7 @@ class Services:
     audit: AuditLog
     image_budget: MemoryBudget  # what the query-image decodes in flight may take together
     jobs: JobManager | None = None
+    collection: Collection | None = None  # online item writes (the service that runs jobs only)
     swap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reload(self, model: Path | None = None) -> tuple[bool, dict[str, Any]]:
@@ -252,6 +256,12 @@ class Services:
         return generations_for(name or s.index, root=s.index_root, url=s.qdrant_url, api_key=s.qdrant_key())
 
     def _install(self, pair: ServedPair) -> None:
+        """Serve ``pair`` (under the swap lock), after replaying the journal of online changes onto it: a pair is
+        never served without an acknowledged add, or with an item taken down."""
+        if self.collection is not None:
+            replayed = self.collection.replay(pair)
+            if replayed["added"] or replayed["missing"]:
+                log.info("replayed the journal onto generation %s: %s", pair.info.get("generation"), replayed)
         self.state.swap(pair)
         self.metrics.swaps.inc()
         self.metrics.ready.set(1)
@@ -324,17 +334,17 @@ class Services:
         lock; if anything fails before the switch the pointer has not moved. Another index's
         staged generation is switched to; a retrain without reindex serves nothing new.
         """
-        plan = job.plan
+        plan = Plan.of(job.plan)
         gen = job.staged.get("generation")
         if gen and job.staged.get("state") != "complete":
             raise ConflictError(f"the job's generation {gen} is not complete; submit the job again")
-        if not plan.get("swap"):
+        if not plan.swap:
             if gen:
-                self._switch(self.generations(plan.get("index")), gen)
-            return {"swapped": False, "model": plan.get("new_model"), "index": plan.get("index"), "generation": gen}
+                self._switch(self.generations(plan.index), gen)
+            return {"swapped": False, "model": plan.new_model, "index": plan.index, "generation": gen}
         if not gen:
             raise ConflictError("the job's index step reported no generation (no --result-file); see its log")
-        model = Path(plan["model"]) if plan.get("model") else None
+        model = Path(plan.model) if plan.model else None
         gens = self.generations()
         with self.swap_lock:
             index = open_index(gens.name, root=gens.root, client=getattr(gens, "client", None), generation=gen)
@@ -349,6 +359,8 @@ class Services:
                 pair.close()
                 raise
         self._prune(gens, gen)
+        if plan.source:  # what a later retrain reindexes by default
+            write_source(self.settings.state_dir, plan.source)
         return {"swapped": True, "model": str(model) if model else None, "index": pair.ref}
 
     def _switch(self, gens, gen: str) -> None:
@@ -369,17 +381,23 @@ class Services:
             log.info("pruned %s", ", ".join(pruned))
 
     def job_discarded(self, job: JobRecord) -> bool:
-        """The jobs' ``on_discard``: delete the generation a cancelled or failed job staged.
+        """The jobs' ``on_discard``: delete the generation a cancelled or failed job staged, and the model it trained.
 
         Returns False, deleting nothing, when that generation is the current or a pinned one (a
         commit switched to it before the service stopped). Partial generations go too: a job that
         did not succeed leaves nothing behind, and submitting it again starts afresh.
         """
+        plan = Plan.of(job.plan)
         gen = job.staged.get("generation")
-        gens = self.generations(job.plan.get("index"))
-        if gen == gens.current() or gen in gens.pinned():
-            return False
-        with gens.lock():
-            gens.delete_generation(gen)
-        log.info("job %s: deleted its staged generation %s", job.id, gen)
+        if gen:
+            try:
+                gens = self.generations(plan.index)
+                if gen == gens.current() or gen in gens.pinned():
+                    return False
+                with gens.lock():
+                    gens.delete_generation(gen)
+                log.info("job %s: deleted its staged generation %s", job.id, gen)
+            except Exception:  # noqa: BLE001 - a leftover generation is never served; pruning removes it later
+                log.exception("job %s: deleting its staged generation failed", job.id)
+        plan.delete_new_model()
         return True

@@ -8,38 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AfterValidator, BeforeValidator
 
 from service import audit
+from service.admin import facade as admin
 from service.deps import ServicesDep, audited_admin, require_admin
-from service.errors import ForbiddenError, UnavailableError
-from service.jobs import (
-    JobManager,
-    acceptance_plan,
-    check_erasable,
-    check_forget_evaluation,
-    check_forget_method,
-    check_retrain_evaluation,
-    forget_concepts,
-    forget_data,
-    forget_steps,
-    read_source,
-    reindex_steps,
-    resolve_under_roots,
-    retrieval_eval_step,
-    train_step,
-)
 from service.schemas import (
     INTEGER_NOTE,
     AuditPage,
     ForgetRequest,
-    IndexSource,
     IntText,
     Job,
     JobList,
@@ -48,8 +29,6 @@ from service.schemas import (
     RetrainRequest,
 )
 from service.settings import TOKEN_NAME
-from service.state import Services, model_candidates
-from training.errors import InputError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -63,38 +42,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _jobs(services: Services) -> JobManager:
-    """The job manager; a replica started with SAFE_RETRIEVAL_RUN_JOBS=false has none."""
-    if services.jobs is None:
-        raise ForbiddenError("this replica runs no jobs (SAFE_RETRIEVAL_RUN_JOBS=false): send job requests to the "
-                             "replica that runs them")
-    return services.jobs
-
-
-def _served_model(services: Services) -> Path:
-    pair = services.state.current
-    if pair is not None:
-        return pair.model_path
-    candidates = model_candidates(services.settings)
-    if not candidates:
-        raise UnavailableError("no model is configured to index with; start the server with --model")
-    return candidates[0]
-
-
 @router.post("/reindex", response_model=Job, status_code=202, responses=ERRORS, summary="Build a new index generation",
              dependencies=[Depends(audited_admin)])
 async def reindex(body: ReindexRequest, request: Request, services: ServicesDep) -> dict[str, Any]:
     """Index ``source`` with the served model; when ``name`` is the served index, the new generation is swapped in."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    settings = services.settings
-    name = body.name or settings.index
-    swap = name == settings.index
-    model = _served_model(services)
-    steps = reindex_steps(body, model=model, name=name, roots=settings.data_roots, media_root=settings.media_root,
-                          qdrant_url=settings.qdrant_url, index_root=settings.index_root,
-                          max_file_bytes=settings.job_max_file_bytes)
-    plan = {"swap": swap, "model": str(model), "index": name, "source": body.source.model_dump(exclude_none=True)}
-    return await _submit(request, services, "reindex", body.model_dump(exclude_none=True), steps, plan)
+    return await admin.reindex(services, request, body)
 
 
 RETRAIN_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -111,46 +64,7 @@ async def retrain(body: RetrainRequest, request: Request, services: ServicesDep)
     model whose T->V R@1 falls more than ``max_recall_drop`` points fails the job before anything is reindexed or
     swapped (unless ``force``); with ``reindex`` the served index is rebuilt with the new model and both swap together."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    settings = services.settings
-    model = _served_model(services)
-    data = resolve_under_roots(body.data, settings.data_roots, what="data")
-    _jobs(services).check_idle()  # a 409 at once, before the test split is read
-    await asyncio.to_thread(check_retrain_evaluation, data, settings.data_roots)
-    out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{body.method}"
-    steps = [train_step(body, model=model, out=out, roots=settings.data_roots),
-             retrieval_eval_step(data, model=model, out=out)]
-    max_drop = settings.retrain_max_recall_drop if body.max_recall_drop is None else body.max_recall_drop
-    plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index,
-                            "acceptance": acceptance_plan(1, force=body.force, max_recall_drop=max_drop)}
-    if body.reindex:
-        steps += _reindex_with(out, body.source, services, plan)
-    return await _submit(request, services, "retrain", body.model_dump(exclude_none=True), steps, plan)
-
-
-async def _submit(request: Request, services: Services, kind: str, body: dict[str, Any], steps: list[list[str]],
-                  plan: dict[str, Any]) -> dict[str, Any]:
-    """Start the job, its audit record (202, the job's id) written first: no record (503), no job."""
-
-    def record(job_id: str) -> None:
-        audit.note(request, job=job_id)
-        audit.record_now(request, 202)
-
-    return await asyncio.to_thread(_jobs(services).submit, kind, body, steps, plan, before_start=record)
-
-
-def _reindex_with(model: Path, source: IndexSource | None, services: Services, plan: dict[str, Any]) -> list[list[str]]:
-    """The step that rebuilds the served index with a job's new ``model`` (from ``source``, default: the last
-    reindex's), recording the source in ``plan``."""
-    settings = services.settings
-    if source is None:
-        remembered = read_source(settings.state_dir)
-        if remembered is None:
-            raise InputError("nothing to reindex from yet: give `source` (the gallery to index with the new model)")
-        source = IndexSource(**remembered)
-    plan["source"] = source.model_dump(exclude_none=True)
-    return reindex_steps(ReindexRequest(source=source), model=model, name=settings.index, roots=settings.data_roots,
-                         media_root=settings.media_root, qdrant_url=settings.qdrant_url, index_root=settings.index_root,
-                         max_file_bytes=settings.job_max_file_bytes)
+    return await admin.retrain(services, request, body)
 
 
 FORGET_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -173,34 +87,17 @@ async def forget(body: ForgetRequest, request: Request, services: ServicesDep) -
     swapped (unless ``force``); otherwise, with ``reindex``, the served index is rebuilt with the new model and both
     swap together. A job that fails or is cancelled changes nothing served."""
     audit.note(request, query=body.model_dump(exclude_none=True))
-    settings = services.settings
-    model = _served_model(services)
-    check_forget_method(body, model)
-    data = forget_data(body.data, model, settings.data_roots)
-    _jobs(services).check_idle()  # a 409 at once, before the dataset is read (seconds, and once per waiting caller)
-    concepts = await asyncio.to_thread(forget_concepts, data, body.concepts, settings.data_roots)
-    await asyncio.to_thread(check_forget_evaluation, data, concepts, settings.data_roots)
-    await asyncio.to_thread(check_erasable, body, model, data, concepts, settings.data_roots)
-    out = _jobs(services).models_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-forget-{body.method}"
-    steps = forget_steps(body, concepts=concepts, model=model, out=out, data=data, roots=settings.data_roots)
-    acceptance = acceptance_plan(len(steps) - 1, force=body.force, min_forget_drop=body.min_forget_drop,
-                                 max_retain_drop=body.max_retain_drop, max_benign_drop=body.max_benign_drop)
-    plan: dict[str, Any] = {"swap": body.reindex, "model": str(out), "new_model": str(out), "index": settings.index,
-                            "served_model": str(model), "unlearning": {"concepts": concepts, "method": body.method},
-                            "acceptance": acceptance}
-    if body.reindex:
-        steps += _reindex_with(out, body.source, services, plan)
-    return await _submit(request, services, "forget", body.model_dump(exclude_none=True), steps, plan)
+    return await admin.forget(services, request, body)
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS, summary="All jobs, newest first")
 async def list_jobs(services: ServicesDep) -> dict[str, Any]:
-    return {"jobs": _jobs(services).list()}
+    return {"jobs": admin.jobs_of(services).list()}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="One job's status, progress and log tail")
 async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
-    return _jobs(services).get(job_id)
+    return admin.jobs_of(services).get(job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS, summary="Cancel a job",
@@ -209,7 +106,7 @@ async def cancel_job(job_id: str, request: Request, services: ServicesDep) -> di
     """End the job's process group; what is served does not change."""
     audit.note(request, job=job_id)
     # the record first, then the cancel: no record (503), no cancel
-    return await asyncio.to_thread(_jobs(services).cancel, job_id, before=lambda: audit.record_now(request, 200))
+    return await asyncio.to_thread(admin.jobs_of(services).cancel, job_id, before=lambda: audit.record_now(request, 200))
 
 
 @router.post("/reload", response_model=Reload, responses={**ERRORS, 503: {"description": "Could not load."}},

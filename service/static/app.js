@@ -27,9 +27,93 @@ function setStatus(text, isError = false) {
   status.className = isError ? "error" : "";
 }
 
-$("safety").addEventListener("change", () => {
-  $("token-label").hidden = $("safety").value !== "off";
-});
+function showToken() {
+  // the token field: for safety=off (moderators) and for the staff panel (take-downs, adds)
+  $("token-label").hidden = $("safety").value !== "off" && !$("staff").open;
+  document.body.classList.toggle("staff", $("staff").open && $("token").value.trim() !== "");
+}
+$("safety").addEventListener("change", showToken);
+$("staff").addEventListener("toggle", showToken);
+$("token").addEventListener("input", showToken);
+
+async function errorText(response) {
+  const data = await response.json().catch(() => ({}));
+  const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || data);
+  return `Error ${response.status}: ${detail}`;
+}
+
+async function addItem() {
+  const file = $("add-file").files[0];
+  if (!file) {
+    setStatus("Choose an image to add.", true);
+    return;
+  }
+  const body = new FormData();
+  body.append("image", file);
+  const caption = $("add-caption").value.trim();
+  if (caption) body.append("caption", caption);
+  for (const tag of $("add-tags").value.split(",").map((t) => t.trim()).filter(Boolean)) body.append("tags", tag);
+  setStatus("Adding…");
+  let response;
+  try {
+    response = await fetch("/v1/items/upload", { method: "POST", body, headers: authHeaders() });
+  } catch (err) {
+    setStatus(`The server could not be reached (${err}).`, true);
+    return;
+  }
+  if (!response.ok) {
+    setStatus(await errorText(response), true);
+    return;
+  }
+  const item = await response.json();
+  setStatus(item.created ? `Added item ${item.id}.` : `Already indexed as item ${item.id}.`);
+  $("add-form").reset();
+}
+
+async function takeDown(hit, node, reason) {
+  let response;
+  try {
+    response = await fetch(`/v1/items/${encodeURIComponent(hit.id)}`, {
+      method: "DELETE",
+      headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify({ reason }),
+    });
+  } catch (err) {
+    setStatus(`The server could not be reached (${err}).`, true);
+    return;
+  }
+  if (!response.ok) {
+    setStatus(await errorText(response), true);
+    return;
+  }
+  const done = await response.json();
+  node.remove();
+  setStatus(done.already ? `Item ${hit.id} was already taken down (by ${done.by}).` : `Took down item ${hit.id}.`);
+}
+
+function takedownControls(hit, node) {
+  const box = el("div", { class: "takedown" });
+  const open = el("button", { type: "button", class: "takedown-open" }, "Take down");
+  const reason = el("input", { type: "text", class: "takedown-reason", maxlength: "1000", placeholder: "Reason",
+                                "aria-label": "Reason for the take-down", hidden: "" });
+  const confirm = el("button", { type: "button", class: "takedown-confirm", hidden: "" }, "Confirm");
+  open.addEventListener("click", () => {
+    open.hidden = true;
+    reason.hidden = false;
+    confirm.hidden = false;
+    reason.focus();
+  });
+  confirm.addEventListener("click", () => {
+    const why = reason.value.trim();
+    if (!why) {
+      setStatus("Give a reason for the take-down.", true);
+      return;
+    }
+    takeDown(hit, node, why);
+  });
+  box.append(open, reason, confirm);
+  return box;
+}
 
 async function search() {
   const file = $("image-file").files[0];
@@ -59,12 +143,11 @@ async function search() {
     setStatus(`The server could not be reached (${err}).`, true);
     return;
   }
-  const data = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || data);
-    setStatus(`Error ${response.status}: ${detail}`, true);
+    setStatus(await errorText(response), true);
     return;
   }
+  const data = await response.json().catch(() => ({}));
   render(data, file ? `image ${file.name}` : `“${text}”`);
 }
 
@@ -127,12 +210,17 @@ function card(hit) {
   else if (hit.unsafe === false) badges.appendChild(el("span", { class: "badge safe" }, "safe"));
   for (const tag of hit.tags || []) badges.appendChild(el("span", { class: "badge tag" }, tag));
   item.appendChild(badges);
+  item.appendChild(takedownControls(hit, item));
   return item;
 }
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   search();
+});
+$("add-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  addItem();
 });
 $("image-file").addEventListener("change", () => {
   if ($("image-file").files.length) search();

@@ -12,6 +12,7 @@ into the embedded Qdrant Edge store. Servers are the real app under a real uvico
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import socket
 import subprocess
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from service.app import create_app, uvicorn_options
 from service.settings import Settings
@@ -183,3 +186,44 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> httpx.Respo
             pass
         time.sleep(0.3)
     return ready
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted on the way out."""
+    path.mkdir(parents=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no `mount` command here: the full-disk test needs a tmpfs (run it as root, as CI does)")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test needs root with "
+                    "CAP_SYS_ADMIN, as in CI")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ------------------------------------------------------------------ servers whose collection changes
+def fresh_png(seed: int, size: int = 48) -> bytes:
+    """An image no gallery holds: random pixels from ``seed``."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def private_media(world: World, tmp: Path) -> Path:
+    """A private media root: a copy of the gallery's images, where the uploads folder of a test's writes goes."""
+    root = tmp / "media"
+    shutil.copytree(world.data, root)
+    return root
+
+
+def make_settings(world: World, tmp: Path, media: Path, **overrides) -> Settings:
+    """A server's settings over a private copy of the index, with ``media`` as its media root and a data root."""
+    return settings_for(world, tmp, index_root=copy_index(world, tmp / "indexes"), media_root=media,
+                        data_roots=[world.root, media], **overrides)

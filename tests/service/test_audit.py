@@ -30,6 +30,7 @@ from tests.helpers.service import (
     free_port,
     live,
     settings_for,
+    small_tmpfs,
     unsafe_caption,
 )
 
@@ -327,25 +328,6 @@ def test_an_unwritable_audit_log_refuses_privileged_requests(world, tmp_path):
         assert job.status_code == 503 and "audit log" in job.json()["detail"], job.text
         assert admin.get("/v1/admin/jobs").json()["jobs"] == []
         assert list((state / "jobs").iterdir()) == []
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted on the way out."""
-    path.mkdir(parents=True)
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                              capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no `mount` command here: the full-disk test needs a tmpfs (run it as root, as CI does)")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test needs root with "
-                    "CAP_SYS_ADMIN, as in CI")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def fill(directory: Path) -> Path:

@@ -61,7 +61,7 @@ def test_demo_steps_are_cached(world, tmp_path):
     gens.write_meta(first, {**meta, "format_version": 1})
     demo.prepare(work)
     assert gens.current() != first
-    from service.jobs import read_source
+    from service.admin.plans import read_source
 
     assert read_source(settings.state_dir) == demo.source(work / "data")
 

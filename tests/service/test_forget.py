@@ -21,16 +21,10 @@ from typing import Iterator
 
 import pytest
 
-from service.jobs import (
-    JOB_DIR,
-    UNLEARNING,
-    acceptance_plan,
-    evaluation_result,
-    forced,
-    forget_steps,
-    refused,
-    unlearning_acceptance,
-)
+from service.admin.acceptance import forced, refused, unlearning_acceptance
+from service.admin.kinds import UNLEARNING, evaluation_result, forget_steps
+from service.admin.plans import Acceptance, Plan
+from service.jobs import JOB_DIR
 from service.schemas import ForgetRequest
 from tests.helpers.service import ADMIN, INDEX, MODERATOR, LiveServer, World, build_index, copy_index, live, settings_for
 
@@ -156,8 +150,8 @@ def test_the_job_reads_its_table_and_refuses_a_model_that_missed(world, tmp_path
     table = {"served": BEFORE, "new": {"f_acc": 55.9, "r_acc": 56.9, "benign_drop": 14.3, "ci": {"r_acc": [50, 60]},
                                        "later_metric": 1.0}}
     (folder / UNLEARNING / "report.json").write_text(json.dumps(table))
-    plan = {"new_model": str(world.model), "unlearning": {"concepts": ["knife"], "method": "ga"},
-            "acceptance": acceptance_plan(1, force=False, **LIMITS)}
+    plan = Plan(index=INDEX, new_model=str(world.model), unlearning={"concepts": ["knife"], "method": "ga"},
+                acceptance=Acceptance(1, False, dict(LIMITS)))
     result = evaluation_result("forget", folder, plan)
     unlearning = result["unlearning"]
     assert (unlearning["before"], unlearning["after"], unlearning["table"]) == ("served", "new", table)  # ci copied
@@ -166,7 +160,7 @@ def test_the_job_reads_its_table_and_refuses_a_model_that_missed(world, tmp_path
     assert error is not None and "retain accuracy fell 23.1 points, 10 allowed" in error
     assert "nothing was reindexed or swapped" in error.lower() and "force: true" in error
     assert forced(result) is None
-    plan["acceptance"]["force"] = True
+    plan.acceptance.force = True
     result = evaluation_result("forget", folder, plan)
     assert refused(result) is None and forced(result)["misses"] == unlearning["acceptance"]["misses"]
 

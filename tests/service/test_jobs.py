@@ -15,25 +15,14 @@ import pytest
 
 from indexer.generations import LocalGenerations
 from indexer.index import schema_of
+from service.admin.acceptance import retrieval_acceptance
+from service.admin.facade import judge
+from service.admin.kinds import RETRIEVAL, check_retrain_evaluation, reindex_steps, retrieval_eval_step, train_step
+from service.admin.paths import resolve_under_roots
+from service.admin.plans import Acceptance, Plan
 from service.app import job_environment
 from service.errors import ConflictError, ForbiddenError
-from service.jobs import (
-    JOB_DIR,
-    RETRIEVAL,
-    TRACE_OMITTED,
-    JobManager,
-    JobRecord,
-    _alive,
-    _proc_start,
-    _tail,
-    acceptance_plan,
-    check_retrain_evaluation,
-    reindex_steps,
-    resolve_under_roots,
-    retrieval_acceptance,
-    retrieval_eval_step,
-    train_step,
-)
+from service.jobs import JOB_DIR, TRACE_OMITTED, JobManager, JobRecord, _alive, _proc_start, _tail
 from service.schemas import IndexSource, ReindexRequest, RetrainRequest
 from tests.helpers.indexer import leaked, leaky_root
 from tests.helpers.service import ADMIN, INDEX, MODERATOR, copy_index, live, settings_for
@@ -137,7 +126,14 @@ def manager(tmp_path, calls: list | None = None) -> JobManager:
             calls.append(job.id)
         return {"ok": True}
 
-    return JobManager(tmp_path / "state", on_success=on_success, cancel_grace_s=2)
+    return JobManager(tmp_path / "state", on_success=on_success, on_discard=delete_new_model, judge=judge,
+                      cancel_grace_s=2)
+
+
+def delete_new_model(job: JobRecord) -> bool:
+    """The service's discard as far as these jobs need it (they stage no generation): the model they trained goes."""
+    Plan.of(job.plan).delete_new_model()
+    return True
 
 
 def test_a_job_runs_its_steps_and_persists(tmp_path):
@@ -208,7 +204,7 @@ def test_a_retrain_judged_after_its_evaluation_stops_before_its_next_step(tmp_pa
     def evaluated(job_id: str) -> None:  # the evaluation's report, as its step would leave it
         _recall_report(jobs.folder(job_id), 0.61, after)
 
-    plan = {"new_model": str(out), "acceptance": acceptance_plan(0, force=force, max_recall_drop=5)}
+    plan = Plan(index=INDEX, new_model=str(out), acceptance=Acceptance(0, force, {"max_recall_drop": 5})).to_dict()
     steps = [["--help"], ["data", "synth", "--out", str(reindexed), "--n", "3"]]
     job = jobs.submit("retrain", {}, steps, plan, before_start=evaluated)
     done = jobs.wait(job["id"], timeout=60)
@@ -229,7 +225,8 @@ def test_a_retrain_judged_after_its_evaluation_stops_before_its_next_step(tmp_pa
 def test_a_retrain_whose_evaluation_wrote_no_report_fails(tmp_path):
     calls: list = []
     jobs = manager(tmp_path, calls)
-    job = jobs.submit("retrain", {}, [["--help"]], {"acceptance": acceptance_plan(0, force=True, max_recall_drop=5)})
+    plan = Plan(index=INDEX, acceptance=Acceptance(0, True, {"max_recall_drop": 5}))
+    job = jobs.submit("retrain", {}, [["--help"]], plan.to_dict())
     done = jobs.wait(job["id"], timeout=60)
     assert done["status"] == "failed" and "wrote no readable report.json" in done["error"] and calls == []
 
@@ -629,7 +626,9 @@ def test_a_job_interrupted_by_a_stop_is_discarded_unless_its_commit_switched(tmp
 
     def on_discard(job: JobRecord) -> bool:
         asked.append(job.id)
-        return job.staged["generation"] != "gallery@20250101T000000000000Z"  # "the current generation"
+        if job.staged["generation"] == "gallery@20250101T000000000000Z":  # "the current generation"
+            return False
+        return delete_new_model(job)
 
     models = tmp_path / "state" / "models"
     saver = manager(tmp_path)  # as the stopped service left them

@@ -4,7 +4,8 @@ Valid and invalid requests (both generation modes) are generated from the live s
 and sent to the real server over HTTP. The first test sends admin calls with random tokens, so they
 exercise the auth errors; the second sends them with the admin token, on a server of its own, with
 path-like strings (``..``, absolute, over-long components, NUL, symlink loops and escapes) in every
-path field of reindex, retrain and forget, and accepts only the status codes the schema documents.
+path field of reindex, retrain, forget and item adds (the item writes are fuzzed there too), and accepts only the
+status codes the schema documents.
 (schemathesis' pytest plugin does not load under pytest 9, so the operations' hypothesis strategies
 are driven directly.)
 """
@@ -28,7 +29,7 @@ from tests.helpers.service import ADMIN, LiveServer, assert_no_trace, copy_index
 EXAMPLES = 12  # per operation and generation mode
 ADMIN_EXAMPLES = 8  # per admin operation and mode, with the admin token
 PATH_EXAMPLES = 80  # reindex, retrain and forget, valid mode: the path fields' cases
-PATH_FIELDS = ("images", "manifest", "visu", "texts", "media_root", "data")
+PATH_FIELDS = ("images", "manifest", "visu", "texts", "media_root", "data", "path")
 
 
 def run_fuzz(operation, mode, examples: int, call) -> None:
@@ -99,7 +100,9 @@ def admin_server(world, tmp_path_factory) -> Iterator[tuple[LiveServer, Path]]:
     """A server of its own: jobs the fuzz starts must not touch the shared one."""
     tmp = tmp_path_factory.mktemp("admin-fuzz")
     root = data_root(tmp / "roots")
-    settings = settings_for(world, tmp, index_root=copy_index(world, tmp / "idx"), data_roots=[root])
+    (tmp / "media").mkdir()  # item uploads land under it, never in the shared world's data
+    settings = settings_for(world, tmp, index_root=copy_index(world, tmp / "idx"), data_roots=[root],
+                            media_root=tmp / "media")
     with live(settings) as s:
         yield s, root
 
@@ -116,15 +119,18 @@ def test_admin_routes_with_the_admin_token_give_documented_statuses_only(admin_s
     schemathesis.openapi.format("path", path_like(root))
     try:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-        operations = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/v1/admin")]
+        writes = ("/v1/items", "/v1/items/upload", "/v1/items/{item_id}")
+        operations = [r.ok() for r in schema.get_all_operations()
+                      if r.ok().path.startswith("/v1/admin") or (r.ok().path in writes and r.ok().method != "get")]
         assert {op.path for op in operations} >= {"/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/jobs",
                                                  "/v1/admin/jobs/{job_id}", "/v1/admin/jobs/{job_id}/cancel",
-                                                 "/v1/admin/reload", "/v1/admin/audit", "/v1/admin/forget"}
+                                                 "/v1/admin/reload", "/v1/admin/audit", "/v1/admin/forget",
+                                                 *writes}
         statuses: dict[str, set[int]] = {}
         sent: list[str] = []
         for operation in operations:
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-                jobs = operation.path in ("/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/forget")
+                jobs = operation.path in ("/v1/admin/reindex", "/v1/admin/retrain", "/v1/admin/forget", "/v1/items")
                 examples = PATH_EXAMPLES if jobs and mode is schemathesis.GenerationMode.POSITIVE else ADMIN_EXAMPLES
 
                 def call(case, label=f"{operation.label} {mode.value}") -> None:
@@ -142,6 +148,7 @@ def test_admin_routes_with_the_admin_token_give_documented_statuses_only(admin_s
             server.services.jobs.cancel(running.id)
     # the token was honoured, and the path tricks reached the path checks
     assert all(400 in statuses[f"POST /v1/admin/{route} positive"] for route in ("reindex", "retrain", "forget"))
+    assert 400 in statuses["POST /v1/items positive"]
     # (invalid cases may also break the Authorization header on purpose)
     assert 401 not in set().union(*(codes for label, codes in statuses.items() if label.endswith("positive")))
     assert any(".." in p for p in sent) and any(p.startswith("/") for p in sent) and any("\x00" in p for p in sent)

@@ -91,7 +91,8 @@ def _services(tmp_path: Path, audit_dir: Path):
 
 
 def _job(forced: bool):
-    from service.jobs import JobRecord, retrieval_acceptance
+    from service.admin.acceptance import retrieval_acceptance
+    from service.jobs import JobRecord
 
     acceptance = retrieval_acceptance(61.0, 53.8, max_recall_drop=5 if forced else 10, force=True)
     return JobRecord(id="20250101-000000-000-abcdef", kind="retrain", plan={"swap": False, "new_model": "m"},
