@@ -31,10 +31,11 @@ class Acceptance:
 class Plan:
     """What a job will make and what its commit does with it.
 
-    ``index``: the index it stages a generation of (None: the served one); ``swap``: that is the served index, so the commit switches it
-    and swaps the pair (with ``model``); ``new_model``: the artifact the job trains (deleted when the job does not
-    succeed); ``served_model``: the model it started from; ``source``: the gallery it indexes (remembered once
-    served); ``unlearning``: a forget job's concepts and method; ``acceptance``: when and how it is judged.
+    ``index``: the index it stages a generation of (None: the served one); ``swap``: that is the served index,
+    so the commit switches it and swaps the pair (with ``model``); ``new_model``: the artifact the job trains
+    (deleted when the job does not succeed); ``served_model``: the model it started from; ``source``: the gallery
+    it indexes (remembered once served); ``unlearning``: a forget job's concepts and method; ``acceptance``: when
+    and how it is judged.
     """
 
     index: str | None = None
