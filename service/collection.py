@@ -12,7 +12,11 @@ staged generation is opened before the pointer moves) first gets the whole journ
 and upserted. A write that arrives while a job commits waits for the swap lock and then goes to the new pair.
 
 The journal's takedowns are the takedown list: ``index build|add`` of every job get ``--takedowns`` and skip listed
-content; a new upload of it is refused. Only the service that runs jobs writes (a replica without jobs answers 403).
+content; a new upload of it is refused. With ``NEAR_DUPLICATE_DISTANCE`` set, so is an upload whose embedding lies
+that close to a taken-down image's (a re-encoded, resized or recompressed copy): each image takedown records the
+image's embedding under the served model, and at every install the taken-down images are embedded again by a new
+model from their files where those still exist. Only the service that runs jobs writes (a replica without jobs
+answers 403).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import torch
 from indexer.journal import ADD, TAKEDOWN, Journal
 from indexer.pipeline import payloads
 from indexer.sources import Item
+from indexer.store import SPACE, VECTOR
 from service.errors import ConflictError, ForbiddenError, NotFoundError, StorageFullError, UnavailableError
 from service.settings import Settings
+from training import lorentz
 from training.errors import ImageError, SafeRetrievalError
 from training.images import preprocess_bytes, read_header
 
@@ -66,6 +72,8 @@ class Collection:
         self.uploads = settings.uploads()
         self.swap_lock = swap_lock  # Services.swap_lock: a write and a swap never interleave
         self.current = current  # the served pair of the moment (read under the swap lock)
+        # the taken-down images' embeddings under one model: (fingerprint, ids, (N, D)); built by replay
+        self._near: tuple[str, list[str], torch.Tensor] | None = None
 
     # -------------------------------------------------------------- adds
     def check_not_taken_down(self, pid: str) -> None:
@@ -139,18 +147,23 @@ class Collection:
             if first is not None:
                 return _takedown(first, already=True)
             pair = self._served()
-            found = pair.index.store.retrieve([pid], fields=["kind", "uri"])
+            found = pair.index.store.retrieve([pid], with_vectors=True, fields=["kind", "uri"])
             added = self.journal.adds.get(pid)
             if not found and added is None:
                 raise NotFoundError(f"no item {item_id!r} in index {pair.info.get('name')}")
             payload = found[0].payload if found else {}
+            vector = _query_vector(pair, found[0].vectors) if found and payload.get("kind") == "image" else None
             upload = self._upload_of(added)
             try:
                 entry = self.journal.append(TAKEDOWN, id=pid, reason=reason, by=by, kind=payload.get("kind"),
-                                            uri=payload.get("uri"), purged=bool(purge and upload is not None))
+                                            uri=payload.get("uri"), purged=bool(purge and upload is not None),
+                                            model=pair.artifact.fingerprint if vector is not None else None,
+                                            vector=vector)
             except OSError as e:
                 raise _durable("the journal of online changes", e) from e
             pair.index.store.delete([pid])
+            if vector is not None:
+                self._remember(pair, pid, torch.tensor([vector], dtype=torch.float32))
         if purge and upload is not None:
             upload.unlink(missing_ok=True)
         return _takedown(entry, already=False)
@@ -194,7 +207,63 @@ class Collection:
         if missing:
             log.warning("replaying the journal: %d added item(s) have no file any more and were left out: %s",
                         len(missing), ", ".join(missing[:10]))
-        return {"removed": len(down), "added": added, "missing": missing}
+        self._near = (pair.artifact.fingerprint, [], torch.zeros(0))
+        unmatched = self._embed_taken_down(pair)
+        return {"removed": len(down), "added": added, "missing": missing, "unmatched_takedowns": unmatched}
+
+    # -------------------------------------------------------------- near-duplicates of taken-down images
+    def check_not_near_duplicate(self, pair: ServedPair, vector: torch.Tensor) -> None:
+        """Refuse (409) an image whose embedding ``vector`` (under ``pair``'s model) lies within
+        ``NEAR_DUPLICATE_DISTANCE`` of a taken-down image's; nothing to check without the setting."""
+        threshold = self.settings.near_duplicate_distance
+        near = self._near
+        if threshold is None or near is None or near[0] != pair.artifact.fingerprint or not near[1]:
+            return
+        d = distances(pair, vector, near[2])
+        i = int(d.argmin())
+        if float(d[i]) <= threshold:
+            pid = near[1][i]
+            at = self.journal.takedowns.get(pid, {}).get("at")
+            raise ConflictError(f"this image is a near-duplicate of item {pid}, taken down at {at} (distance "
+                                f"{float(d[i]):.4f}, at most {threshold:g} refused: NEAR_DUPLICATE_DISTANCE), so it may "
+                                "not be added")
+
+    def _remember(self, pair: ServedPair, pid: str, x: torch.Tensor) -> None:
+        near = self._near
+        if near is not None and near[0] == pair.artifact.fingerprint:
+            self._near = (near[0], [*near[1], pid], torch.cat([near[2].reshape(-1, x.shape[1]), x]))
+
+    def _embed_taken_down(self, pair: ServedPair) -> int:
+        """The taken-down images' embeddings under ``pair``'s model: recorded ones, else embedded again from their
+        files. Returns how many have neither (exact copies of them are still refused)."""
+        fp, unmatched = pair.artifact.fingerprint, 0
+        for pid, entry in self.journal.takedowns.items():
+            if entry.get("kind") != "image":
+                continue
+            if entry.get("model") == fp and entry.get("vector"):
+                self._remember(pair, pid, torch.tensor([entry["vector"]], dtype=torch.float32))
+                continue
+            path = self._file_of(entry)
+            try:
+                x = self._embed(pair, [Item(kind="image", path=path)]) if path is not None else None
+            except SafeRetrievalError:
+                x = None
+            if x is None:
+                unmatched += 1
+            else:
+                self._remember(pair, pid, x)
+        if unmatched:
+            log.warning("%d taken-down image(s) have no file to embed with model %s: only exact copies of them are "
+                        "refused", unmatched, fp)
+        return unmatched
+
+    def _file_of(self, entry: dict[str, Any]) -> Path | None:
+        """The file a taken-down image was indexed from (its uri under the media root), if it still exists."""
+        uri, root = entry.get("uri"), self.settings.media_root
+        if not uri:
+            return None
+        path = Path(uri) if Path(uri).is_absolute() or root is None else root / uri
+        return path if path.is_file() else None
 
     def _item(self, entry: dict[str, Any]) -> Item:
         if entry.get("kind") == "text":
@@ -234,6 +303,21 @@ class Collection:
         if pair is None:
             raise UnavailableError("the service is not ready (no model and index are served yet); retry shortly")
         return pair
+
+
+def _query_vector(pair: ServedPair, vectors: dict[str, list[float]] | None) -> list[float] | None:
+    """The stored embedding of a point as the encoder gave it (``space`` components, or the unit ``vector``)."""
+    name = SPACE if pair.index.schema.geometry == "lorentz" else VECTOR
+    return list((vectors or {}).get(name) or []) or None
+
+
+def distances(pair: ServedPair, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Distances ``(N,)`` from the embedding ``q (D,)`` to ``x (N, D)`` under ``pair``'s geometry: geodesic (lorentz)
+    or ``1 - cosine`` (euclidean)."""
+    q = q.reshape(1, -1).float()
+    if pair.artifact.geometry == "lorentz":
+        return lorentz.pairwise_dist(q, x.float(), pair.artifact.curvature)[0]
+    return 1 - torch.nn.functional.normalize(x.float(), dim=-1) @ torch.nn.functional.normalize(q, dim=-1)[0]
 
 
 def _takedown(entry: dict[str, Any], *, already: bool) -> dict[str, Any]:

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, used instead of the embedded store.")
     qdrant_api_key: SecretStr | None = Field(None, description="API key of the Qdrant server.")
     media_root: Path | None = Field(None, description="Root that indexed image URIs are relative to (served by /v1/media).")
+    near_duplicate_distance: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="Refuse an uploaded image (409) whose embedding lies within this distance of a taken-down image's "
+        "under the served model (geodesic for a lorentz model, 1 - cosine for a euclidean one). Calibrate it for your "
+        "model and gallery with benchmarks/near_duplicates.py; unset: only exact copies are refused.",
+    )
     upload_dir: Path | None = Field(
         None, description="Where images added through POST /v1/items are stored, content-addressed (default "
         "MEDIA_ROOT/uploads); it must lie under MEDIA_ROOT, so that /v1/media serves them.",

@@ -101,7 +101,8 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "A bad or oversized image (pixels, aspect), or a path outside the data roots."},
     401: {"description": "Token missing or wrong."},
     403: {"description": "The role is not configured; no media root for image uploads; or a replica without jobs."},
-    409: {"description": "This content was taken down: it may not be added again."},
+    409: {"description": "This content, or with NEAR_DUPLICATE_DISTANCE an image this close to it, was taken down: "
+                        "it may not be added again."},
     413: {"description": "Body over the size limit."},
     503: {"description": "Model or store not ready, or the image memory budget is full; retry after Retry-After."},
     507: {"description": "The journal or the image could not be written (a full disk): nothing was changed."},
@@ -133,6 +134,8 @@ async def _add(services: Services, request: Request, response: Response, item: S
     with services.state.lease() as pair:
         encoded, _ = await searching.encode_query(services, pair, text=item.text, image=image)
         fingerprint = pair.artifact.fingerprint
+        if image is not None:
+            collection.check_not_near_duplicate(pair, encoded.vector)
     payload, created, ref = await asyncio.to_thread(collection.add, pid, item, encoded.vector, fingerprint,
                                                     by=audit.ADMIN, data=image)
     response.status_code = 201 if created else 200
