@@ -15,7 +15,13 @@ run:
 
     .venv/bin/python benchmarks/collection.py [--gallery 4000] [--seconds 20] [--storm 1000]
 
-Prints a table and writes benchmarks/results/collection.json (with the load average at start and end).
+With ``--backend server-local`` the same writes go through the Qdrant-server backend's calls, on qdrant-client's
+local mode (``QdrantClient(":memory:")``; no Qdrant server runs here), in this process and without HTTP: the
+collection's own add and takedown (one at a time, timed), and the storm: takedowns and adds on the served
+collection while a build of a new generation runs in another thread, then the commit's replay onto it.
+
+Prints a table and writes benchmarks/results/collection.json (``collection-server-local.json`` for the second
+backend), with the load average at start and end.
 """
 
 from __future__ import annotations
@@ -218,12 +224,98 @@ def gallery_ids(gallery: Path, n: int) -> list[str]:
     return [content_id(p.read_bytes()) for p in sorted(gallery.glob("*.png"))[:n]]
 
 
+def server_local(model: Path, gallery: Path, media: Path, run: Path, *, adds: int, storm: int) -> dict:
+    """The writes and the storm through the server backend's calls on qdrant-client's local mode."""
+    import threading
+
+    import torch
+    from qdrant_client import QdrantClient
+
+    from indexer import builder, sources
+    from indexer.index import open_index
+    from indexer.server_store import ServerGenerations
+    from indexer.sources import Item
+    from indexer.store import content_id
+    from service.collection import Collection
+    from service.settings import Settings
+    from service.state import ServedPair
+    from training import artifact
+    from training.images import preprocess_bytes
+
+    art = artifact.load(model, device="cpu")
+    client = QdrantClient(":memory:")
+    gens = ServerGenerations(NAME, client, run / "jobs")
+    items = sources.folder_items(gallery)
+    t0 = time.perf_counter()
+    first = builder.build(gens, art, items, media_root=media, workers=1, progress=False).generation
+    build_s = time.perf_counter() - t0
+
+    def serve(gen: str) -> ServedPair:
+        index = open_index(NAME, client=client, generation=gen)
+        return ServedPair(artifact=art, index=index, info=dict(index.info), model_path=model)
+
+    served = [serve(first)]
+    settings = Settings(state_dir=run / "state", media_root=media, upload_dir=media / f"uploads-{run.name}")
+    lock = threading.Lock()
+    collection = Collection(settings, lock, lambda: served[-1])
+
+    def add(seed: int) -> tuple[float, str]:
+        data = png(seed)
+        t = time.perf_counter()
+        with torch.no_grad():
+            x = art.encoder.encode_image(preprocess_bytes(data, art.encoder.transform)[None])[0]
+        pid = content_id(data)
+        collection.add(pid, Item(kind="image", caption=f"added {seed}"), x, art.fingerprint, by="admin", data=data)
+        return time.perf_counter() - t, pid
+
+    add_s = sorted(add(50_000_000 + i)[0] for i in range(adds))
+    ids = gallery_ids(gallery, storm + 20)
+    down_s = []
+    for pid in ids[:20]:
+        t = time.perf_counter()
+        collection.take_down(pid, reason="benchmark", by="moderator", purge=False)
+        down_s.append(time.perf_counter() - t)
+    down_s.sort()
+    # the storm: a new generation built in another thread (what a reindex job's step does) while writes go on
+    victims, staged_gen = ids[20:20 + storm], []
+    builder_thread = threading.Thread(target=lambda: staged_gen.append(builder.build(
+        gens, art, items, media_root=media, workers=0, progress=False, switch=False,
+        blocked=frozenset(collection.journal.takedowns)).generation))
+    t0 = time.perf_counter()
+    builder_thread.start()
+    added = []
+    for i, pid in enumerate(victims):
+        collection.take_down(pid, reason="storm", by="moderator", purge=False)
+        if i % 10 == 0:
+            added.append(add(60_000_000 + i)[1])
+    writes_s = time.perf_counter() - t0
+    still_building = builder_thread.is_alive()
+    builder_thread.join()
+    staged = serve(staged_gen[0])
+    with lock:  # the commit: replay onto the staged generation, then serve it
+        replayed = collection.replay(staged)
+        gens.switch(staged_gen[0])
+        served.append(staged)
+    index = served[-1].index
+    return {"backend": "qdrant-client local mode", "gallery": len(items), "build_s": build_s,
+            "add": {"n": adds, "p50_ms": percentile_ms(add_s, 0.5), "p99_ms": percentile_ms(add_s, 0.99)},
+            "takedown": {"n": len(down_s), "p50_ms": percentile_ms(down_s, 0.5), "p99_ms": percentile_ms(down_s, 0.99)},
+            "storm": {"takedowns": len(victims), "adds": len(added), "writes_s": writes_s,
+                      "build_still_running_after_writes": still_building, "replayed": {
+                          k: v for k, v in replayed.items() if k != "missing"},
+                      "taken_down_still_found": sum(index.retrieve(p) is not None for p in victims + ids[:20]),
+                      "adds_kept": sum(index.retrieve(p) is not None for p in added)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gallery", type=int, default=4000, help="Images in the gallery (at least --storm + 200).")
     ap.add_argument("--seconds", type=float, default=20.0, help="Seconds of each search load.")
     ap.add_argument("--adds", type=int, default=200, help="Sequential adds timed one by one.")
     ap.add_argument("--storm", type=int, default=1000, help="Takedowns during the reindex.")
+    ap.add_argument("--backend", choices=["edge", "server-local"], default="edge",
+                    help="edge: the real server over Qdrant Edge; server-local: the server backend's calls on "
+                         "qdrant-client's local mode, in process.")
     args = ap.parse_args()
     if args.gallery < args.storm + 200:
         ap.error("--gallery must hold at least --storm + 200 images (each takedown takes a distinct one)")
@@ -234,6 +326,16 @@ def main() -> None:
     gallery = make_gallery(media / "gallery", args.gallery)
     run = WORK / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     run.mkdir()
+    if args.backend == "server-local":
+        local = server_local(model, gallery, media, run, adds=args.adds, storm=args.storm)
+        local["machine"] = {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+        print(json.dumps(local, indent=2))
+        path = OUT.with_name("collection-server-local.json")
+        path.write_text(json.dumps(local, indent=2) + "\n")
+        print(f"wrote {path}")
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(media / f"uploads-{run.name}", ignore_errors=True)
+        return
     env = {"SAFE_RETRIEVAL_ADMIN_TOKEN": ADMIN, "SAFE_RETRIEVAL_MODERATOR_TOKEN": MODERATOR,
            "SAFE_RETRIEVAL_MEDIA_ROOT": str(media), "SAFE_RETRIEVAL_DATA_ROOTS": json.dumps([str(WORK)]),
            "SAFE_RETRIEVAL_UPLOAD_DIR": str(media / f"uploads-{run.name}")}
