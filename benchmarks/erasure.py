@@ -84,7 +84,7 @@ def main() -> None:
     src, work = args.source, args.workdir
     if not (src / "base").is_dir():
         sys.exit(f"{src} holds no models: run benchmarks/unlearning.py --workdir {src} first")
-    bench = Bench(argparse.Namespace(workdir=work, source=src, jobs=args.jobs))
+    bench = Bench(argparse.Namespace(workdir=work, source=src, jobs=args.jobs, probe_limit=args.probe_limit))
     work.mkdir(parents=True, exist_ok=True)
     fit = work / "fit"
     if not fit.exists():
