@@ -71,6 +71,27 @@ def append_line(fd: int, data: bytes, *, sync: bool = False) -> int:
     return before + written
 
 
+def open_append(path: Path, mode: int = FILE_MODE, *, durable_name: bool = False) -> tuple[int, int]:
+    """Open (creating it, and its folder) ``path`` for appending whole lines: ``(descriptor, size)``, the size after
+    cutting off an incomplete last line. With ``durable_name`` a file this call creates has its directory entry
+    fsync'd, so its name survives a crash as its lines do."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        size = whole_lines(fd)
+        if new and durable_name:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, size
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
@@ -122,22 +143,8 @@ class Journal:
             return entry
 
     def _open(self) -> int:
-        new = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        try:
-            whole_lines(fd)
-            if new:  # the file's name must survive a crash as its lines do
-                dir_fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-        except OSError:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return fd
+        self._fd, _ = open_append(self.path, durable_name=True)
+        return self._fd
 
     def _reset(self) -> None:
         fd, self._fd = self._fd, None

@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexer.journal import append_line, whole_lines
+from indexer.journal import append_line, open_append
 from service.errors import UnavailableError
 
 ADMIN = "admin"
@@ -83,15 +83,8 @@ class AuditLog:
         self._size = 0
 
     def _open(self) -> int:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        try:
-            self._size = whole_lines(fd)
-        except OSError:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return fd
+        self._fd, self._size = open_append(self.path, FILE_MODE)
+        return self._fd
 
     def _reset(self) -> None:
         """Forget the descriptor (the next write reopens the file, wherever this one stopped)."""

@@ -207,7 +207,6 @@ class Collection:
         if missing:
             log.warning("replaying the journal: %d added item(s) have no file any more and were left out: %s",
                         len(missing), ", ".join(missing[:10]))
-        self._near = (pair.artifact.fingerprint, [], torch.zeros(0))
         unmatched = self._embed_taken_down(pair)
         return {"removed": len(down), "added": added, "missing": missing, "unmatched_takedowns": unmatched}
 
@@ -234,24 +233,27 @@ class Collection:
             self._near = (near[0], [*near[1], pid], torch.cat([near[2].reshape(-1, x.shape[1]), x]))
 
     def _embed_taken_down(self, pair: ServedPair) -> int:
-        """The taken-down images' embeddings under ``pair``'s model: recorded ones, else embedded again from their
+        """Hold the taken-down images' embeddings under ``pair``'s model: recorded ones, else embedded again from their
         files. Returns how many have neither (exact copies of them are still refused)."""
-        fp, unmatched = pair.artifact.fingerprint, 0
+        fp, ids, rows, unmatched = pair.artifact.fingerprint, [], [], 0
         for pid, entry in self.journal.takedowns.items():
             if entry.get("kind") != "image":
                 continue
+            x: torch.Tensor | None
             if entry.get("model") == fp and entry.get("vector"):
-                self._remember(pair, pid, torch.tensor([entry["vector"]], dtype=torch.float32))
-                continue
-            path = self._file_of(entry)
-            try:
-                x = self._embed(pair, [Item(kind="image", path=path)]) if path is not None else None
-            except SafeRetrievalError:
-                x = None
+                x = torch.tensor([entry["vector"]], dtype=torch.float32)
+            else:
+                path = self._file_of(entry)
+                try:
+                    x = self._embed(pair, [Item(kind="image", path=path)]) if path is not None else None
+                except SafeRetrievalError:
+                    x = None
             if x is None:
                 unmatched += 1
             else:
-                self._remember(pair, pid, x)
+                ids.append(pid)
+                rows.append(x)
+        self._near = (fp, ids, torch.cat(rows) if rows else torch.zeros(0))
         if unmatched:
             log.warning("%d taken-down image(s) have no file to embed with model %s: only exact copies of them are "
                         "refused", unmatched, fp)

@@ -21,14 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from indexer.sources import Item as SourceItem
 from indexer.store import content_id
 from service import audit, searching
-from service.admin.paths import resolve_under_roots
+from service.admin.paths import confined, resolve_under_roots
 from service.collection import Collection
 from service.deps import TOKEN_OPTIONAL, CallerDep, ServicesDep, TakedownCallerDep, audited_admin
 from service.errors import ForbiddenError, NotFoundError
 from service.schemas import MAX_REASON_CHARS, Caption, Item, ItemAdd, ItemWritten, Tag, Takedown, TakedownRequest
 from service.searching import fetch_item, item_vector
 from service.state import Services
-from training.data.roots import DataRoots
 from training.errors import ImageError, OutsideRootsError
 from training.images import read_image_file
 
@@ -162,7 +161,7 @@ async def add_item(body: ItemAdd, request: Request, response: Response, services
 
 def _read_under_roots(path: Path, roots: list[Path], max_bytes: int) -> bytes:
     try:
-        return read_image_file(path, max_bytes=max_bytes, roots=DataRoots.of(r for r in roots if r.is_dir()))[0]
+        return read_image_file(path, max_bytes=max_bytes, roots=confined(roots))[0]
     except OutsideRootsError as e:
         raise ImageError(str(e)) from e
     except OSError as e:

@@ -36,10 +36,26 @@ $("safety").addEventListener("change", showToken);
 $("staff").addEventListener("toggle", showToken);
 $("token").addEventListener("input", showToken);
 
-async function errorText(response) {
+// One request to the API with the token: its JSON body, or null once the status line says what went wrong.
+async function send(url, options) {
+  let response;
+  try {
+    response = await fetch(url, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+  } catch (err) {
+    setStatus(`The server could not be reached (${err}).`, true);
+    return null;
+  }
   const data = await response.json().catch(() => ({}));
-  const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || data);
-  return `Error ${response.status}: ${detail}`;
+  if (!response.ok) {
+    const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || data);
+    setStatus(`Error ${response.status}: ${detail}`, true);
+    return null;
+  }
+  return data;
+}
+
+function postJson(url, body, method = "POST") {
+  return send(url, { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 }
 
 async function addItem() {
@@ -54,39 +70,15 @@ async function addItem() {
   if (caption) body.append("caption", caption);
   for (const tag of $("add-tags").value.split(",").map((t) => t.trim()).filter(Boolean)) body.append("tags", tag);
   setStatus("Adding…");
-  let response;
-  try {
-    response = await fetch("/v1/items/upload", { method: "POST", body, headers: authHeaders() });
-  } catch (err) {
-    setStatus(`The server could not be reached (${err}).`, true);
-    return;
-  }
-  if (!response.ok) {
-    setStatus(await errorText(response), true);
-    return;
-  }
-  const item = await response.json();
+  const item = await send("/v1/items/upload", { method: "POST", body });
+  if (!item) return;
   setStatus(item.created ? `Added item ${item.id}.` : `Already indexed as item ${item.id}.`);
   $("add-form").reset();
 }
 
 async function takeDown(hit, node, reason) {
-  let response;
-  try {
-    response = await fetch(`/v1/items/${encodeURIComponent(hit.id)}`, {
-      method: "DELETE",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify({ reason }),
-    });
-  } catch (err) {
-    setStatus(`The server could not be reached (${err}).`, true);
-    return;
-  }
-  if (!response.ok) {
-    setStatus(await errorText(response), true);
-    return;
-  }
-  const done = await response.json();
+  const done = await postJson(`/v1/items/${encodeURIComponent(hit.id)}`, { reason }, "DELETE");
+  if (!done) return;
   node.remove();
   setStatus(done.already ? `Item ${hit.id} was already taken down (by ${done.by}).` : `Took down item ${hit.id}.`);
 }
@@ -124,30 +116,17 @@ async function search() {
     setStatus("Type a query or choose an image.", true);
     return;
   }
-  let response;
   setStatus("Searching…");
-  try {
-    if (file) {
-      const body = new FormData();
-      body.append("image", file);
-      for (const [key, value] of Object.entries(options)) body.append(key, String(value));
-      response = await fetch("/v1/search/upload", { method: "POST", body, headers: authHeaders() });
-    } else {
-      response = await fetch("/v1/search", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", ...authHeaders() },
-        body: JSON.stringify({ text, ...options }),
-      });
-    }
-  } catch (err) {
-    setStatus(`The server could not be reached (${err}).`, true);
-    return;
+  let data;
+  if (file) {
+    const body = new FormData();
+    body.append("image", file);
+    for (const [key, value] of Object.entries(options)) body.append(key, String(value));
+    data = await send("/v1/search/upload", { method: "POST", body });
+  } else {
+    data = await postJson("/v1/search", { text, ...options });
   }
-  if (!response.ok) {
-    setStatus(await errorText(response), true);
-    return;
-  }
-  const data = await response.json().catch(() => ({}));
+  if (!data) return;
   render(data, file ? `image ${file.name}` : `“${text}”`);
 }
 

@@ -15,9 +15,11 @@ import contextlib
 import io
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -227,3 +229,15 @@ def make_settings(world: World, tmp: Path, media: Path, **overrides) -> Settings
     """A server's settings over a private copy of the index, with ``media`` as its media root and a data root."""
     return settings_for(world, tmp, index_root=copy_index(world, tmp / "indexes"), media_root=media,
                         data_roots=[world.root, media], **overrides)
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels (a decompression-bomb shaped file)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)

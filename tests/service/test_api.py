@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import base64
-import io
-import struct
 import uuid
-import zlib
 
 import pytest
-from PIL import Image
 
-from tests.helpers.service import MODERATOR, assert_no_trace, copy_index, live, settings_for, unsafe_caption
+from tests.helpers.service import (
+    MODERATOR,
+    assert_no_trace,
+    copy_index,
+    live,
+    png_with_size,
+    settings_for,
+    unsafe_caption,
+)
 
 
 def jpeg_bytes(world, name="coco/val2017") -> bytes:
@@ -21,18 +25,6 @@ def jpeg_bytes(world, name="coco/val2017") -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def png_with_size(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` pixels (a decompression-bomb shaped file)."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
-    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
-    return bytes(data)
 
 
 # ------------------------------------------------------------------ health, metrics, docs

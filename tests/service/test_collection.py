@@ -17,24 +17,19 @@ from PIL import Image
 from indexer.journal import ADD, Journal, read_entries
 from indexer.store import content_id
 from service.collection import journal_path
-from tests.helpers.service import ADMIN, MODERATOR, fresh_png, live, make_settings, private_media, small_tmpfs
+from tests.helpers.service import (
+    ADMIN,
+    MODERATOR,
+    fresh_png,
+    live,
+    make_settings,
+    png_with_size,
+    private_media,
+    small_tmpfs,
+)
 
 #: the tokens file's second moderator, so records can tell moderators apart
 CAROL = "carol-secret-token"
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header claims ``width x height`` pixels (a decompression bomb's shape)."""
-    import struct
-    import zlib
-
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
-    return bytes(data)
 
 
 @pytest.fixture
@@ -123,7 +118,7 @@ def test_adding_needs_the_admin_token_and_good_images(world, tmp_path, media):
                 assert c.post("/v1/items", json={"text": "t"}).status_code == 401
         assert upload(admin, b"").status_code == 400
         assert upload(admin, b"not an image at all").status_code == 400
-        bomb = upload(admin, png_claiming(8_000, 8_000))  # 64 Mpx: over the service's 40, under PIL's own guard
+        bomb = upload(admin, png_with_size(8_000, 8_000))  # 64 Mpx: over the service's 40, under PIL's own guard
         assert bomb.status_code == 400 and "pixels" in bomb.json()["detail"], bomb.text
         assert upload(admin, fresh_png(4, size=300)).status_code == 413  # ~270 KB over a 64 KB body limit
         assert s.services.state.current.index.store.count() == len(gallery_ids(s, 10_000))
@@ -210,7 +205,7 @@ def test_a_restart_replays_the_journal(settings):
     journal = Journal(journal_path(settings.state_dir))
     journal.append(ADD, id=digest, kind="image", caption="journaled only", text=None, tags=[], by="admin",
                    file="crash.png")
-    (second,) = [i for i in gallery_ids_offline(settings, 20) if i not in (victim, added["id"])][:1]
+    (second,) = [i for i in gallery_ids_offline(settings.index_root, 20) if i not in (victim, added["id"])][:1]
     journal.append("takedown", id=second, reason="journaled only", by="admin", kind="image", uri=None, purged=False)
     journal.close()
     with open(journal_path(settings.state_dir), "ab") as f:
@@ -225,10 +220,12 @@ def test_a_restart_replays_the_journal(settings):
     assert journal_path(settings.state_dir).read_bytes().endswith(b"\n")  # the half line was cut
 
 
-def gallery_ids_offline(settings, n: int) -> list[str]:
+def gallery_ids_offline(index_root: Path, n: int) -> list[str]:
+    """The first ``n`` ids of the gallery's index under ``index_root``, read while no server holds it."""
     from indexer.index import open_index
+    from tests.helpers.service import INDEX
 
-    with open_index(settings.index, root=settings.index_root) as index:
+    with open_index(INDEX, root=index_root) as index:
         return list(index.store.iter_ids())[:n]
 
 
@@ -382,7 +379,7 @@ def test_a_kill_9_mid_writes_loses_no_acknowledged_change(world, tmp_path, media
         assert ready is not None and ready.status_code == 200, (tmp_path / log_name).read_text()
         return proc, base
 
-    victims = gallery_ids_offline(make_settings_like(index_root), 12)  # before the server holds the store
+    victims = gallery_ids_offline(index_root, 12)  # before the server holds the store
     proc, base = start("first.log")
     acked_adds: list[str] = []
     acked_downs: list[str] = []
@@ -441,15 +438,6 @@ def test_a_kill_9_mid_writes_loses_no_acknowledged_change(world, tmp_path, media
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-
-
-def make_settings_like(index_root: Path):
-    """Just enough of a settings object for :func:`gallery_ids_offline`."""
-    from types import SimpleNamespace
-
-    from tests.helpers.service import INDEX
-
-    return SimpleNamespace(index=INDEX, index_root=index_root)
 
 
 # ------------------------------------------------------------------ near-duplicates
