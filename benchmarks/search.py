@@ -8,9 +8,11 @@ Measured, for each oversample factor: recall@k of the store's search (``indexer.
 on an optimized ``EdgeStore``) against the exact Lorentz top-k from ``training.lorentz``, and the
 median single-query latency. The baseline is the reference implementation's way of searching: a
 torch ``pairwise_dist`` of the query against the whole gallery and a top-k, timed per query. Also
-recorded: build time (upsert, optimize), shard size on disk and peak memory.
+recorded: build time (upsert, optimize), the shard's size on disk at the end and at its largest during
+the build, and the memory of a serving process: the queries run in a child process that only opens the
+shard and searches, and its anonymous and resident memory are read after the last query.
 
-    .venv/bin/python benchmarks/search.py --n 100000 --dim 512
+    .venv/bin/python benchmarks/search.py --n 100000 --dim 512 [--storage compact|fast]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.edge_store import EdgeStore  # noqa: E402
-from indexer.store import Schema  # noqa: E402
+from indexer.edge_store import EdgeStore, disk_bytes  # noqa: E402
+from indexer.store import DEFAULT_STORAGE, STORAGE_MODES, Schema  # noqa: E402
 from training import lorentz  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,6 +71,34 @@ class MemoryPeaks(threading.Thread):
             self.anon = max(self.anon, int(kv["RssAnon"].split()[0]) / 1024)
             self.file = max(self.file, int(kv["RssFile"].split()[0]) / 1024)
             time.sleep(0.5)
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's anonymous and file-backed resident memory now (MB)."""
+    with open("/proc/self/status") as f:
+        kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+    return {"anon": int(kv["RssAnon"].split()[0]) / 1024, "file": int(kv["RssFile"].split()[0]) / 1024}
+
+
+class DiskPeak:
+    """Samples the bytes a directory takes on disk twice a second from a child process (the engine's ``optimize()``
+    holds this process's GIL, so a thread here would not run while the optimizer copies segments)."""
+
+    CODE = ("import sys, time, pathlib; sys.path.insert(0, sys.argv[3]); from indexer.edge_store import disk_bytes\n"
+            "peak = 0\nwhile True:\n    peak = max(peak, disk_bytes(pathlib.Path(sys.argv[1])))\n"
+            "    pathlib.Path(sys.argv[2]).write_text(str(peak))\n    time.sleep(0.5)\n")
+
+    def __init__(self, path: Path, out: Path):
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(path), str(out),
+                                      str(Path(__file__).resolve().parents[1])])
+
+    def stop(self) -> int:
+        """The largest size seen, in bytes."""
+        time.sleep(1.0)  # one more sample after the last write
+        self.proc.terminate()
+        self.proc.wait()
+        return int(self.out.read_text()) if self.out.is_file() else 0
 
 
 class Clusters:
@@ -127,18 +158,25 @@ def main() -> None:
     ap.add_argument("--exact-queries", type=int, default=20, help="queries timed on the torch exact scan")
     ap.add_argument("--oversample", default="1,2,4,8")
     ap.add_argument("--hnsw-ef", default="0", help="comma list; 0 = the engine's default ef")
-    ap.add_argument("--chunk", type=int, default=10_000)
+    ap.add_argument("--chunk", type=int, default=10_000, help="rows generated at a time")
+    ap.add_argument("--batch", type=int, default=1000,
+                    help="points per upsert (the WAL keeps its last operations, and opening a shard reads them into "
+                         "memory: 10,000-point upserts left 1 GB of it at 20,000 x 768, 1,000-point ones 130 MB)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the shard and the data memmap go (temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--storage", choices=STORAGE_MODES, default=DEFAULT_STORAGE)
+    ap.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)  # the child: search a built shard
     args = ap.parse_args()
+    if args.serve is not None:
+        return serve(args)
     torch.manual_seed(args.seed)
     load_start = os.getloadavg()
     peaks = MemoryPeaks()
     peaks.start()
     work = Path(tempfile.mkdtemp(prefix="bench_search_", dir=args.workdir))
     settings = [(int(o), int(e)) for o in args.oversample.split(",") for e in args.hnsw_ef.split(",")]
-    schema = Schema("lorentz", args.dim, args.curvature)
+    schema = Schema("lorentz", args.dim, args.curvature, args.storage)
     gen = Clusters(max(args.n // 1000, 10), args.dim, args.curvature, args.seed)
 
     # 1. data to a memmap (the gallery never has to sit in RAM twice), upserted chunk by chunk
@@ -148,38 +186,30 @@ def main() -> None:
     data.flush()
     queries = gen.sample(args.queries, seed=10**9)
     rss0 = rss_mb()
+    disk = DiskPeak(work / "shard", work / "disk_peak")
     store = EdgeStore.create(work / "shard", schema)
-    t_upsert = build(store, data, args.chunk)
+    t_upsert = build(store, data, args.batch)
     t0 = time.perf_counter()
     store.optimize()
     t_opt = time.perf_counter() - t0
     indexed = store.indexed_vectors()
     store.close()
-    disk_mb = sum(f.stat().st_size for f in (work / "shard").rglob("*") if f.is_file()) / 2**20
-    print(f"built {args.n} x {args.dim}: upsert {t_upsert:.1f} s, optimize {t_opt:.1f} s, {disk_mb:.0f} MB on disk, "
-          f"{indexed} vectors in HNSW graphs", flush=True)
+    disk_mb = disk_bytes(work / "shard") / 2**20
+    peak_disk_mb = max(disk.stop() / 2**20, disk_mb)
+    print(f"built {args.n} x {args.dim} ({args.storage}): upsert {t_upsert:.1f} s, optimize {t_opt:.1f} s, {disk_mb:.0f} MB "
+          f"on disk (at most {peak_disk_mb:.0f} MB during the build), {indexed} vectors in HNSW graphs", flush=True)
 
-    # 2. the store's search, reopened as the service would
-    rss_before_open = rss_mb()
-    store = EdgeStore.open(work / "shard", schema)
-    results: dict[tuple[int, int], list[list[int]]] = {}
-    lat: dict[tuple[int, int], list[float]] = {}
-    for os_, ef in settings:
-        for q in queries[:5]:  # warm-up (page cache, thread pool)
-            store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None))
-        results[os_, ef], lat[os_, ef] = [], []
-        for q in queries:
-            t0 = time.perf_counter()
-            hits = store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None))
-            lat[os_, ef].append(time.perf_counter() - t0)
-            results[os_, ef].append([int(h.id.replace("-", ""), 16) for h in hits])
-    t_exact_store = []
-    for q in queries[: args.exact_queries]:
-        t0 = time.perf_counter()
-        store.query(schema.query(q, k=args.k, exact=True))
-        t_exact_store.append(time.perf_counter() - t0)
-    store_rss = rss_mb() - rss_before_open
-    store.close()
+    # 2. the store's search, in a child process that only opens the shard and searches (a serving process)
+    np.save(work / "queries.npy", queries)
+    np.save(work / "warmup.npy", gen.sample(100, seed=10**9 + 1))
+    child = [sys.executable, __file__, "--serve", str(work), "--dim", str(args.dim), "--curvature", str(args.curvature),
+             "--k", str(args.k), "--oversample", args.oversample, "--hnsw-ef", args.hnsw_ef,
+             "--exact-queries", str(args.exact_queries), "--storage", args.storage]
+    subprocess.run(child, check=True)
+    served = json.loads((work / "served.json").read_text())
+    results = {tuple(int(v) for v in k.split(",")): r for k, r in served["results"].items()}
+    lat = {tuple(int(v) for v in k.split(",")): r for k, r in served["latency"].items()}
+    t_exact_store = served["exact"]
 
     # 3. the exact torch scan: ground truth for every query, and per-query latency
     x = torch.from_numpy(np.ascontiguousarray(data))
@@ -209,7 +239,9 @@ def main() -> None:
         "data": "synthetic clustered hyperboloid points (benchmarks/search.py Clusters)",
         "n": args.n, "dim": args.dim, "curvature": args.curvature, "k": args.k, "queries": args.queries,
         "upsert_s": t_upsert, "optimize_s": t_opt, "build_s": t_upsert + t_opt,
-        "indexed_vectors": indexed, "disk_mb": disk_mb, "store_open_rss_mb": store_rss,
+        "storage": args.storage, "indexed_vectors": indexed, "disk_mb": disk_mb, "peak_disk_mb": peak_disk_mb,
+        "serving_memory_mb": served["memory"], "serving_memory_open_mb": served["memory_open"],
+        "serving_memory_start_mb": served["memory_start"],
         "rss_before_build_mb": rss0, "peak_rss_mb": peak_rss_mb(), "peak_anon_mb": peaks.anon, "peak_file_mb": peaks.file,
         "torch_exact_median_ms": med_torch * 1e3, "edge_exact_median_ms": statistics.median(t_exact_store) * 1e3,
         "rows": rows,
@@ -229,11 +261,48 @@ def main() -> None:
           f"{report['edge_exact_median_ms']:.1f} ms; build {report['build_s']:.1f} s; disk {disk_mb:.0f} MB; "
           f"peak RSS {report['peak_rss_mb']:.0f} MB: anonymous {peaks.anon:.0f} MB, file-backed {peaks.file:.0f} MB "
           f"(page cache: the {args.n * args.dim * 4 / 2**20:.0f} MB memmapped gallery and the shard's segments)")
+    print(f"serving process after its queries: anonymous {served['memory']['anon']:.0f} MB, resident "
+          f"{served['memory']['anon'] + served['memory']['file']:.0f} MB; disk {disk_mb:.0f} MB, at most {peak_disk_mb:.0f} MB "
+          f"during the build ({peak_disk_mb / disk_mb:.2f}x)")
     out = args.out or RESULTS / f"search_{args.n}_{args.dim}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def serve(args) -> None:
+    """The child: open the shard as the service would, run every setting's queries, write ``served.json``."""
+    work = args.serve
+    schema = Schema("lorentz", args.dim, args.curvature, args.storage)
+    queries = np.load(work / "queries.npy")
+    settings = [(int(o), int(e)) for o in args.oversample.split(",") for e in args.hnsw_ef.split(",")]
+    start = memory_mb()  # the interpreter, numpy, torch (which the service loads too, for its model)
+    store = EdgeStore.open(work / "shard", schema)
+    opened = memory_mb()
+    results: dict[str, list[list[int]]] = {}
+    lat: dict[str, list[float]] = {}
+    warm = np.load(work / "warmup.npy")
+    for os_, ef in settings:  # warm-up (thread pool, the graph's pages) on other queries than the timed ones, for
+        for q in warm:  # every setting before any is timed, so that no setting pays for coming first
+            store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None))
+    for os_, ef in settings:
+        key = f"{os_},{ef}"
+        results[key], lat[key] = [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            hits = store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None))
+            lat[key].append(time.perf_counter() - t0)
+            results[key].append([int(h.id.replace("-", ""), 16) for h in hits])
+    after = memory_mb()  # before the exact scans, which read every vector
+    exact = []
+    for q in queries[: args.exact_queries]:
+        t0 = time.perf_counter()
+        store.query(schema.query(q, k=args.k, exact=True))
+        exact.append(time.perf_counter() - t0)
+    store.close()
+    (work / "served.json").write_text(json.dumps({"results": results, "latency": lat, "exact": exact, "memory": after,
+                                                  "memory_open": opened, "memory_start": start}))
 
 
 if __name__ == "__main__":

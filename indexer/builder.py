@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from indexer.generations import Generations, LocalGenerations, now_iso
 from indexer.index import check_fingerprint, schema_of
 from indexer.sources import Item, shard
-from indexer.store import Match, Schema, VectorStore
+from indexer.store import DEFAULT_STORAGE, Match, Schema, VectorStore, check_storage
 from training.data.roots import DataRoots
 from training.errors import InputError
 
@@ -48,8 +48,17 @@ INDEX_FORMAT = "safe-retrieval-index"
 INDEX_FORMAT_VERSION = 2  # 2: an item its source labels unsafe is flagged unsafe whatever the model says
 
 
-def schema_for(art: "Artifact") -> Schema:
-    return Schema(art.geometry, art.encoder.arch.embed_dim, art.curvature if art.geometry == "lorentz" else 0.0)
+def schema_for(art: "Artifact", storage: str = DEFAULT_STORAGE) -> Schema:
+    return Schema(art.geometry, art.encoder.arch.embed_dim, art.curvature if art.geometry == "lorentz" else 0.0, storage)
+
+
+def storage_for(gens: Generations, storage: str | None) -> str:
+    """The storage mode of a new generation: as asked, else the current generation's (so an admin job's reindex keeps
+    it), else the default."""
+    if storage is not None:
+        return check_storage(storage)
+    cur = gens.current()
+    return str(gens.read_meta(cur).get("storage") or "fast") if cur is not None else DEFAULT_STORAGE
 
 
 def sources_signature(spec: dict[str, Any]) -> str:
@@ -57,8 +66,9 @@ def sources_signature(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def index_record(art: "Artifact", *, name: str, generation: str, sources: str, extra: dict | None = None) -> dict[str, Any]:
-    """The record a generation carries: what built it, so search can refuse another model."""
+def index_record(art: "Artifact", *, name: str, generation: str, sources: str, storage: str = DEFAULT_STORAGE,
+                 extra: dict | None = None) -> dict[str, Any]:
+    """The record a generation carries: what built it (so search can refuse another model), and how it is stored."""
     return {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
@@ -70,6 +80,7 @@ def index_record(art: "Artifact", *, name: str, generation: str, sources: str, e
         "geometry": art.geometry,
         "curvature": art.curvature if art.geometry == "lorentz" else None,
         "dim": art.encoder.arch.embed_dim,
+        "storage": storage,
         "bounds": art.bounds,
         "thresholds": {m: art.unsafe_threshold(m) for m in ("text", "image")},
         "sources": sources,
@@ -142,14 +153,14 @@ def _finish(gens: Generations, store: VectorStore, gen: str, meta: dict[str, Any
     return points
 
 
-def _resumable(gens: Generations, art: "Artifact", sources: str) -> str | None:
+def _resumable(gens: Generations, art: "Artifact", sources: str, storage: str) -> str | None:
     for g in reversed(gens.generations()):
         try:
             m = gens.read_meta(g)
         except Exception:
             continue
         if m.get("state") == "building" and m.get("fingerprint") == art.fingerprint and m.get("sources") == sources \
-                and not m.get("parent"):
+                and m.get("storage", "fast") == storage and not m.get("parent"):
             return g
     return None
 
@@ -158,8 +169,12 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
           media_root: Path | None = None, batch_size: int = DEFAULT_BATCH, workers: int = 2, keep: int = 2,
           progress: bool = True, break_lock: bool = False, device: str = "auto", max_pixels: int | None = None,
           max_file_bytes: int | None = None, roots: DataRoots = DataRoots(), switch: bool = True,
-          staged: "Callable[[str], None] | None" = None, blocked: frozenset[str] = frozenset()) -> JobResult:
+          staged: "Callable[[str], None] | None" = None, blocked: frozenset[str] = frozenset(),
+          storage: str | None = None) -> JobResult:
     """Index ``items`` into a new (or resumed) generation of ``gens.name`` and switch to it.
+
+    ``storage`` is the new generation's mode (``indexer.store.STORAGE_MODES``): as asked, else the current
+    generation's, else compact; it is recorded in the generation's record.
 
     With ``roots``, an image file outside them is a recorded failure (``indexer.pipeline``); so is one over
     ``max_pixels`` or ``max_file_bytes`` (default ``training.images.MAX_FILE_BYTES``, checked before reading).
@@ -172,6 +187,10 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
     rank, world = dist_env()
     if world > 1 and isinstance(gens, LocalGenerations):
         raise InputError("a torchrun build needs a Qdrant server (--qdrant-url): Qdrant Edge allows one writer per directory")
+    storage = storage_for(gens, storage)
+    if world > 1 and storage == "compact":
+        raise InputError("a torchrun build writes --storage fast: the ranks of a compact build would each fit their own "
+                         "code range for the first points they write. Add --storage fast, or build with one process")
     d = _Dist(rank, world)
     with ExitStack() as stack:
         if rank == 0:
@@ -180,14 +199,15 @@ def build(gens: Generations, model: "Artifact | Path", items: Sequence[Item], *,
         from indexer.pipeline import Job
 
         art = _load(model, device)
-        schema = schema_for(art)
+        schema = schema_for(art, storage)
         resumed = False
         if rank == 0:
-            gen = _resumable(gens, art, sources)
+            gen = _resumable(gens, art, sources, storage)
             resumed = gen is not None
             if gen is None:
                 gen = gens.new_name()
-                gens.create_store(gen, schema, index_record(art, name=gens.name, generation=gen, sources=sources)).close()
+                record = index_record(art, name=gens.name, generation=gen, sources=sources, storage=storage)
+                gens.create_store(gen, schema, record).close()
         gen = d.broadcast(gen if rank == 0 else None)
         if rank == 0 and staged is not None:
             staged(gen)

@@ -58,6 +58,10 @@ RESULT_OPT = typer.Option(None, "--result-file", dir_okay=False,
 # the default is training.images.MAX_FILE_BYTES (not imported here: PIL would load at CLI start-up)
 MAX_FILE_BYTES_OPT = typer.Option(None, "--max-file-bytes", min=1,
                                   help="Skip larger image files as failures, from their size before reading (default 64 MiB).")
+STORAGE_OPT = typer.Option(
+    None, "--storage", help="compact: one byte per dimension of the prefetch vector in memory, the exact vectors on disk "
+    "(a quarter of the memory, the same results; benchmarks/RESULTS.md, 'A million items'); fast: float32 in memory. "
+    "Default: the current generation's, else compact.")
 TAKEDOWNS_OPT = typer.Option(None, "--takedowns", dir_okay=False,
                              help="A collection's journal (the service's STATE_DIR/collection/journal.jsonl): content "
                                   "on its takedown list is skipped as a recorded failure.")
@@ -178,6 +182,7 @@ def build_cmd(
     switch: bool = SWITCH_OPT,
     result_file: Optional[Path] = RESULT_OPT,
     takedowns: Optional[Path] = TAKEDOWNS_OPT,
+    storage: Optional[str] = STORAGE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Index a collection into a new generation of NAME and switch NAME to it once complete.
@@ -196,7 +201,7 @@ def build_cmd(
         result = builder.build(gens, model, items, sources=sig, media_root=media, batch_size=batch_size, workers=workers,
                                keep=keep, progress=progress, break_lock=break_lock, device=device, max_pixels=max_pixels,
                                max_file_bytes=max_file_bytes, roots=roots, switch=switch, staged=out.staged,
-                               blocked=_takedowns(takedowns))
+                               blocked=_takedowns(takedowns), storage=storage)
     except KeyboardInterrupt:
         raise _interrupted("build") from None
     if result.points >= 0:  # non-zero ranks of a torchrun job have nothing to report

@@ -1,6 +1,6 @@
 """The indexer's errors: subclasses of the project's one hierarchy (``training.errors``).
 
-The service maps them by class: ``IndexNotFoundError`` -> 404, ``ModelMismatchError`` -> 409,
+The service maps them by class: ``IndexNotFoundError`` -> 404, ``ModelMismatchError`` (and ``StorageModeError``) -> 409,
 ``IndexBusyError`` -> 409, ``StoreUnavailableError`` -> 503.
 """
 
@@ -15,6 +15,10 @@ class IndexNotFoundError(InputError):
 
 class ModelMismatchError(SafeRetrievalError):
     """The index was built with a different model than the one asked to search it."""
+
+
+class StorageModeError(ModelMismatchError):
+    """The index was built with another storage mode than the one the reader was configured to expect."""
 
 
 class IndexBusyError(SafeRetrievalError):

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from indexer.errors import ModelMismatchError
+from indexer.errors import ModelMismatchError, StorageModeError
 from indexer.generations import Generations, LocalGenerations
 from indexer.store import SPACE, VECTOR, Schema, VectorStore
 from training.errors import InputError
@@ -52,8 +52,8 @@ def generations_for(name: str, *, root: Path | None = None, url: str | None = No
 
 
 def schema_of(meta: dict[str, Any]) -> Schema:
-    """The store schema a generation's record describes."""
-    return Schema(meta["geometry"], int(meta["dim"]), float(meta.get("curvature") or 0.0))
+    """The store schema a generation's record describes (a record without ``storage`` predates it: fast)."""
+    return Schema(meta["geometry"], int(meta["dim"]), float(meta.get("curvature") or 0.0), meta.get("storage") or "fast")
 
 
 def check_fingerprint(meta: dict[str, Any], art: "Artifact") -> None:
@@ -136,5 +136,17 @@ def check_model(index: Index, art: "Artifact") -> None:
     check_fingerprint(index.meta, art)
 
 
-__all__ = ["DEFAULT_ROOT", "ROOT_ENV", "Index", "check_fingerprint", "check_model", "default_root", "generations_for",
-           "open_index", "point_fields", "schema_of"]
+def check_storage_mode(index: Index, expected: str | None) -> None:
+    """Raise ``StorageModeError`` unless ``index`` was built with the storage mode ``expected`` (None: any).
+
+    A server sized for compact generations (a quarter of the memory) must not start serving a fast one.
+    """
+    if expected is not None and index.schema.storage != expected:
+        raise StorageModeError(
+            f"index {index.name} (generation {index.generation}) was built with --storage {index.schema.storage}, and this "
+            f"service expects {expected} (SAFE_RETRIEVAL_INDEX_STORAGE); rebuild it with 'safe-retrieval index build "
+            f"--name {index.name} --storage {expected} ...', or set SAFE_RETRIEVAL_INDEX_STORAGE={index.schema.storage}")
+
+
+__all__ = ["DEFAULT_ROOT", "ROOT_ENV", "Index", "check_fingerprint", "check_model", "check_storage_mode", "default_root",
+           "generations_for", "open_index", "point_fields", "schema_of"]

@@ -36,13 +36,25 @@ from qdrant_client.http.exceptions import ResponseHandlingException
 
 from indexer.errors import IndexBusyError, IndexNotFoundError, StoreUnavailableError
 from indexer.generations import GEN_RE, PIN_TTL_S, Generations, lock_message, now_iso, pin_holder
-from indexer.store import HNSW_EF_CONSTRUCT, HNSW_M, PAYLOAD_INDEXES, Match, Schema, Scored, StoredPoint, VectorQuery, VectorStore
+from indexer.store import (
+    HNSW_EF_CONSTRUCT,
+    HNSW_M,
+    PAYLOAD_INDEXES,
+    Match,
+    Quantizer,
+    Schema,
+    Scored,
+    StoredPoint,
+    VectorQuery,
+    VectorStore,
+)
 
 T = TypeVar("T")
 _DISTANCE = {"euclid": qm.Distance.EUCLID, "dot": qm.Distance.DOT, "cosine": qm.Distance.COSINE}
 _SCHEMA_TYPE = {"keyword": qm.PayloadSchemaType.KEYWORD, "bool": qm.PayloadSchemaType.BOOL, "float": qm.PayloadSchemaType.FLOAT}
 RETRIES = 4
 BACKOFF_S = 0.5
+QUANTIZER_KEY = "quantizer"  # a compact collection's code range, in its metadata beside the record
 
 
 def _transient(e: Exception) -> bool:
@@ -140,17 +152,26 @@ class ServerStore(VectorStore):
         self.collection = collection
         self.schema = schema
         self.url = client_url(client)
+        if schema.quantized and (saved := read_metadata(client, collection).get(QUANTIZER_KEY)):
+            self.quantizer = Quantizer.from_dict(saved)
 
     @classmethod
     def create(cls, client: QdrantClient, collection: str, schema: Schema, *, metadata: dict | None = None,
                shard_number: int | None = None, replication_factor: int | None = None) -> "ServerStore":
-        """Create the collection with the schema's vectors (``lorentz`` without a graph) and payload indexes."""
+        """Create the collection with the schema's vectors (``lorentz`` without a graph, on disk) and payload
+        indexes; by storage mode as ``indexer.edge_store.edge_config`` lays out a shard."""
         graph_cfg = qm.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT)
-        vectors = {
-            name: qm.VectorParams(size=size, distance=_DISTANCE[dist], on_disk=None if graph else True,
-                                  hnsw_config=graph_cfg if graph else qm.HnswConfigDiff(m=0))
-            for name, (size, dist, graph) in schema.vectors.items()
-        }
+        vectors = {}
+        for name, (size, dist, graph) in schema.vectors.items():
+            params: dict[str, Any] = {"on_disk": True, "hnsw_config": qm.HnswConfigDiff(m=0)}
+            if graph:
+                params = {"hnsw_config": graph_cfg}
+                if schema.quantized:
+                    params["datatype"] = qm.Datatype.UINT8
+                elif schema.storage == "compact":
+                    params.update(on_disk=True, quantization_config=qm.ScalarQuantization(
+                        scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)))
+            vectors[name] = qm.VectorParams(size=size, distance=_DISTANCE[dist], **params)
         url = client_url(client)
         retry(lambda: client.create_collection(collection, vectors_config=vectors, metadata=metadata or {},
                                                shard_number=shard_number, replication_factor=replication_factor), what=url)
@@ -165,10 +186,18 @@ class ServerStore(VectorStore):
             return retry(fn, what=self.url)
 
     # ------------------------------------------------------------------ writes
+    def save_quantizer(self, quantizer: Quantizer) -> None:
+        meta = read_metadata(self.client, self.collection)
+        if saved := meta.get(QUANTIZER_KEY):  # another writer of this collection fitted it first: use theirs
+            self.quantizer = Quantizer.from_dict(saved)
+            return
+        write_metadata(self.client, self.collection, {**meta, QUANTIZER_KEY: quantizer.to_dict()})
+
     def upsert(self, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:
         if not len(ids):
             return
-        batch = qm.Batch(ids=list(ids), vectors={n: np.asarray(v, dtype=np.float32).tolist() for n, v in vectors.items()},
+        stored = self.encoded(vectors)
+        batch = qm.Batch(ids=list(ids), vectors={n: np.asarray(v, dtype=np.float32).tolist() for n, v in stored.items()},
                          payloads=list(payloads))
         self._call(lambda: self.client.upsert(self.collection, points=batch, wait=True))
 
@@ -201,14 +230,18 @@ class ServerStore(VectorStore):
         recs = self._call(lambda: self.client.retrieve(self.collection, ids=list(ids), with_vectors=with_vectors,
                                                        with_payload=list(fields) if fields else True))
         # the collections hold named vectors only, so a record's vector is a dict name -> values
-        return [StoredPoint(str(r.id), dict(r.payload or {}), dict(cast(dict, r.vector)) if with_vectors else None) for r in recs]
+        return [StoredPoint(str(r.id), dict(r.payload or {}), self.readable(dict(cast(dict, r.vector))) if with_vectors
+                            else None) for r in recs]
 
     def query(self, q: VectorQuery) -> list[Scored]:
         flt = None if q.match.empty else _filter(q.match)
-        params = qm.SearchParams(hnsw_ef=q.hnsw_ef, exact=q.exact)
+        rescore = None
+        if self.rescores(q):
+            rescore = qm.QuantizationSearchParams(rescore=True, oversampling=float(q.oversample))
+        params = qm.SearchParams(hnsw_ef=q.hnsw_ef, exact=q.exact, quantization=rescore)
         prefetch = None
-        if q.prefetch is not None:
-            prefetch = [qm.Prefetch(query=q.prefetch.tolist(), using=q.prefetch_using, limit=q.prefetch_limit,
+        if (vector := self.prefetch_vector(q)) is not None:
+            prefetch = [qm.Prefetch(query=vector.tolist(), using=q.prefetch_using, limit=q.prefetch_limit,
                                     filter=flt, params=params)]
         res = self._call(lambda: self.client.query_points(
             self.collection, query=q.vector.tolist(), using=q.using, prefetch=prefetch, query_filter=flt,

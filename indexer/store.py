@@ -12,6 +12,17 @@ Geometry decides the schema (invariant 2), and only here:
   was 0.30-0.43 (``serving_anchors.md`` §2.6), so ``lorentz`` is only ever scanned.
 - ``euclidean`` models store one ``vector`` (D,) with Cosine distance and HNSW.
 
+Two storage modes (``Schema.storage``, recorded in each generation's record; benchmarks/RESULTS.md, "A million
+items"):
+
+- ``compact`` (the default): ``space`` is stored as one byte per dimension, ``round((x - lo) / step)`` with one
+  ``lo`` and ``step`` for the whole collection (:class:`Quantizer`, fitted on the first points written and kept
+  with the store), in memory with its graph. The float originals are not kept twice: ``lorentz`` holds them
+  exactly, on disk, and is read only for the prefetched candidates, whose exact rescoring gives the final
+  order. A ``euclidean`` ``vector`` keeps its originals on disk and an int8 copy in memory (the engine's own
+  scalar quantization), rescored from the originals.
+- ``fast``: float32 ``space``/``vector`` in memory (what every index was before), four times the memory.
+
 Payload indexes: ``kind`` (keyword), ``unsafe`` (bool), ``d0`` (float), ``tags`` (keyword).
 Point ids are UUID strings derived from content (``content_id``), so re-running a build is idempotent.
 """
@@ -26,6 +37,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from training.errors import InputError
+
 SPACE = "space"
 LORENTZ = "lorentz"
 VECTOR = "vector"
@@ -37,8 +50,13 @@ KINDS = ("image", "text")
 #: recall@80 at 0.97 whatever the search ef; 400 lifts it to 0.999 (and the search ef defaults to it).
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 400
-#: candidates fetched per wanted result on ``space`` before exact rescoring (see benchmarks/RESULTS.md)
-DEFAULT_OVERSAMPLE = 8
+#: candidates fetched per wanted result on ``space`` before exact rescoring: 8 gave recall@10 0.9935 at
+#: 1,000,000 x 768, 16 gives 0.995 (benchmarks/RESULTS.md, "A million items")
+DEFAULT_OVERSAMPLE = 16
+STORAGE_MODES = ("compact", "fast")
+DEFAULT_STORAGE = "compact"
+#: the share of the first points' values the quantizer's range spans, and the margin added on each side
+QUANTILE, MARGIN = 0.999, 0.1
 
 
 def content_id(data: bytes | str) -> str:
@@ -63,12 +81,19 @@ class Schema:
     geometry: str
     dim: int
     curvature: float = 0.0
+    storage: str = "fast"
 
     def __post_init__(self) -> None:
         if self.geometry not in ("lorentz", "euclidean"):
             raise ValueError(f"unknown geometry {self.geometry!r}")
         if self.geometry == "lorentz" and not self.curvature > 0:
             raise ValueError("a lorentz schema needs a curvature > 0")
+        check_storage(self.storage)
+
+    @property
+    def quantized(self) -> bool:
+        """``space`` holds one-byte codes (:class:`Quantizer`) and ``lorentz`` the originals."""
+        return self.storage == "compact" and self.geometry == "lorentz"
 
     @property
     def vectors(self) -> dict[str, tuple[int, str, bool]]:
@@ -112,7 +137,8 @@ class Schema:
             raise ValueError(f"query has {q.shape[0]} dimensions, the index {self.dim}")
         match = match or Match()
         if self.geometry == "euclidean":
-            return VectorQuery(q, VECTOR, k, offset, match=match, exact=exact, hnsw_ef=hnsw_ef)
+            return VectorQuery(q, VECTOR, k, offset, match=match, exact=exact, hnsw_ef=hnsw_ef,
+                               oversample=max(int(oversample), 1))
         rescore = np.append(q, -self.time(q[None])[0]).astype(np.float32)
         if exact:
             return VectorQuery(rescore, LORENTZ, k, offset, match=match, exact=True)
@@ -128,7 +154,49 @@ class Schema:
         return math.acosh(max(-c * float(score), 1.0)) / math.sqrt(c)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"geometry": self.geometry, "dim": self.dim, "curvature": self.curvature}
+        return {"geometry": self.geometry, "dim": self.dim, "curvature": self.curvature, "storage": self.storage}
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGE_MODES:
+        raise InputError(f"unknown storage mode {storage!r}: use one of {', '.join(STORAGE_MODES)} (compact keeps one "
+                         "byte per dimension in memory and the originals on disk; fast keeps float32 in memory)")
+    return storage
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One byte per dimension for ``space``: ``code = clip(round((x - lo) / step), 0, 255)``.
+
+    One ``lo`` and ``step`` for every dimension, so the Euclidean distance between codes is the distance
+    between the vectors divided by ``step``, up to rounding: the graph and the prefetch rank candidates as
+    the float vectors would, and the exact rescoring on ``lorentz`` corrects the rest. Values outside the
+    range are clipped (their point is still found, ranked by its exact rescoring once it is a candidate).
+    """
+
+    lo: float
+    step: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Quantizer":
+        """The range of the central ``QUANTILE`` of ``x``'s values, widened by ``MARGIN`` on each side."""
+        v = np.asarray(x, dtype=np.float64).reshape(-1)
+        if not len(v) or not np.isfinite(v).all():
+            raise ValueError("a quantizer needs finite values to fit")
+        lo, hi = np.quantile(v, [(1 - QUANTILE) / 2, (1 + QUANTILE) / 2]) if len(v) > 1 else (v[0], v[0])
+        pad = max(hi - lo, abs(hi) + abs(lo), 1e-6) * MARGIN
+        return cls(float(lo - pad), float((hi - lo + 2 * pad) / 255.0))
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Codes ``0..255`` of ``x``, as float32 (what the engines take for uint8 vectors)."""
+        return np.clip(np.rint((np.asarray(x, dtype=np.float64) - self.lo) / self.step), 0, 255).astype(np.float32)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"lo": self.lo, "step": self.step}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Quantizer":
+        return cls(float(d["lo"]), float(d["step"]))
 
 
 @dataclass(frozen=True)
@@ -159,6 +227,8 @@ class VectorQuery:
     prefetch_limit: int = 0
     exact: bool = False
     hnsw_ef: int | None = None
+    #: a compact euclidean store: candidates per result taken from the int8 copy and rescored from the originals
+    oversample: int = 1
 
 
 @dataclass
@@ -186,6 +256,41 @@ class VectorStore(ABC):
     #: Queries run in this process and hold the GIL throughout (Qdrant Edge), so a caller on an event
     #: loop gains nothing from a worker thread and pays two thread hand-offs (benchmarks/RESULTS.md).
     in_process: bool = False
+    #: ``space``'s codes (compact lorentz stores): fitted on the first points written, then kept by the backend
+    quantizer: Quantizer | None = None
+
+    def encoded(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``vectors`` as stored: a compact store's ``space`` as codes (fitting and keeping the quantizer first)."""
+        if not self.schema.quantized:
+            return vectors
+        if self.quantizer is None:
+            self.quantizer = Quantizer.fit(vectors[SPACE])
+            self.save_quantizer(self.quantizer)
+        return {**vectors, SPACE: self.quantizer.encode(vectors[SPACE])}
+
+    def rescores(self, q: VectorQuery) -> bool:
+        """Whether ``q`` searches an int8 copy that the engine rescores from the originals (compact euclidean)."""
+        return self.schema.storage == "compact" and not self.schema.quantized and not q.exact
+
+    def prefetch_vector(self, q: VectorQuery) -> np.ndarray | None:
+        """The prefetch of ``q`` in the stored vectors' terms (codes on a compact ``space``)."""
+        if q.prefetch is None or q.prefetch_using != SPACE or not self.schema.quantized or self.quantizer is None:
+            return q.prefetch
+        return self.quantizer.encode(q.prefetch)
+
+    def readable(self, vectors: dict[str, list[float]]) -> dict[str, list[float]]:
+        """Stored vectors as the encoder gave them: a compact store's ``space`` is read from the exact ``lorentz``."""
+        if not self.schema.quantized or LORENTZ not in vectors:
+            return vectors
+        return {**vectors, SPACE: list(vectors[LORENTZ][: self.schema.dim])}
+
+    def save_quantizer(self, quantizer: Quantizer) -> None:
+        """Keep ``quantizer`` with the collection (before any point encoded by it is written)."""
+        raise NotImplementedError(f"{type(self).__name__} has no compact storage")
+
+    def footprint(self) -> dict[str, Any]:
+        """What the collection holds on disk (``disk_bytes``, None where the engine does not say) and how."""
+        return {"storage": self.schema.storage, "disk_bytes": None}
 
     @abstractmethod
     def upsert(self, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:

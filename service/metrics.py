@@ -9,7 +9,19 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "process_memory"]
+
+
+def process_memory() -> dict[str, int | None]:
+    """This process's resident memory in bytes: ``anonymous`` (what it holds) and ``resident`` (with the mapped files'
+    pages in RAM: the store's segments, the model); None where ``/proc`` does not say (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile", "RssShmem")))
+    except OSError:
+        return {"anonymous": None, "resident": None}
+    kib = {k: int(v.split()[0]) * 1024 for k, v in kv.items()}
+    return {"anonymous": kib.get("RssAnon"), "resident": sum(kib.values()) if kib else None}
 
 
 class Metrics:
@@ -46,10 +58,24 @@ class Metrics:
         self.image_memory = Gauge(
             "safe_retrieval_image_memory_bytes", "Memory reserved by the decodes of query images in flight.", registry=r
         )
+        self.store_disk = Gauge(
+            "safe_retrieval_store_disk_bytes", "Bytes the served index generation takes on disk (embedded store).",
+            ["storage"], registry=r,
+        )
+        self.memory = Gauge("safe_retrieval_process_memory_bytes", "Resident memory of this process.", ["kind"], registry=r)
         for state in JOB_STATES:
             self.jobs.labels(state).set(0)
         for reason in ("busy", "too_large"):
             self.images_refused.labels(reason)
+
+    def note_footprint(self, footprint: dict) -> None:
+        """Set the footprint gauges from ``service.routes.health.footprint``'s answer."""
+        self.store_disk.clear()
+        if footprint.get("disk_bytes") is not None:
+            self.store_disk.labels(footprint["storage"]).set(footprint["disk_bytes"])
+        for kind in ("anonymous", "resident"):
+            if footprint.get(f"memory_{kind}_bytes") is not None:
+                self.memory.labels(kind).set(footprint[f"memory_{kind}_bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

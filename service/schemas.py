@@ -251,10 +251,21 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class Footprint(BaseModel):
+    """What the served index costs this machine: its storage mode, disk, and the process's memory."""
+
+    storage: str = Field(description="compact (one byte per dimension in memory, the exact vectors on disk) or fast.")
+    points: int | None = None
+    disk_bytes: int | None = Field(None, description="On disk (embedded store); null on a Qdrant server.")
+    memory_anonymous_bytes: int | None = Field(None, description="Anonymous resident memory of this process.")
+    memory_resident_bytes: int | None = Field(None, description="All resident memory of this process, mapped files included.")
+
+
 class Readiness(BaseModel):
     ready: bool
     reason: str | None = None
     index: IndexRef | None = None
+    store: Footprint | None = None
 
 
 # ------------------------------------------------------------------ admin

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         None, description="Where images added through POST /v1/items are stored, content-addressed (default "
         "MEDIA_ROOT/uploads); it must lie under MEDIA_ROOT, so that /v1/media serves them.",
     )
+    index_storage: Literal["compact", "fast"] | None = Field(
+        None, description="The storage mode the served index must have been built with (index build --storage): a "
+        "generation built otherwise is not served, and the admin jobs build with it. Unset: any mode, and jobs keep "
+        "the current generation's.",
+    )
     device: str = Field("cpu", description="Device for query encoding: cpu, cuda, cuda:1, auto.")
 
     # --- HTTP

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from indexer.errors import IndexBusyError
-from indexer.index import Index, check_model, generations_for, open_index
+from indexer.index import Index, check_model, check_storage_mode, generations_for, open_index
 from service import audit as audit_records
 from service.admin.acceptance import forced
 from service.admin.plans import Plan, write_source
@@ -182,6 +182,7 @@ class PairLoader:
             chosen = next((p for p in paths if _fingerprint(p) == wanted), paths[0])
             art = self.artifact(chosen)
             check_model(index, art)
+            check_storage_mode(index, self.settings.index_storage)
         except BaseException:
             with contextlib.suppress(Exception):
                 index.close()

@@ -65,7 +65,7 @@ def _index_steps(services: Services, body: ReindexRequest, *, model: Path, name:
     s = services.settings
     return reindex_steps(body, model=model, name=name, roots=s.data_roots, media_root=s.media_root,
                          qdrant_url=s.qdrant_url, index_root=s.index_root, max_file_bytes=s.job_max_file_bytes,
-                         takedowns=journal_path(s.state_dir))
+                         takedowns=journal_path(s.state_dir), storage=s.index_storage)
 
 
 async def reindex(services: Services, request: Request, body: ReindexRequest) -> dict[str, Any]:

@@ -36,8 +36,10 @@ from training.methods import ERASE
 # ------------------------------------------------------------------ reindex and retrain steps
 def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Path], media_root: Path | None,
                   qdrant_url: str | None, index_root: Path, max_file_bytes: int | None = None,
-                  takedowns: Path | None = None) -> list[list[str]]:
+                  takedowns: Path | None = None, storage: str | None = None) -> list[list[str]]:
     """The index step of a job: it stages a generation (``--no-switch``) and reports it (``--result-file``).
+
+    ``storage`` (the service's ``INDEX_STORAGE``) becomes ``--storage``; unset, a build keeps the current generation's.
 
     ``takedowns`` (the collection's journal, ``service.collection.journal_path``) becomes ``--takedowns``: content on
     the takedown list is a failure of the job, never a point of the new generation.
@@ -56,6 +58,7 @@ def reindex_steps(req: ReindexRequest, *, model: Path, name: str, roots: list[Pa
              *source_args(req.source, roots, media_root), *store_args(qdrant_url=qdrant_url, index_root=index_root),
              *(["--max-file-bytes", str(max_file_bytes)] if max_file_bytes is not None else []),
              *(["--takedowns", str(takedowns)] if takedowns is not None else []),
+             *(["--storage", storage] if storage is not None and not req.incremental else []),
              "--no-switch", "--result-file", INDEX_RESULT]]
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import ServicesDep
-from service.metrics import CONTENT_TYPE_LATEST
+from service.metrics import CONTENT_TYPE_LATEST, process_memory
 from service.schemas import Health, Readiness
+from service.state import ServedPair
 
 router = APIRouter(tags=["health"])
 PROBE_TIMEOUT_S = 3.0
@@ -45,11 +47,24 @@ async def readyz(services: ServicesDep) -> Any:
     if reason is None and pair.info.get("fingerprint") != pair.artifact.fingerprint:
         reason = "the index was built with another model; reindex with the served model"
     services.metrics.ready.set(0 if reason else 1)
-    body = {"ready": reason is None, "reason": reason, "index": pair.ref}
+    store = await asyncio.to_thread(footprint, pair)
+    services.metrics.note_footprint(store)
+    body = {"ready": reason is None, "reason": reason, "index": pair.ref, "store": store}
     return JSONResponse(body, 503, headers=retry) if reason else body
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(services: ServicesDep) -> Response:
+    if (pair := services.state.current) is not None:
+        services.metrics.note_footprint(await asyncio.to_thread(footprint, pair))
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def footprint(pair: ServedPair) -> dict[str, Any]:
+    """The served index's storage mode, points and disk, and this process's memory (blocking: a directory walk)."""
+    memory, points = process_memory(), None
+    with contextlib.suppress(Exception):  # a store that stopped answering: the probe above says so
+        points = pair.index.store.count()
+    return {**pair.index.store.footprint(), "points": points,
+            "memory_anonymous_bytes": memory["anonymous"], "memory_resident_bytes": memory["resident"]}

@@ -37,6 +37,12 @@ def test_health_and_readiness(server):
         assert body["ready"] is True and body["reason"] is None
         assert body["index"]["model"] == server.services.state.current.artifact.fingerprint
         assert body["index"]["generation"].startswith("gallery@")
+        # what the served index costs: the default storage, its points, its shard's bytes, this process's memory
+        store = body["store"]
+        assert store["storage"] == "compact" and store["points"] == server.services.state.current.index.store.count() > 0
+        shard = server.settings.index_root / "gallery" / body["index"]["generation"]
+        assert 0 < store["disk_bytes"] <= sum(f.stat().st_size for f in shard.rglob("*") if f.is_file())
+        assert 0 < store["memory_anonymous_bytes"] < store["memory_resident_bytes"]
 
 
 def test_openapi_docs_and_page(server):
@@ -145,6 +151,17 @@ def test_safety_off_is_forbidden_without_a_configured_moderator_token(world, tmp
         assert r.status_code == 403
         assert "SAFE_RETRIEVAL_MODERATOR_TOKEN" in r.json()["detail"]
         assert c.post("/v1/search", json={"text": "a cat"}).status_code == 200
+
+
+def test_a_generation_of_another_storage_mode_is_not_served(world, tmp_path):
+    # the gallery was built compact (the default); a service sized for fast ones refuses it and says what to do
+    settings = settings_for(world, tmp_path, index_storage="fast", index_root=copy_index(world, tmp_path / "idx"))
+    with live(settings) as s, s.client() as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503, r.text
+        reason = r.json()["reason"]
+        assert "--storage compact" in reason and "expects fast" in reason and "SAFE_RETRIEVAL_INDEX_STORAGE" in reason
+        assert c.post("/v1/search", json={"text": "a cat"}).status_code == 503
 
 
 def test_tag_filter_and_paging(server):
@@ -408,6 +425,11 @@ def test_metrics_count_queries_batches_and_stages(server, world):
         assert f'safe_retrieval_stage_seconds_count{{stage="{stage}"}}' in metrics
     assert 'safe_retrieval_jobs{state="running"} 0.0' in metrics
     assert "safe_retrieval_ready 1.0" in metrics
+    disk = next(line for line in metrics.splitlines() if line.startswith('safe_retrieval_store_disk_bytes{storage="compact"}'))
+    assert float(disk.split()[-1]) > 0
+    for kind in ("anonymous", "resident"):
+        assert float(next(line for line in metrics.splitlines()
+                          if line.startswith(f'safe_retrieval_process_memory_bytes{{kind="{kind}"}}')).split()[-1]) > 0
     assert 'safe_retrieval_http_requests_total{route="/v1/search",status="200"}' in metrics
     redirected = next(line for line in metrics.splitlines() if line.startswith("safe_retrieval_redirected_queries_total "))
     assert float(redirected.split()[-1]) >= 1
