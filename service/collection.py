@@ -13,7 +13,8 @@ and upserted. A write that arrives while a job commits waits for the swap lock a
 
 The journal's takedowns are the takedown list: ``index build|add`` of every job get ``--takedowns`` and skip listed
 content; a new upload of it is refused. With ``NEAR_DUPLICATE_DISTANCE`` set, so is an upload whose embedding lies
-that close to a taken-down image's (a re-encoded, resized or recompressed copy): each image takedown records the
+that close to a taken-down image's (a re-encoded, resized or recompressed copy), unless the admin overrides that
+refusal (``allow_near_duplicate``: audited; never for the exact content): each image takedown records the
 image's embedding under the served model, and at every install the taken-down images are embedded again by a new
 model from their files where those still exist. Only the service that runs jobs writes (a replica without jobs
 answers 403).
@@ -80,7 +81,8 @@ class Collection:
         entry = self.journal.takedowns.get(pid)
         if entry is not None:
             raise ConflictError(f"this content was taken down at {entry.get('at')} (item {pid}) and may not be added "
-                                "again; the takedown list keeps it out of every upload and build")
+                                "again, not even with allow_near_duplicate; the takedown list keeps it out of every "
+                                "upload and build")
 
     def stored_file(self, data: bytes) -> Path:
         """Write an uploaded image under the uploads folder as ``sha256[:2]/sha256.ext`` (fsync'd, atomically) and
@@ -211,21 +213,28 @@ class Collection:
         return {"removed": len(down), "added": added, "missing": missing, "unmatched_takedowns": unmatched}
 
     # -------------------------------------------------------------- near-duplicates of taken-down images
-    def check_not_near_duplicate(self, pair: ServedPair, vector: torch.Tensor) -> None:
+    def check_not_near_duplicate(self, pair: ServedPair, vector: torch.Tensor, *,
+                                 allow: bool = False) -> dict[str, Any] | None:
         """Refuse (409) an image whose embedding ``vector`` (under ``pair``'s model) lies within
-        ``NEAR_DUPLICATE_DISTANCE`` of a taken-down image's; nothing to check without the setting."""
+        ``NEAR_DUPLICATE_DISTANCE`` of a taken-down image's; nothing to check without the setting. With ``allow`` (an
+        admin's override of a false refusal) nothing is refused: the match is returned instead, ``{"id", "distance"}``
+        of the nearest such image, for the audit record (None when none is that close)."""
         threshold = self.settings.near_duplicate_distance
         near = self._near
         if threshold is None or near is None or near[0] != pair.artifact.fingerprint or not near[1]:
-            return
+            return None
         d = distances(pair, vector, near[2])
         i = int(d.argmin())
-        if float(d[i]) <= threshold:
-            pid = near[1][i]
-            at = self.journal.takedowns.get(pid, {}).get("at")
-            raise ConflictError(f"this image is a near-duplicate of item {pid}, taken down at {at} (distance "
-                                f"{float(d[i]):.4f}, at most {threshold:g} refused: NEAR_DUPLICATE_DISTANCE), so it may "
-                                "not be added")
+        if float(d[i]) > threshold:
+            return None
+        pid, distance = near[1][i], float(d[i])
+        if allow:
+            return {"id": pid, "distance": distance}
+        at = self.journal.takedowns.get(pid, {}).get("at")
+        raise ConflictError(f"this image is a near-duplicate of item {pid}, taken down at {at} (distance "
+                            f"{distance:.4f}, at most {threshold:g} refused: NEAR_DUPLICATE_DISTANCE), so it may not "
+                            "be added; look at it beside the taken-down item, and if it is not that content, send it "
+                            "again with allow_near_duplicate=true (the audit log records the override)")
 
     def _remember(self, pair: ServedPair, pid: str, x: torch.Tensor) -> None:
         near = self._near

@@ -189,6 +189,9 @@ class Item(BaseModel):
 # ------------------------------------------------------------------ items written through the API
 MAX_REASON_CHARS = 1000
 Caption = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+ALLOW_NEAR_DUPLICATE = ("Add the image even though it lies within NEAR_DUPLICATE_DISTANCE of a taken-down image (the "
+                        "admin looked and it is not that content); the audit record names the near item. The exact "
+                        "taken-down content is refused all the same.")
 
 
 class ItemAdd(StrictModel):
@@ -200,6 +203,7 @@ class ItemAdd(StrictModel):
     text: QueryText | None = Field(None, description="A text item.")
     caption: Caption | None = Field(None, description="The image's caption (image items only).")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
+    allow_near_duplicate: bool = Field(False, description=f"{ALLOW_NEAR_DUPLICATE} Image items only.")
 
     _blank = field_validator("text", "caption")(_not_blank)
 
@@ -210,6 +214,8 @@ class ItemAdd(StrictModel):
             raise ValueError(f"give exactly one of path or text (got {', '.join(given) or 'none'})")
         if self.text is not None and self.caption is not None:
             raise ValueError("a text item has no caption: its text is what is indexed")
+        if self.text is not None and self.allow_near_duplicate:
+            raise ValueError("a text item is never refused as a near-duplicate: allow_near_duplicate goes with a path")
         return self
 
 
@@ -224,6 +230,9 @@ class ItemWritten(BaseModel):
     tags: list[str] = []
     unsafe: bool | None = None
     index: dict[str, Any]
+    near_duplicate_of: str | None = Field(None, description="With allow_near_duplicate: the taken-down item this image "
+                                          "lies within NEAR_DUPLICATE_DISTANCE of (null when none).")
+    near_duplicate_distance: float | None = Field(None, description="Its distance (null when none).")
 
 
 class TakedownRequest(StrictModel):

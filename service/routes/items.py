@@ -25,7 +25,17 @@ from service.admin.paths import confined, resolve_under_roots
 from service.collection import Collection
 from service.deps import TOKEN_OPTIONAL, CallerDep, ServicesDep, TakedownCallerDep, audited_admin
 from service.errors import ForbiddenError, NotFoundError
-from service.schemas import MAX_REASON_CHARS, Caption, Item, ItemAdd, ItemWritten, Tag, Takedown, TakedownRequest
+from service.schemas import (
+    ALLOW_NEAR_DUPLICATE,
+    MAX_REASON_CHARS,
+    Caption,
+    Item,
+    ItemAdd,
+    ItemWritten,
+    Tag,
+    Takedown,
+    TakedownRequest,
+)
 from service.searching import fetch_item, item_vector
 from service.state import Services
 from training.errors import ImageError, OutsideRootsError
@@ -101,7 +111,7 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Token missing or wrong."},
     403: {"description": "The role is not configured; no media root for image uploads; or a replica without jobs."},
     409: {"description": "This content, or with NEAR_DUPLICATE_DISTANCE an image this close to it, was taken down: "
-                        "it may not be added again."},
+                        "it may not be added again (a near one may, with allow_near_duplicate)."},
     413: {"description": "Body over the size limit."},
     503: {"description": "Model or store not ready, or the image memory budget is full; retry after Retry-After."},
     507: {"description": "The journal or the image could not be written (a full disk): nothing was changed."},
@@ -123,24 +133,32 @@ def _collection(services: Services) -> Collection:
 
 
 async def _add(services: Services, request: Request, response: Response, item: SourceItem, *,
-               image: bytes | None = None) -> dict[str, Any]:
+               image: bytes | None = None, allow_near_duplicate: bool = False) -> dict[str, Any]:
     """Embed ``item`` (its ``image`` bytes, or its text) with the served model and write it: 201, or 200 when the
-    same content is already indexed (the id is the content's)."""
+    same content is already indexed (the id is the content's). ``allow_near_duplicate``: the admin's override of the
+    near-duplicate refusal (never of the exact content's), in the audit record with the item it overrode."""
     collection = _collection(services)
     pid = content_id(image if image is not None else item.text or "")
-    audit.note(request, query={"kind": item.kind, "item_id": pid, "caption": item.caption, "tags": list(item.tags)})
+    query: dict[str, Any] = {"kind": item.kind, "item_id": pid, "caption": item.caption, "tags": list(item.tags)}
+    if allow_near_duplicate:
+        query["allow_near_duplicate"] = True
+    audit.note(request, query=query)
     collection.check_not_taken_down(pid)  # before any decoding
+    near = None
     with services.state.lease() as pair:
         encoded, _ = await searching.encode_query(services, pair, text=item.text, image=image)
         fingerprint = pair.artifact.fingerprint
         if image is not None:
-            collection.check_not_near_duplicate(pair, encoded.vector)
+            near = collection.check_not_near_duplicate(pair, encoded.vector, allow=allow_near_duplicate)
+    if near is not None:
+        audit.note(request, query={**query, "near_duplicate_of": near["id"], "near_duplicate_distance": near["distance"]})
     payload, created, ref = await asyncio.to_thread(collection.add, pid, item, encoded.vector, fingerprint,
                                                     by=audit.ADMIN, data=image)
     response.status_code = 201 if created else 200
     return {"id": pid, "kind": payload.get("kind", item.kind), "created": created, "uri": payload.get("uri"),
             "caption": payload.get("caption"), "tags": list(payload.get("tags") or []), "unsafe": payload.get("unsafe"),
-            "index": ref}
+            "index": ref, "near_duplicate_of": near["id"] if near else None,
+            "near_duplicate_distance": near["distance"] if near else None}
 
 
 @router.post("/items", response_model=ItemWritten, status_code=201, responses=ADD_RESPONSES,
@@ -156,7 +174,7 @@ async def add_item(body: ItemAdd, request: Request, response: Response, services
     path = resolve_under_roots(body.path, settings.data_roots, what="path")
     data = await run_in_threadpool(_read_under_roots, path, settings.data_roots, settings.max_body_bytes)
     item = SourceItem(kind="image", caption=body.caption, tags=tuple(body.tags))
-    return await _add(services, request, response, item, image=data)
+    return await _add(services, request, response, item, image=data, allow_near_duplicate=body.allow_near_duplicate)
 
 
 def _read_under_roots(path: Path, roots: list[Path], max_bytes: int) -> bytes:
@@ -177,14 +195,15 @@ async def upload_item(
     image: Annotated[UploadFile, File(description="The image (JPEG, PNG, WebP, ...), within the search's limits.")],
     caption: Annotated[Caption | None, Form(description="Its caption.")] = None,
     tags: Annotated[list[Tag] | None, Form(max_length=32, description="Its tags.")] = None,
+    allow_near_duplicate: Annotated[bool, Form(description=ALLOW_NEAR_DUPLICATE)] = False,
 ) -> dict[str, Any]:
-    """Multipart form: ``image`` with ``caption`` and ``tags``; as ``POST /v1/items``, the bytes stored under the
-    uploads folder."""
+    """Multipart form: ``image`` with ``caption``, ``tags`` and ``allow_near_duplicate``; as ``POST /v1/items``, the
+    bytes stored under the uploads folder."""
     data = await image.read()
     if not data:
         raise ImageError("the uploaded image is empty; choose a JPEG, PNG or WebP file")
     item = SourceItem(kind="image", caption=caption, tags=tuple(tags or ()))
-    return await _add(services, request, response, item, image=data)
+    return await _add(services, request, response, item, image=data, allow_near_duplicate=allow_near_duplicate)
 
 
 @router.delete("/items/{item_id}", response_model=Takedown, summary="Take an item down",

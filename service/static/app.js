@@ -69,10 +69,12 @@ async function addItem() {
   const caption = $("add-caption").value.trim();
   if (caption) body.append("caption", caption);
   for (const tag of $("add-tags").value.split(",").map((t) => t.trim()).filter(Boolean)) body.append("tags", tag);
+  if ($("add-near").checked) body.append("allow_near_duplicate", "true");
   setStatus("Adding…");
   const item = await send("/v1/items/upload", { method: "POST", body });
   if (!item) return;
-  setStatus(item.created ? `Added item ${item.id}.` : `Already indexed as item ${item.id}.`);
+  const near = item.near_duplicate_of ? ` (a near-duplicate of taken-down item ${item.near_duplicate_of}, allowed)` : "";
+  setStatus(item.created ? `Added item ${item.id}${near}.` : `Already indexed as item ${item.id}.`);
   $("add-form").reset();
 }
 

@@ -9,6 +9,7 @@ import io
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from PIL import Image
 from indexer.journal import ADD, Journal, read_entries
 from indexer.store import content_id
 from service.collection import journal_path
+from service.settings import Settings
 from tests.helpers.service import (
     ADMIN,
     MODERATOR,
@@ -450,11 +452,19 @@ def jpeg_copy(data: bytes, quality: int = 60, scale: float = 0.75) -> bytes:
     return buf.getvalue()
 
 
-def test_near_duplicates_of_a_taken_down_image_are_refused(world, tmp_path, media):
-    """With NEAR_DUPLICATE_DISTANCE, a resized, recompressed copy of a taken-down image is refused (409 naming the
-    item) while other images are not; the takedown's recorded embedding keeps refusing it after a restart. The
-    threshold is set between the copy's distance and the nearest other gallery image's (the benchmark calibrates it
-    on a whole gallery; this test checks the mechanism)."""
+class NearCase(NamedTuple):
+    settings: Settings  # NEAR_DUPLICATE_DISTANCE set between the copy's distance and the nearest other image's
+    original: Path  # the gallery image to take down (under the media root and the data roots)
+    victim: str  # its id
+    fresh: bytes  # an image farther than the threshold from it
+    fingerprint: str
+    dim: int
+
+
+@pytest.fixture
+def near(world, tmp_path, media) -> NearCase:
+    """A gallery image whose resized, recompressed copy lies nearer to it than any other gallery image does, and a
+    threshold between the two (the benchmark calibrates it on a whole gallery; the tests check the mechanism)."""
     from indexer import sources
     from training import artifact, lorentz
     from training.images import preprocess_bytes
@@ -475,15 +485,54 @@ def test_near_duplicates_of_a_taken_down_image_are_refused(world, tmp_path, medi
     threshold = float(to_copy[v] + others[v]) / 2
     fresh = fresh_png(31)
     assert float(lorentz.pairwise_dist(embed(fresh)[None], x[v : v + 1], art.curvature)) > threshold
-    settings = make_settings(world, tmp_path, media, near_duplicate_distance=threshold)
-    victim = content_id(originals[v])
-    with live(settings) as s, s.client(ADMIN) as admin, s.client(MODERATOR) as mod:
-        assert mod.request("DELETE", f"/v1/items/{victim}", json={"reason": "r"}).status_code == 200
-        refused = upload(admin, jpeg_copy(originals[v]))
+    return NearCase(make_settings(world, tmp_path, media, near_duplicate_distance=threshold), files[v],
+                    content_id(originals[v]), fresh, art.fingerprint, x.shape[1])
+
+
+def test_near_duplicates_of_a_taken_down_image_are_refused(near):
+    """With NEAR_DUPLICATE_DISTANCE, a resized, recompressed copy of a taken-down image is refused (409 naming the
+    item and the override) while other images are not; the takedown's recorded embedding keeps refusing it after a
+    restart."""
+    original = near.original.read_bytes()
+    with live(near.settings) as s, s.client(ADMIN) as admin, s.client(MODERATOR) as mod:
+        assert mod.request("DELETE", f"/v1/items/{near.victim}", json={"reason": "r"}).status_code == 200
+        refused = upload(admin, jpeg_copy(original))
         assert refused.status_code == 409 and "near-duplicate" in refused.json()["detail"], refused.text
-        assert victim in refused.json()["detail"]
-        assert upload(admin, fresh).status_code == 201
-    with live(settings) as s, s.client(ADMIN) as admin:  # the recorded embedding, after a restart
-        assert upload(admin, jpeg_copy(originals[v], quality=80)).status_code == 409
-    entry = next(e for e in read_entries(journal_path(settings.state_dir)) if e["op"] == "takedown")
-    assert entry["model"] == art.fingerprint and len(entry["vector"]) == x.shape[1]
+        assert near.victim in refused.json()["detail"] and "allow_near_duplicate=true" in refused.json()["detail"]
+        made = upload(admin, near.fresh)
+        assert made.status_code == 201 and made.json()["near_duplicate_of"] is None
+    with live(near.settings) as s, s.client(ADMIN) as admin:  # the recorded embedding, after a restart
+        assert upload(admin, jpeg_copy(original, quality=80)).status_code == 409
+    entry = next(e for e in read_entries(journal_path(near.settings.state_dir)) if e["op"] == "takedown")
+    assert entry["model"] == near.fingerprint and len(entry["vector"]) == near.dim
+
+
+def test_an_admin_overrides_a_near_duplicate_refusal_but_never_the_taken_down_content(near):
+    """``allow_near_duplicate``: the refused copy is added (201, searchable) and its audit record names the override,
+    the near item and the distance; the exact taken-down bytes stay a 409 with the flag, on both add routes."""
+    original = near.original.read_bytes()
+    copy = jpeg_copy(original)
+    with live(near.settings) as s, s.client(ADMIN) as admin, s.client(MODERATOR) as mod:
+        assert mod.request("DELETE", f"/v1/items/{near.victim}", json={"reason": "r"}).status_code == 200
+        assert upload(admin, copy).status_code == 409
+        allowed = admin.post("/v1/items/upload", files={"image": ("x.jpg", copy, "image/jpeg")},
+                             data={"caption": "not the taken-down one", "allow_near_duplicate": "true"})
+        assert allowed.status_code == 201, allowed.text
+        body = allowed.json()
+        assert body["id"] == content_id(copy) and body["near_duplicate_of"] == near.victim
+        assert 0 <= body["near_duplicate_distance"] <= near.settings.near_duplicate_distance
+        assert nearest(mod, body["id"])[0] == body["id"]
+        assert mod.get(f"/v1/media/{body['id']}").content == copy
+        for refused in (admin.post("/v1/items/upload", files={"image": ("x.jpg", original, "image/jpeg")},
+                                   data={"allow_near_duplicate": "true"}),
+                        admin.post("/v1/items", json={"path": str(near.original), "allow_near_duplicate": True})):
+            assert refused.status_code == 409 and "taken down" in refused.json()["detail"], refused.text
+            assert "not even with allow_near_duplicate" in refused.json()["detail"]
+        assert admin.post("/v1/items", json={"text": "t", "allow_near_duplicate": True}).status_code == 422
+        records = admin.get("/v1/admin/audit", params={"limit": 100}).json()["records"]
+    adds = [r for r in records if r["route"] == "/v1/items/upload" and r["status"] == 201]
+    assert [r["query"]["item_id"] for r in adds] == [body["id"]]
+    assert adds[0]["query"]["allow_near_duplicate"] is True and adds[0]["query"]["near_duplicate_of"] == near.victim
+    assert adds[0]["query"]["near_duplicate_distance"] == pytest.approx(body["near_duplicate_distance"])
+    refusals = {(r["query"]["item_id"], r["query"].get("allow_near_duplicate")) for r in records if r["status"] == 409}
+    assert refusals == {(body["id"], None), (near.victim, True)}  # the copy without the flag; the original with it
