@@ -60,7 +60,8 @@ MAX_FILE_BYTES_OPT = typer.Option(None, "--max-file-bytes", min=1,
                                   help="Skip larger image files as failures, from their size before reading (default 64 MiB).")
 STORAGE_OPT = typer.Option(
     None, "--storage", help="compact: one byte per dimension of the prefetch vector in memory, the exact vectors on disk "
-    "(a quarter of the memory, the same results; benchmarks/RESULTS.md, 'A million items'); fast: float32 in memory. "
+    "(a quarter of the bytes in memory, the same recall measured; benchmarks/RESULTS.md, 'A million items'); fast: "
+    "float32 in memory. "
     "Default: the current generation's, else compact.")
 TAKEDOWNS_OPT = typer.Option(None, "--takedowns", dir_okay=False,
                              help="A collection's journal (the service's STATE_DIR/collection/journal.jsonl): content "

@@ -25,8 +25,10 @@ import qdrant_edge as qe
 
 from indexer.errors import IndexBusyError, StoreUnavailableError
 from indexer.store import (
+    FULL_SCAN_KB,
     HNSW_EF_CONSTRUCT,
     HNSW_M,
+    INDEXING_KB,
     PAYLOAD_INDEXES,
     Match,
     Quantizer,
@@ -43,7 +45,6 @@ _SCHEMA_TYPE = {
     "bool": qe.PayloadSchemaType.Bool,
     "float": qe.PayloadSchemaType.Float,
 }
-FULL_SCAN_KB = 10_000  # Qdrant's default: below this many KB of matching vectors, scan instead of the graph
 #: points written between flushes: the WAL keeps every operation since the last flush, so a bulk load without one
 #: held the whole collection twice on disk (6 GB of WAL at 1,000,000 x 768; benchmarks/RESULTS.md, "A million items")
 FLUSH_POINTS = 20_000
@@ -57,7 +58,8 @@ def edge_config(schema: Schema, *, indexing_threshold_kb: int | None = None, hns
     euclidean), or float32 in memory (fast).
 
     ``indexing_threshold_kb`` is the segment size above which ``optimize()`` builds a graph
-    (Qdrant's default, 10 MB, when None); below it a segment stays a brute-force scan.
+    (Qdrant's default, 10 MB, when None); below it a segment stays a brute-force scan. Both thresholds count
+    float32 vectors (``Schema.threshold_kb``).
     """
     vectors = {}
     for name, (size, distance, graph) in schema.vectors.items():
@@ -78,10 +80,11 @@ def edge_config(schema: Schema, *, indexing_threshold_kb: int | None = None, hns
                 size=size, distance=_DISTANCE[distance], memory=qe.Memory.Cached,
                 hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=HNSW_EF_CONSTRUCT, full_scan_threshold=FULL_SCAN_KB),
             )
-    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb) if indexing_threshold_kb else None
+    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=schema.threshold_kb(indexing_threshold_kb or INDEXING_KB))
+    full_scan = schema.threshold_kb(FULL_SCAN_KB)
     return qe.EdgeConfig(
         vectors=vectors,
-        hnsw_config=qe.HnswIndexConfig(m=hnsw_m, ef_construct=ef_construct, full_scan_threshold=FULL_SCAN_KB),
+        hnsw_config=qe.HnswIndexConfig(m=hnsw_m, ef_construct=ef_construct, full_scan_threshold=full_scan),
         optimizers=optimizers,
     )
 

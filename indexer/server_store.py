@@ -37,8 +37,10 @@ from qdrant_client.http.exceptions import ResponseHandlingException
 from indexer.errors import IndexBusyError, IndexNotFoundError, StoreUnavailableError
 from indexer.generations import GEN_RE, PIN_TTL_S, Generations, lock_message, now_iso, pin_holder
 from indexer.store import (
+    FULL_SCAN_KB,
     HNSW_EF_CONSTRUCT,
     HNSW_M,
+    INDEXING_KB,
     PAYLOAD_INDEXES,
     Match,
     Quantizer,
@@ -160,7 +162,8 @@ class ServerStore(VectorStore):
                shard_number: int | None = None, replication_factor: int | None = None) -> "ServerStore":
         """Create the collection with the schema's vectors (``lorentz`` without a graph, on disk) and payload
         indexes; by storage mode as ``indexer.edge_store.edge_config`` lays out a shard."""
-        graph_cfg = qm.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT)
+        graph_cfg = qm.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT,
+                                      full_scan_threshold=schema.threshold_kb(FULL_SCAN_KB))
         vectors = {}
         for name, (size, dist, graph) in schema.vectors.items():
             params: dict[str, Any] = {"on_disk": True, "hnsw_config": qm.HnswConfigDiff(m=0)}
@@ -173,8 +176,11 @@ class ServerStore(VectorStore):
                         scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)))
             vectors[name] = qm.VectorParams(size=size, distance=_DISTANCE[dist], **params)
         url = client_url(client)
+        # a bulk load: no graph is built while points arrive (indexing_threshold 0); optimize() turns indexing on
+        optimizers = qm.OptimizersConfigDiff(indexing_threshold=0)
         retry(lambda: client.create_collection(collection, vectors_config=vectors, metadata=metadata or {},
-                                               shard_number=shard_number, replication_factor=replication_factor), what=url)
+                                               optimizers_config=optimizers, shard_number=shard_number,
+                                               replication_factor=replication_factor), what=url)
         store = cls(client, collection, schema)
         for name, kind in PAYLOAD_INDEXES.items():
             store._call(functools.partial(client.create_payload_index, collection, name, field_schema=_SCHEMA_TYPE[kind]))
@@ -211,7 +217,10 @@ class ServerStore(VectorStore):
         self._call(lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
     def optimize(self, timeout_s: float = 3600.0) -> None:
-        """The server optimizes in the background; wait (bounded) until the collection is green."""
+        """Turn indexing on (a new collection loads without it), then wait (bounded) until the server's background
+        optimizer has built the graph and the collection is green."""
+        on = qm.OptimizersConfigDiff(indexing_threshold=self.schema.threshold_kb(INDEXING_KB))
+        self._call(lambda: self.client.update_collection(self.collection, optimizers_config=on))
         deadline = time.monotonic() + timeout_s
         while self._call(lambda: self.client.get_collection(self.collection)).status != qm.CollectionStatus.GREEN:
             if time.monotonic() > deadline:

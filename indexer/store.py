@@ -53,6 +53,9 @@ HNSW_EF_CONSTRUCT = 400
 #: candidates fetched per wanted result on ``space`` before exact rescoring: 8 gave recall@10 0.9935 at
 #: 1,000,000 x 768, 16 gives 0.995 (benchmarks/RESULTS.md, "A million items")
 DEFAULT_OVERSAMPLE = 16
+#: Qdrant's thresholds, in KB of vectors: below FULL_SCAN_KB of matching vectors a filtered search scans instead of
+#: walking the graph; a segment under INDEXING_KB gets no graph from ``optimize()``
+FULL_SCAN_KB, INDEXING_KB = 10_000, 10_000
 STORAGE_MODES = ("compact", "fast")
 DEFAULT_STORAGE = "compact"
 #: the share of the first points' values the quantizer's range spans, and the margin added on each side
@@ -94,6 +97,12 @@ class Schema:
     def quantized(self) -> bool:
         """``space`` holds one-byte codes (:class:`Quantizer`) and ``lorentz`` the originals."""
         return self.storage == "compact" and self.geometry == "lorentz"
+
+    def threshold_kb(self, kb: int) -> int:
+        """A Qdrant threshold of ``kb`` KB of float32 vectors, for this schema's graph vector: a quarter for one-byte
+        codes, so that the same number of points decides. Unscaled, a filtered search on a compact store of 100,000
+        x 128 scanned every match (16-18 ms) where the float32 store walked the graph (0.8 ms)."""
+        return max(kb // 4, 1) if self.quantized else kb
 
     @property
     def vectors(self) -> dict[str, tuple[int, str, bool]]:

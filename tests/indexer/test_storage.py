@@ -17,13 +17,13 @@ import torch
 from qdrant_client import QdrantClient
 
 from indexer import builder
-from indexer.edge_store import QUANTIZER_FILE, EdgeStore
+from indexer.edge_store import QUANTIZER_FILE, EdgeStore, edge_config
 from indexer.errors import StoreUnavailableError
 from indexer.generations import LocalGenerations
 from indexer.index import schema_of
 from indexer.server_store import ServerStore
 from indexer.sources import Item
-from indexer.store import SPACE, Quantizer, Schema, content_id
+from indexer.store import FULL_SCAN_KB, INDEXING_KB, SPACE, Quantizer, Schema, content_id
 from training import lorentz
 from training.errors import InputError
 
@@ -148,3 +148,18 @@ def test_builds_record_their_storage_and_keep_it_on_the_next_build(tmp_path, art
     third = builder.build(gens, art, items, workers=0, progress=False, storage="compact")
     assert gens.read_meta(third.generation)["storage"] == "compact"
     assert schema_of({"geometry": "lorentz", "dim": 4, "curvature": 1.0}).storage == "fast"  # records before storage
+
+
+def test_qdrant_thresholds_count_points_not_bytes_for_one_byte_codes():
+    """Qdrant's full-scan and indexing thresholds are KB of vectors. Codes are a quarter of float32's bytes, so unscaled
+    a filtered search on a compact store scanned where a fast one walked the graph: at 100,000 x 128 with the service's
+    filter (images, unsafe excluded), 16-18 ms against 2.6 ms (benchmarks/RESULTS.md, "A million items")."""
+    fast, compact = (Schema("lorentz", DIM, C, s) for s in ("fast", "compact"))
+    for kb in (FULL_SCAN_KB, INDEXING_KB, 20):
+        assert (compact.threshold_kb(kb), fast.threshold_kb(kb)) == (kb // 4, kb)
+    cf, cc = edge_config(fast), edge_config(compact)
+    assert cc.hnsw_config.full_scan_threshold * 4 == cf.hnsw_config.full_scan_threshold == FULL_SCAN_KB
+    assert cc.optimizers.indexing_threshold * 4 == cf.optimizers.indexing_threshold == INDEXING_KB
+    ServerStore.create(CLIENT, "t", compact)
+    # local mode keeps the vectors' parameters as given (not the optimizer's): the graph vector's threshold is scaled
+    assert CLIENT.get_collection("t").config.params.vectors[SPACE].hnsw_config.full_scan_threshold == FULL_SCAN_KB // 4
