@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import qdrant_edge as qe
 
-from indexer.errors import IndexBusyError, StoreUnavailableError
+from indexer.errors import IndexBusyError, StoreFullError, StoreUnavailableError
 from indexer.store import (
     FULL_SCAN_KB,
     HNSW_EF_CONSTRUCT,
@@ -49,6 +50,10 @@ _SCHEMA_TYPE = {
 #: held the whole collection twice on disk (6 GB of WAL at 1,000,000 x 768; benchmarks/RESULTS.md, "A million items")
 FLUSH_POINTS = 20_000
 QUANTIZER_FILE = "quantizer.json"  # a compact shard's code range, inside the shard so a copy carries it
+#: free disk a shard keeps beyond what a write needs (the WAL preallocates 32 MB segments). The engine writes through
+#: memory maps, and a full disk there is a SIGBUS that kills the process (seen on a 3 MB tmpfs), not an error: so
+#: every write checks the room first and refuses with StoreFullError
+RESERVE_BYTES = 128 * 2**20
 
 
 def edge_config(schema: Schema, *, indexing_threshold_kb: int | None = None, hnsw_m: int = HNSW_M,
@@ -116,6 +121,7 @@ class EdgeStore(VectorStore):
     def create(cls, path: str | Path, schema: Schema, **config) -> "EdgeStore":
         """Create a shard in ``path`` (must hold no segments) with the schema's vectors and payload indexes."""
         path = Path(path)
+        check_room(path, 0, "creating an index shard")
         try:
             shard = qe.EdgeShard.create(str(path), edge_config(schema, **config))
         except Exception as e:  # the binding raises plain Exception
@@ -151,6 +157,9 @@ class EdgeStore(VectorStore):
     def upsert(self, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:
         if not len(ids):
             return
+        # the WAL, then the segment: twice the float32 rows and their payloads
+        check_room(self.path, 2 * sum(np.asarray(v).size * 4 for v in vectors.values()) + 1024 * len(ids),
+                   f"writing {len(ids)} points")
         lists = {name: np.asarray(v, dtype=np.float32).tolist() for name, v in self.encoded(vectors).items()}
         points = [
             qe.Point(id=pid, vector={name: rows[i] for name, rows in lists.items()}, payload=payloads[i])
@@ -170,6 +179,7 @@ class EdgeStore(VectorStore):
         self.shard.update(qe.UpdateOperation.delete_points_by_filter(_filter(match)))
 
     def optimize(self) -> None:
+        check_room(self.path, disk_bytes(self.path), "optimizing (the new segment is written beside the old one)")
         self.shard.optimize()
         self.shard.flush()
 
@@ -225,6 +235,18 @@ class EdgeStore(VectorStore):
     def indexed_vectors(self) -> int:
         """Vectors covered by an HNSW graph (0 until ``optimize()`` has built one)."""
         return int(self.shard.info().indexed_vectors_count)
+
+
+def check_room(path: Path, need: int, what: str) -> None:
+    """Raise ``StoreFullError`` unless the disk holding ``path`` has ``need`` bytes free beyond ``RESERVE_BYTES``."""
+    where = next((p for p in (path, *path.parents) if p.exists()), path)
+    free = shutil.disk_usage(where).free
+    if free < need + RESERVE_BYTES:
+        raise StoreFullError(
+            f"{what} needs about {(need + RESERVE_BYTES) / 2**20:.0f} MB free on the disk of {path}, and it has "
+            f"{free / 2**20:.0f} MB, so it was not started. Free space there (old generations: 'index list', 'index "
+            "drop'), or put the index on a larger disk (--root / SAFE_RETRIEVAL_INDEX_ROOT); a build run again resumes "
+            "where it stopped")
 
 
 def disk_bytes(path: Path) -> int:

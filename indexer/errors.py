@@ -1,7 +1,7 @@
 """The indexer's errors: subclasses of the project's one hierarchy (``training.errors``).
 
 The service maps them by class: ``IndexNotFoundError`` -> 404, ``ModelMismatchError`` (and ``StorageModeError``) -> 409,
-``IndexBusyError`` -> 409, ``StoreUnavailableError`` -> 503.
+``IndexBusyError`` -> 409, ``StoreUnavailableError`` -> 503 (``StoreFullError`` -> 507).
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class IndexBusyError(SafeRetrievalError):
 
 class StoreUnavailableError(SafeRetrievalError):
     """The Qdrant server did not answer after bounded retries, or the store refused an operation."""
+
+
+class StoreFullError(StoreUnavailableError):
+    """The disk holding an embedded shard has too little room for a write: refused before the engine tries it."""
 
 
 class JobInterrupted(SafeRetrievalError):

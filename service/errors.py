@@ -7,7 +7,7 @@ response carries a stack trace.
 
 from __future__ import annotations
 
-from indexer.errors import IndexBusyError, IndexNotFoundError, ModelMismatchError, StoreUnavailableError
+from indexer.errors import IndexBusyError, IndexNotFoundError, ModelMismatchError, StoreFullError, StoreUnavailableError
 from training.errors import (
     ArchitectureError,
     ArtifactError,
@@ -77,6 +77,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (IndexBusyError, 409),
     (UnavailableError, 503),
     (StorageFullError, 507),
+    (StoreFullError, 507),
     (StoreUnavailableError, 503),
     (ArtifactError, 500),
     (CheckpointError, 500),

@@ -16,11 +16,11 @@ import pytest
 import torch
 from qdrant_client import QdrantClient
 
-from indexer import builder
+from indexer import builder, sources
 from indexer.edge_store import QUANTIZER_FILE, EdgeStore, edge_config
-from indexer.errors import StoreUnavailableError
+from indexer.errors import StoreFullError, StoreUnavailableError
 from indexer.generations import LocalGenerations
-from indexer.index import schema_of
+from indexer.index import open_index, schema_of
 from indexer.server_store import ServerStore
 from indexer.sources import Item
 from indexer.store import FULL_SCAN_KB, INDEXING_KB, SPACE, Quantizer, Schema, content_id
@@ -163,3 +163,24 @@ def test_qdrant_thresholds_count_points_not_bytes_for_one_byte_codes():
     ServerStore.create(CLIENT, "t", compact)
     # local mode keeps the vectors' parameters as given (not the optimizer's): the graph vector's threshold is scaled
     assert CLIENT.get_collection("t").config.params.vectors[SPACE].hnsw_config.full_scan_threshold == FULL_SCAN_KB // 4
+
+
+def test_a_build_that_runs_out_of_disk_stops_with_a_clear_error_and_the_served_generation_is_untouched(tmp_path, art):
+    """The engine writes through memory maps: on a full disk that is a SIGBUS killing the process (seen on a 3 MB
+    tmpfs), so the store checks the room before each write. 200 MB holds one small generation and not a second."""
+    from tests.helpers.indexer import write_images
+    from tests.helpers.service import small_tmpfs
+
+    few, many = tmp_path / "few", tmp_path / "many"
+    few.mkdir()
+    many.mkdir()
+    write_images(few, 12)
+    write_images(many, 400)
+    with small_tmpfs(tmp_path / "idx", "200M") as root:
+        gens = LocalGenerations("col", root)
+        first = builder.build(gens, art, sources.folder_items(few), workers=0, progress=False)
+        with pytest.raises(StoreFullError, match=r"MB free on the disk of .* so it was not started.*larger disk"):
+            builder.build(gens, art, sources.folder_items(many), workers=0, progress=False)
+        assert gens.current() == first.generation
+        with open_index("col", root=root) as index:
+            assert index.store.count() == 12
