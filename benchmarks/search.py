@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.edge_store import EdgeStore, disk_bytes  # noqa: E402
-from indexer.store import DEFAULT_STORAGE, STORAGE_MODES, Schema  # noqa: E402
+from indexer.store import DEFAULT_STORAGE, STORAGE_MODES, Match, Schema  # noqa: E402
 from training import lorentz  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -122,12 +122,18 @@ class Clusters:
         return lorentz.exp_map0(v, self.curvature).numpy()
 
 
-def build(store: EdgeStore, data: np.ndarray, chunk: int) -> float:
+def unsafe(i: int, filtered: bool) -> bool:
+    """With ``--filter``, every third point is flagged unsafe (the service's searches exclude them)."""
+    return filtered and i % 3 == 0
+
+
+def build(store: EdgeStore, data: np.ndarray, chunk: int, filtered: bool = False) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(data), chunk):
         ids = [str(_uuid(j)) for j in range(i, min(i + chunk, len(data)))]
         rows = np.asarray(data[i : i + chunk])
-        store.upsert(ids, store.schema.point_vectors(rows), [{"kind": "image", "unsafe": False} for _ in ids])
+        flags = [unsafe(j, filtered) for j in range(i, i + len(ids))]
+        store.upsert(ids, store.schema.point_vectors(rows), [{"kind": "image", "unsafe": f} for f in flags])
     return time.perf_counter() - t0
 
 
@@ -166,6 +172,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--storage", choices=STORAGE_MODES, default=DEFAULT_STORAGE)
+    ap.add_argument("--filter", action="store_true",
+                    help="search as the service does: images only, unsafe excluded (every third point is unsafe)")
     ap.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)  # the child: search a built shard
     args = ap.parse_args()
     if args.serve is not None:
@@ -188,7 +196,7 @@ def main() -> None:
     rss0 = rss_mb()
     disk = DiskPeak(work / "shard", work / "disk_peak")
     store = EdgeStore.create(work / "shard", schema)
-    t_upsert = build(store, data, args.batch)
+    t_upsert = build(store, data, args.batch, args.filter)
     t0 = time.perf_counter()
     store.optimize()
     t_opt = time.perf_counter() - t0
@@ -204,7 +212,7 @@ def main() -> None:
     np.save(work / "warmup.npy", gen.sample(100, seed=10**9 + 1))
     child = [sys.executable, __file__, "--serve", str(work), "--dim", str(args.dim), "--curvature", str(args.curvature),
              "--k", str(args.k), "--oversample", args.oversample, "--hnsw-ef", args.hnsw_ef,
-             "--exact-queries", str(args.exact_queries), "--storage", args.storage]
+             "--exact-queries", str(args.exact_queries), "--storage", args.storage, *(["--filter"] if args.filter else [])]
     subprocess.run(child, check=True)
     served = json.loads((work / "served.json").read_text())
     results = {tuple(int(v) for v in k.split(",")): r for k, r in served["results"].items()}
@@ -214,10 +222,13 @@ def main() -> None:
     # 3. the exact torch scan: ground truth for every query, and per-query latency
     x = torch.from_numpy(np.ascontiguousarray(data))
     qt = torch.from_numpy(queries)
-    truth = exact_topk(x, qt, args.curvature, args.k)
+    keep = np.array([i for i in range(args.n) if not unsafe(i, args.filter)])  # what the filter lets through
+    if args.filter:
+        x = x[torch.from_numpy(keep)]
+    truth = keep[exact_topk(x, qt, args.curvature, args.k)]
     # the best any prefetch on `space` could do: exact Euclidean candidates, then exact rescoring
     max_os = max(o for o, _ in settings)
-    euclid = exact_topk(x, qt, args.curvature, args.k * max_os, euclid=True)
+    euclid = keep[exact_topk(x, qt, args.curvature, args.k * max_os, euclid=True)]
     t_torch = []
     lorentz.pairwise_dist(qt[:1], x, args.curvature).topk(args.k, largest=False)  # warm-up, untimed
     for q in qt[: args.exact_queries]:
@@ -239,7 +250,8 @@ def main() -> None:
         "data": "synthetic clustered hyperboloid points (benchmarks/search.py Clusters)",
         "n": args.n, "dim": args.dim, "curvature": args.curvature, "k": args.k, "queries": args.queries,
         "upsert_s": t_upsert, "optimize_s": t_opt, "build_s": t_upsert + t_opt,
-        "storage": args.storage, "indexed_vectors": indexed, "disk_mb": disk_mb, "peak_disk_mb": peak_disk_mb,
+        "storage": args.storage, "filter": args.filter, "indexed_vectors": indexed, "disk_mb": disk_mb,
+        "peak_disk_mb": peak_disk_mb,
         "serving_memory_mb": served["memory"], "serving_memory_open_mb": served["memory_open"],
         "serving_memory_start_mb": served["memory_start"],
         "rss_before_build_mb": rss0, "peak_rss_mb": peak_rss_mb(), "peak_anon_mb": peaks.anon, "peak_file_mb": peaks.file,
@@ -277,6 +289,7 @@ def serve(args) -> None:
     schema = Schema("lorentz", args.dim, args.curvature, args.storage)
     queries = np.load(work / "queries.npy")
     settings = [(int(o), int(e)) for o in args.oversample.split(",") for e in args.hnsw_ef.split(",")]
+    match = Match(kinds=("image",), exclude_unsafe=True) if args.filter else None
     start = memory_mb()  # the interpreter, numpy, torch (which the service loads too, for its model)
     store = EdgeStore.open(work / "shard", schema)
     opened = memory_mb()
@@ -285,20 +298,20 @@ def serve(args) -> None:
     warm = np.load(work / "warmup.npy")
     for os_, ef in settings:  # warm-up (thread pool, the graph's pages) on other queries than the timed ones, for
         for q in warm:  # every setting before any is timed, so that no setting pays for coming first
-            store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None))
+            store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None, match=match))
     for os_, ef in settings:
         key = f"{os_},{ef}"
         results[key], lat[key] = [], []
         for q in queries:
             t0 = time.perf_counter()
-            hits = store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None))
+            hits = store.query(schema.query(q, k=args.k, oversample=os_, hnsw_ef=ef or None, match=match))
             lat[key].append(time.perf_counter() - t0)
             results[key].append([int(h.id.replace("-", ""), 16) for h in hits])
     after = memory_mb()  # before the exact scans, which read every vector
     exact = []
     for q in queries[: args.exact_queries]:
         t0 = time.perf_counter()
-        store.query(schema.query(q, k=args.k, exact=True))
+        store.query(schema.query(q, k=args.k, exact=True, match=match))
         exact.append(time.perf_counter() - t0)
     store.close()
     (work / "served.json").write_text(json.dumps({"results": results, "latency": lat, "exact": exact, "memory": after,
