@@ -66,10 +66,9 @@ class MemoryPeaks(threading.Thread):
 
     def run(self) -> None:
         while True:
-            with open("/proc/self/status") as f:
-                kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
-            self.anon = max(self.anon, int(kv["RssAnon"].split()[0]) / 1024)
-            self.file = max(self.file, int(kv["RssFile"].split()[0]) / 1024)
+            now = memory_mb()
+            self.anon = max(self.anon, now["anon"])
+            self.file = max(self.file, now["file"])
             time.sleep(0.5)
 
 
